@@ -1,0 +1,1 @@
+"""Coordinator (server): rounds over MQTT, update validation, FedAvg, releases."""

@@ -1,0 +1,88 @@
+"""Protocol v1 rejection rules: each a small check that returns a reason or None."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgelearn.protocol import ProtocolError, Update, decode_update, is_finite, l2_norm, read_metadata
+
+
+@dataclass(frozen=True)
+class Rules:
+    """What an acceptable update looks like for the current release and round."""
+
+    model_id: str
+    shapes: dict[str, tuple[int, ...]]  # trainable name -> shape
+    base_version: int
+    round: int | None  # None in asynchronous mode
+    max_update_norm: float = 1e3
+
+
+@dataclass(frozen=True)
+class Verdict:
+    status: str  # accepted | duplicate | rejected
+    update_id: str | None
+    reason: str | None = None
+    update: Update | None = None
+
+
+def update_id_of(payload: bytes) -> str | None:
+    """The update_id of a payload if its metadata can be read at all (for the ack of a rejected update)."""
+    try:
+        uid = read_metadata(payload).get("update_id")
+    except ProtocolError:
+        return None
+    return uid if isinstance(uid, str) and 0 < len(uid) <= 64 else None
+
+
+def check_names(u: Update, rules: Rules) -> str | None:
+    missing = sorted(set(rules.shapes) - set(u.deltas))
+    extra = sorted(set(u.deltas) - set(rules.shapes))
+    if missing:
+        return f"missing_name:{missing[0]}"
+    if extra:
+        return f"extra_name:{extra[0]}"
+    return None
+
+
+def check_shapes(u: Update, rules: Rules) -> str | None:
+    for name, shape in rules.shapes.items():
+        d = u.deltas[name]
+        if d.dtype != np.float32:
+            return f"bad_dtype:{name}"
+        if tuple(d.shape) != tuple(shape):
+            return f"bad_shape:{name}"
+    return None
+
+
+def check_version(u: Update, rules: Rules) -> str | None:
+    if u.base_version != rules.base_version:
+        return "stale_base_version"
+    if rules.round is not None and u.round != rules.round:
+        return "wrong_round"
+    return None
+
+
+def check_update(topic_device_id: str, payload: bytes, rules: Rules, accepted_ids: set[str]) -> Verdict:
+    """Apply every rule of protocol v1 in order; the first broken one names the rejection."""
+    try:
+        u = decode_update(payload)
+    except ProtocolError as e:
+        return Verdict("rejected", update_id_of(payload), e.reason)
+    if u.device_id != topic_device_id:
+        return Verdict("rejected", u.update_id, "device_id_mismatch")
+    if u.update_id in accepted_ids:
+        return Verdict("duplicate", u.update_id)
+    if u.model_id != rules.model_id:
+        return Verdict("rejected", u.update_id, "model_id_mismatch")
+    for check in (check_version, check_names, check_shapes):
+        reason = check(u, rules)
+        if reason:
+            return Verdict("rejected", u.update_id, reason)
+    if not is_finite(u.deltas):
+        return Verdict("rejected", u.update_id, "not_finite")
+    if l2_norm(u.deltas) > rules.max_update_norm:
+        return Verdict("rejected", u.update_id, "norm_too_large")
+    return Verdict("accepted", u.update_id, None, u)

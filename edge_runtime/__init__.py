@@ -1,0 +1,1 @@
+"""Device runtime: verify and activate releases, serve inference, learn locally, send updates."""

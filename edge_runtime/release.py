@@ -1,0 +1,66 @@
+"""Releases on the device: verify, install, activate atomically, keep the previous one for rollback."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from edgelearn.atomic import write_bytes
+from edgelearn.bundle import BundleError, Manifest, read_release, verify_bundle, write_bundle
+
+log = logging.getLogger(__name__)
+KEEP_RELEASES = 2
+
+
+class ReleaseStore:
+    """`state/releases/v{N}/` bundles plus `state/active.json` naming the running version."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.root = state_dir / "releases"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.active_file = state_dir / "active.json"
+
+    def active_version(self) -> int:
+        try:
+            return int(json.loads(self.active_file.read_bytes())["version"])
+        except (FileNotFoundError, ValueError, KeyError):
+            return 0
+
+    def path(self, version: int) -> Path:
+        return self.root / f"v{version}"
+
+    def install(self, payload: bytes) -> Manifest | None:
+        """Verify a release archive and install it (not yet active); None if not newer than the active one.
+
+        Raises BundleError for a corrupt or tampered archive; nothing is written then.
+        """
+        manifest, files = read_release(payload)
+        current = self.active_version()
+        if manifest.version <= current:
+            log.info("release v%d ignored: not newer than active v%d", manifest.version, current)
+            return None
+        write_bundle(self.path(manifest.version), manifest, files)
+        return manifest
+
+    def activate(self, version: int) -> None:
+        """Make `version` the active release (atomic) and drop releases older than the previous one."""
+        previous = self.active_version()
+        write_bytes(self.active_file, json.dumps({"version": version, "previous": previous}).encode())
+        for p in self.root.glob("v*"):
+            if p.name[1:].isdigit() and int(p.name[1:]) < version - KEEP_RELEASES + 1 and int(p.name[1:]) != previous:
+                shutil.rmtree(p, ignore_errors=True)
+
+    def discard(self, version: int) -> None:
+        shutil.rmtree(self.path(version), ignore_errors=True)
+
+    def load_active(self) -> tuple[Manifest, Path] | None:
+        v = self.active_version()
+        if v == 0:
+            return None
+        try:
+            return verify_bundle(self.path(v)), self.path(v)
+        except BundleError as e:
+            log.error("active release v%d is damaged (%s); waiting for a new release", v, e)
+            return None

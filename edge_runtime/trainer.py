@@ -1,0 +1,87 @@
+"""On-device learning with the bundle's ExecuTorch training program: θ ← θ − η∇ℓ on local batches."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+WRAPPER_PREFIX = "net."  # export.models.TrainStep holds the model as `net`
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    deltas: dict[str, np.ndarray]  # Δ = θ_local − θ_base per trainable parameter
+    num_samples: int  # distinct examples that produced Δ
+    loss: float  # mean training loss of the last step
+    train_seconds: float
+
+
+class TrainProgram:
+    """The `forward` method of a training program (returns loss first); parameters alias program memory."""
+
+    def __init__(self, pte: bytes, weights: dict[str, np.ndarray], example: tuple[np.ndarray, np.ndarray]) -> None:
+        from executorch.extension.training import _load_for_executorch_for_training_from_buffer
+
+        self._pte = pte  # the loader keeps no reference: dropping the buffer segfaults forward_backward
+        self._module = _load_for_executorch_for_training_from_buffer(pte)
+        self._module.forward_backward("forward", _tensors(*example))  # must run once before named_parameters
+        self._params = {_strip(k): v for k, v in self._module.named_parameters().items()}
+        self.load(weights)
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self._params)
+
+    def load(self, weights: dict[str, np.ndarray]) -> None:
+        """Copy θ (by parameter name) into the program's trainable parameters."""
+        missing = [n for n in self._params if n not in weights]
+        if missing:
+            raise ValueError(f"weights lack trainable parameter {missing[0]!r}")
+        with torch.no_grad():
+            for n, p in self._params.items():
+                p.copy_(torch.from_numpy(np.asarray(weights[n], dtype=np.float32)))
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {n: p.detach().numpy().copy() for n, p in self._params.items()}
+
+    def step(self, x: np.ndarray, y: np.ndarray, lr: float) -> float:
+        """One SGD step θ ← θ − η∇ℓ(θ; x, y); returns ℓ before the step."""
+        out = self._module.forward_backward("forward", _tensors(x, y))
+        grads = {_strip(k): g for k, g in self._module.named_gradients().items()}
+        with torch.no_grad():
+            for n, p in self._params.items():
+                p.sub_(grads[n], alpha=lr)
+        return float(out[0])
+
+
+def _strip(name: str) -> str:
+    return name[len(WRAPPER_PREFIX) :] if name.startswith(WRAPPER_PREFIX) else name
+
+
+def _tensors(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.from_numpy(np.asarray(y, dtype=np.int64))
+
+
+def local_train(
+    program: TrainProgram, x: np.ndarray, y: np.ndarray, steps: int, batch_size: int, lr: float, seed: int
+) -> LocalResult:
+    """`steps` SGD steps over shuffled passes of (x, y); Δ = θ_after − θ_before."""
+    t0 = time.perf_counter()
+    base = program.state()
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(y))
+    seen: set[int] = set()
+    pos, loss = 0, float("nan")
+    for _ in range(steps):
+        if pos + batch_size > len(order):
+            order, pos = rng.permutation(len(y)), 0
+        idx = order[pos : pos + batch_size]
+        pos += len(idx)
+        seen.update(int(i) for i in idx)
+        loss = program.step(x[idx], y[idx], lr)
+    after = program.state()
+    deltas = {n: after[n] - base[n] for n in base}
+    return LocalResult(deltas, len(seen), loss, time.perf_counter() - t0)

@@ -1,0 +1,137 @@
+"""Brokers for tests and demos: a real mosquitto process, or an embedded amqtt broker (demo only).
+
+amqtt speaks MQTT 3.1.1 only; protocol v1 requires MQTT 5, so clients talk 3.1.1 to it
+(`mqtt_v311=True`) and the demo says so. Tests and production use mosquitto.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout_s: float = 10.0) -> bool:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+def mosquitto_config(port: int, data_dir: Path, max_queued_messages: int = 10000,
+                     max_packet_bytes: int = 256 * 1024 * 1024) -> str:
+    """A mosquitto.conf for one loopback fleet broker: persistence on, queues sized above the default 1000."""
+    return "\n".join(
+        [
+            f"listener {port} 127.0.0.1",
+            "allow_anonymous true",
+            "persistence true",
+            f"persistence_location {data_dir}/",
+            "autosave_interval 1",
+            f"max_queued_messages {max_queued_messages}",
+            f"max_packet_size {max_packet_bytes}",
+            "persistent_client_expiration 1d",
+            f"log_dest file {data_dir}/mosquitto.log",
+            "log_type error",
+            "log_type warning",
+            "",
+        ]
+    )
+
+
+class Mosquitto:
+    """A mosquitto process on a loopback port with a generated config; `stop()`/`kill()`/`start()` for tests."""
+
+    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+        self.exe = shutil.which("mosquitto") or next(
+            (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.path.exists(p)), None)
+        if self.exe is None:
+            raise FileNotFoundError("mosquitto not found: install it (Debian: apt-get install mosquitto)")
+        self.data_dir = data_dir
+        self.port = port or free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        data_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(data_dir, 0o777)  # mosquitto drops privileges to user `mosquitto` when started as root
+        self.conf = data_dir / "mosquitto.conf"
+        self.conf.write_text(mosquitto_config(self.port, data_dir))
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self) -> Mosquitto:
+        self.proc = subprocess.Popen([self.exe, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE)
+        if not wait_port(self.port):
+            self.stop()
+            raise RuntimeError(f"mosquitto did not listen on port {self.port}")
+        return self
+
+    def stop(self) -> None:
+        """SIGTERM: mosquitto saves its persistence file before exiting."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+
+class EmbeddedBroker:
+    """amqtt in a background thread (MQTT 3.1.1 only): for the zero-setup demo."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="amqtt")
+        self._broker = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self) -> EmbeddedBroker:
+        from amqtt.broker import Broker
+
+        cfg = {"listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{self.port}"}},
+               "sys_interval": 0, "auth": {"allow-anonymous": True}}
+        logging.getLogger("amqtt").setLevel(logging.ERROR)
+        self._thread.start()
+
+        async def _start() -> None:
+            self._broker = Broker(cfg, loop=self._loop)
+            await self._broker.start()
+
+        asyncio.run_coroutine_threadsafe(_start(), self._loop).result(timeout=10)
+        return self
+
+    def stop(self) -> None:
+        if self._broker is not None:
+            try:
+                asyncio.run_coroutine_threadsafe(self._broker.shutdown(), self._loop).result(timeout=10)
+            except Exception as e:  # shutdown noise must not fail the demo
+                log.debug("amqtt shutdown: %s", e)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)

@@ -1,0 +1,177 @@
+"""Bundles: a directory with `manifest.json` + `weights.safetensors` + `.pte` programs, and its release archive.
+
+A bundle is written atomically (temp dir → fsync → rename) and verified by sha256
+before any `.pte` in it is parsed. The release archive is an uncompressed POSIX
+tar whose first member is `manifest.json` (protocol v1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+import tarfile
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+from edgelearn.atomic import replace_dir
+from edgelearn.protocol import BUNDLE_FORMAT
+
+MANIFEST = "manifest.json"
+WEIGHTS = "weights.safetensors"
+INFER_PTE = "infer.pte"
+TRAIN_PTE = "train.pte"
+REQUIRED_FILES = (WEIGHTS, INFER_PTE)
+MAX_MEMBER_BYTES = 512 * 1024 * 1024
+
+
+class BundleError(ValueError):
+    """A bundle or release archive that is malformed, incomplete or tampered with."""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    model_id: str
+    version: int
+    task: str
+    target: str
+    input: dict
+    trainable: list[str]
+    files: dict[str, dict] = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    created: str = ""
+    signature: dict | None = None
+    format: str = BUNDLE_FORMAT
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), indent=2, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Manifest:
+        try:
+            d = json.loads(data)
+            m = cls(**d)
+        except (ValueError, TypeError, UnicodeDecodeError) as e:
+            raise BundleError(f"manifest.json is not a valid manifest: {e}") from None
+        if m.format != BUNDLE_FORMAT:
+            raise BundleError(f"manifest format {m.format!r} is not {BUNDLE_FORMAT!r}")
+        if not isinstance(m.version, int) or m.version < 1:
+            raise BundleError(f"manifest version {m.version!r} must be an integer >= 1")
+        missing = [f for f in REQUIRED_FILES if f not in m.files]
+        if missing:
+            raise BundleError(f"manifest lists no {missing[0]}")
+        for name in m.files:
+            _check_member_name(name)
+        return m
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _check_member_name(name: str) -> None:
+    if not name or "/" in name or "\\" in name or name in (".", "..") or name.startswith(".") or name == MANIFEST:
+        raise BundleError(f"bad file name in bundle: {name!r} (flat names only)")
+
+
+def utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def write_bundle(out_dir: str | Path, manifest: Manifest, files: dict[str, bytes]) -> Manifest:
+    """Write `files` + a manifest listing their sha256 into `out_dir`, atomically; returns the final manifest."""
+    out_dir = Path(out_dir)
+    for name in files:
+        _check_member_name(name)
+    listed = {name: {"sha256": sha256(data), "bytes": len(data)} for name, data in sorted(files.items())}
+    final = Manifest(**{**asdict(manifest), "files": listed, "created": manifest.created or utc_now()})
+    Manifest.from_json(final.to_json())  # same checks a reader applies
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
+        (tmp / MANIFEST).write_bytes(final.to_json())
+        replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def verify_bundle(bundle_dir: str | Path) -> Manifest:
+    """Check that every file the manifest lists exists with its sha256; returns the manifest or raises BundleError."""
+    bundle_dir = Path(bundle_dir)
+    try:
+        manifest = Manifest.from_json((bundle_dir / MANIFEST).read_bytes())
+    except FileNotFoundError:
+        raise BundleError(f"{bundle_dir}: no manifest.json (not a bundle directory)") from None
+    for name, meta in manifest.files.items():
+        try:
+            data = (bundle_dir / name).read_bytes()
+        except FileNotFoundError:
+            raise BundleError(f"{bundle_dir}: {name} listed in the manifest is missing") from None
+        if sha256(data) != meta.get("sha256") or len(data) != meta.get("bytes"):
+            raise BundleError(f"{bundle_dir}: {name} does not match its sha256 in the manifest (tampered?)")
+    return manifest
+
+
+def pack_release(bundle_dir: str | Path) -> bytes:
+    """The release archive of a verified bundle: POSIX tar, `manifest.json` first."""
+    bundle_dir = Path(bundle_dir)
+    manifest = verify_bundle(bundle_dir)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name in [MANIFEST, *manifest.files]:
+            data = (bundle_dir / name).read_bytes()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mtime = 0
+            info.mode = 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def read_release(payload: bytes) -> tuple[Manifest, dict[str, bytes]]:
+    """Parse and verify a release archive in memory: (manifest, {file name: bytes}); BundleError if bad."""
+    try:
+        tar = tarfile.open(fileobj=io.BytesIO(payload), mode="r:")
+        members = tar.getmembers()
+    except (tarfile.TarError, EOFError) as e:
+        raise BundleError(f"release is not a tar archive: {e}") from None
+    if not members or members[0].name != MANIFEST:
+        raise BundleError("release archive: manifest.json is not the first member")
+    data: dict[str, bytes] = {}
+    for m in members:
+        if not m.isfile() or m.size > MAX_MEMBER_BYTES or m.name in data:
+            raise BundleError(f"release archive: member {m.name!r} is not a plain file of sane size")
+        f = tar.extractfile(m)
+        data[m.name] = f.read() if f else b""
+    manifest = Manifest.from_json(data.pop(MANIFEST))
+    if set(data) != set(manifest.files):
+        raise BundleError(f"release archive members {sorted(data)} differ from the manifest's {sorted(manifest.files)}")
+    for name, blob in data.items():
+        if sha256(blob) != manifest.files[name]["sha256"]:
+            raise BundleError(f"release archive: {name} does not match its sha256 (tampered?)")
+    return manifest, data
+
+
+def unpack_release(payload: bytes, dest_dir: str | Path) -> Manifest:
+    """Verify a release archive (all hashes, before any `.pte` is parsed) and write it as a bundle at `dest_dir`."""
+    manifest, files = read_release(payload)
+    return write_bundle(dest_dir, manifest, files)
+
+
+def load_weights(bundle_dir: str | Path) -> dict[str, np.ndarray]:
+    return st_load((Path(bundle_dir) / WEIGHTS).read_bytes())
+
+
+def dump_weights(weights: dict[str, np.ndarray]) -> bytes:
+    return st_save({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in weights.items()})

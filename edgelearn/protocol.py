@@ -1,0 +1,373 @@
+"""Wire protocol v1 (see docs/protocol.md): topics, messages and their encode/decode.
+
+Both the device runtime and the coordinator import this module; nothing else
+builds topics or payloads. Messages are frozen dataclasses; JSON keys are the
+protocol's, field names carry units.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from urllib.parse import unquote, urlsplit
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+PROTOCOL_VERSION = 1
+UPDATE_SCHEMA = "edgelearn.update/1"
+BUNDLE_FORMAT = "edgelearn.bundle/1"
+NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+MAX_UPDATE_ID_CHARS = 64
+ENCODINGS = ("fp32", "int8")
+QOS = 1
+
+
+class ProtocolError(ValueError):
+    """A payload or name that breaks protocol v1; `reason` is a short machine-readable rule name."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def check_name(kind: str, value: str) -> str:
+    """Return `value` if it is a valid fleet or device id (`[A-Za-z0-9_-]{1,64}`), else raise ValueError."""
+    if not isinstance(value, str) or not NAME_RE.match(value):
+        raise ValueError(f"invalid {kind} {value!r}: use 1-64 characters from A-Z a-z 0-9 _ -")
+    return value
+
+
+# ---------------------------------------------------------------- topics
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Topic names under `P = {root}/{fleet}`."""
+
+    fleet: str
+    root: str = "edgelearn"
+
+    def __post_init__(self) -> None:
+        check_name("fleet", self.fleet)
+        if not self.root or any(c in self.root for c in "+#/"):
+            raise ValueError(f"invalid topic root {self.root!r}: one segment without + # /")
+
+    @property
+    def prefix(self) -> str:
+        return f"{self.root}/{self.fleet}"
+
+    @property
+    def model_latest(self) -> str:
+        return f"{self.prefix}/model/latest"
+
+    @property
+    def rounds_current(self) -> str:
+        return f"{self.prefix}/rounds/current"
+
+    @property
+    def coordinator_status(self) -> str:
+        return f"{self.prefix}/coordinator/status"
+
+    def device(self, device_id: str, kind: str) -> str:
+        """`P/devices/{device_id}/{kind}` for kind in status, update, ack."""
+        check_name("device_id", device_id)
+        if kind not in ("status", "update", "ack"):
+            raise ValueError(f"unknown device topic kind {kind!r}")
+        return f"{self.prefix}/devices/{device_id}/{kind}"
+
+    def all_devices(self, kind: str) -> str:
+        return f"{self.prefix}/devices/+/{kind}"
+
+    def parse_device_topic(self, topic: str) -> tuple[str, str] | None:
+        """`P/devices/{id}/{kind}` -> (id, kind), or None for any other topic."""
+        parts = topic.split("/")
+        head = self.prefix.split("/")
+        if len(parts) != len(head) + 3 or parts[: len(head)] != head or parts[len(head)] != "devices":
+            return None
+        return parts[-2], parts[-1]
+
+
+# ---------------------------------------------------------------- broker URL
+
+
+@dataclass(frozen=True)
+class BrokerUrl:
+    host: str
+    port: int
+    tls: bool = False
+    username: str | None = None
+    password: str | None = None
+
+
+def parse_broker_url(url: str) -> BrokerUrl:
+    """Parse `mqtt://[user[:password]@]host[:port]` (port 1883) or `mqtts://...` (TLS, port 8883)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+        raise ValueError(f"invalid broker URL {url!r}: expected mqtt://host[:port] or mqtts://host[:port]")
+    tls = parts.scheme == "mqtts"
+    try:
+        port = parts.port or (8883 if tls else 1883)
+    except ValueError as e:
+        raise ValueError(f"invalid broker URL {url!r}: {e}") from None
+    user = unquote(parts.username) if parts.username else None
+    password = unquote(parts.password) if parts.password else None
+    return BrokerUrl(parts.hostname, port, tls, user, password)
+
+
+# ---------------------------------------------------------------- JSON messages
+
+
+def _json(obj: dict) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
+
+
+def _parse_json(payload: bytes, what: str) -> dict:
+    try:
+        obj = json.loads(payload)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ProtocolError("bad_json", f"{what}: {e}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("bad_json", f"{what} is not a JSON object")
+    return obj
+
+
+@dataclass(frozen=True)
+class LocalConfig:
+    """Local training recipe of a round: `steps` SGD steps of `batch_size` samples at learning rate `lr`."""
+
+    steps: int = 20
+    batch_size: int = 32
+    lr: float = 0.05
+
+
+@dataclass(frozen=True)
+class RoundMsg:
+    """`P/rounds/current`: the open synchronous round."""
+
+    round: int
+    base_version: int
+    deadline_unix_s: float
+    min_updates: int
+    participants: tuple[str, ...] | None = None
+    local: LocalConfig = field(default_factory=LocalConfig)
+
+    def encode(self) -> bytes:
+        return _json(
+            {
+                "round": self.round,
+                "base_version": self.base_version,
+                "deadline": self.deadline_unix_s,
+                "min_updates": self.min_updates,
+                "participants": list(self.participants) if self.participants is not None else None,
+                "local": {"steps": self.local.steps, "batch_size": self.local.batch_size, "lr": self.local.lr},
+            }
+        )
+
+    @classmethod
+    def decode(cls, payload: bytes) -> RoundMsg:
+        d = _parse_json(payload, "round")
+        try:
+            loc = d.get("local") or {}
+            parts = d.get("participants")
+            return cls(
+                round=int(d["round"]),
+                base_version=int(d["base_version"]),
+                deadline_unix_s=float(d["deadline"]),
+                min_updates=int(d["min_updates"]),
+                participants=tuple(str(p) for p in parts) if parts is not None else None,
+                local=LocalConfig(int(loc.get("steps", 20)), int(loc.get("batch_size", 32)), float(loc.get("lr", 0.05))),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ProtocolError("bad_round", str(e)) from None
+
+    def includes(self, device_id: str) -> bool:
+        return self.participants is None or device_id in self.participants
+
+
+ACK_STATUSES = ("accepted", "duplicate", "rejected")
+
+
+@dataclass(frozen=True)
+class Ack:
+    """`P/devices/{id}/ack`: the coordinator's receipt for one update."""
+
+    update_id: str | None
+    status: str
+    reason: str | None = None
+    version: int = 0
+
+    def encode(self) -> bytes:
+        return _json({"update_id": self.update_id, "status": self.status, "reason": self.reason, "version": self.version})
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Ack:
+        d = _parse_json(payload, "ack")
+        if d.get("status") not in ACK_STATUSES:
+            raise ProtocolError("bad_ack", f"status {d.get('status')!r}")
+        uid = d.get("update_id")
+        return cls(uid if isinstance(uid, str) else None, d["status"], d.get("reason"), int(d.get("version") or 0))
+
+
+def encode_status(state: str, **fields: object) -> bytes:
+    """Status JSON for `P/devices/{id}/status` or `P/coordinator/status`: `{"state": ..., ...}`."""
+    return _json({"state": state, **fields})
+
+
+def decode_status(payload: bytes) -> dict:
+    return _parse_json(payload, "status")
+
+
+OFFLINE = encode_status("offline")
+
+
+# ---------------------------------------------------------------- updates (safetensors)
+
+
+@dataclass(frozen=True)
+class Update:
+    """One device update: Δ = θ_local − θ_base for each trainable parameter (float32 after decoding)."""
+
+    update_id: str
+    device_id: str
+    model_id: str
+    base_version: int
+    num_samples: int
+    deltas: dict[str, np.ndarray]
+    round: int | None = None
+    encoding: str = "fp32"
+    loss: float | None = None
+    train_seconds: float | None = None
+
+
+def quantize_int8(delta: np.ndarray) -> tuple[np.ndarray, np.float32]:
+    """Symmetric per-tensor int8: `scale = max|Δ| / 127`, `q = round(Δ / scale)`, so `Δ ≈ q · scale`."""
+    peak = float(np.max(np.abs(delta))) if delta.size else 0.0
+    scale = np.float32(peak / 127.0 if peak > 0 else 1.0)
+    q = np.clip(np.rint(delta / scale), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def encode_update(u: Update) -> bytes:
+    """Serialize an update as safetensors bytes with the protocol's `__metadata__`."""
+    if u.encoding not in ENCODINGS:
+        raise ValueError(f"unknown encoding {u.encoding!r}: use one of {ENCODINGS}")
+    tensors: dict[str, np.ndarray] = {}
+    for name, d in u.deltas.items():
+        d = np.ascontiguousarray(d, dtype=np.float32)
+        if u.encoding == "fp32":
+            tensors[name] = d
+        else:
+            q, scale = quantize_int8(d)
+            tensors[name] = q
+            tensors[f"{name}:scale"] = np.array(scale, dtype=np.float32)
+    meta = {
+        "schema": UPDATE_SCHEMA,
+        "update_id": u.update_id,
+        "device_id": u.device_id,
+        "model_id": u.model_id,
+        "base_version": str(u.base_version),
+        "num_samples": str(u.num_samples),
+        "encoding": u.encoding,
+    }
+    if u.round is not None:
+        meta["round"] = str(u.round)
+    if u.loss is not None:
+        meta["loss"] = repr(float(u.loss))
+    if u.train_seconds is not None:
+        meta["train_seconds"] = repr(float(u.train_seconds))
+    return st_save(tensors, metadata=meta)
+
+
+def read_metadata(payload: bytes) -> dict[str, str]:
+    """The safetensors `__metadata__` of `payload` without touching tensor data; ProtocolError if malformed."""
+    if len(payload) < 8:
+        raise ProtocolError("not_safetensors", "payload shorter than the 8-byte header length")
+    n = int.from_bytes(payload[:8], "little")
+    if n > len(payload) - 8:
+        raise ProtocolError("not_safetensors", "header length beyond payload")
+    try:
+        header = json.loads(payload[8 : 8 + n])
+    except (ValueError, UnicodeDecodeError):
+        raise ProtocolError("not_safetensors", "header is not JSON") from None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise ProtocolError("bad_metadata", "missing or non-string __metadata__")
+    return meta
+
+
+def _int_field(meta: dict[str, str], key: str, minimum: int) -> int:
+    try:
+        value = int(meta[key])
+    except (KeyError, ValueError):
+        raise ProtocolError(f"bad_{key}", f"{key}={meta.get(key)!r} is not an integer") from None
+    if value < minimum:
+        raise ProtocolError(f"bad_{key}", f"{key}={value} < {minimum}")
+    return value
+
+
+def _opt_float(meta: dict[str, str], key: str) -> float | None:
+    try:
+        return float(meta[key]) if key in meta else None
+    except ValueError:
+        return None
+
+
+def decode_tensors(payload: bytes, encoding: str) -> dict[str, np.ndarray]:
+    """Tensors of an update as float32 deltas (int8 ones dequantized with their `:scale`)."""
+    try:
+        raw = st_load(payload)
+    except (SafetensorError, ValueError, TypeError) as e:
+        raise ProtocolError("not_safetensors", str(e)) from None
+    if encoding == "fp32":
+        return raw
+    out = {}
+    for name, q in raw.items():
+        if name.endswith(":scale"):
+            continue
+        scale = raw.get(f"{name}:scale")
+        if q.dtype != np.int8 or scale is None or scale.dtype != np.float32 or scale.size != 1:
+            raise ProtocolError("bad_dtype", f"{name}: int8 tensor with float32 scalar {name}:scale expected")
+        out[name] = q.astype(np.float32) * np.float32(scale.reshape(()))
+    extra = [n for n in raw if n.endswith(":scale") and n[: -len(":scale")] not in raw]
+    if extra:
+        raise ProtocolError("extra_name", f"scale without tensor: {extra[0]}")
+    return out
+
+
+def decode_update(payload: bytes) -> Update:
+    """Parse and structurally check an update; raises ProtocolError(reason) naming the broken rule."""
+    meta = read_metadata(payload)
+    if meta.get("schema") != UPDATE_SCHEMA:
+        raise ProtocolError("unknown_schema", repr(meta.get("schema")))
+    uid = meta.get("update_id", "")
+    if not uid or len(uid) > MAX_UPDATE_ID_CHARS:
+        raise ProtocolError("bad_update_id", f"update_id must be 1-{MAX_UPDATE_ID_CHARS} characters")
+    encoding = meta.get("encoding", "")
+    if encoding not in ENCODINGS:
+        raise ProtocolError("bad_encoding", repr(encoding))
+    return Update(
+        update_id=uid,
+        device_id=meta.get("device_id", ""),
+        model_id=meta.get("model_id", ""),
+        base_version=_int_field(meta, "base_version", 1),
+        num_samples=_int_field(meta, "num_samples", 1),
+        round=_int_field(meta, "round", 0) if "round" in meta else None,
+        encoding=encoding,
+        loss=_opt_float(meta, "loss"),
+        train_seconds=_opt_float(meta, "train_seconds"),
+        deltas=decode_tensors(payload, encoding),
+    )
+
+
+def is_finite(arrays: dict[str, np.ndarray]) -> bool:
+    return all(bool(np.isfinite(a).all()) for a in arrays.values())
+
+
+def l2_norm(arrays: dict[str, np.ndarray]) -> float:
+    """‖Δ‖₂ over all tensors: sqrt(Σ_t Σ_i Δ_{t,i}²)."""
+    return math.sqrt(sum(float(np.dot(a.ravel().astype(np.float64), a.ravel())) for a in arrays.values()))
