@@ -65,8 +65,9 @@ class RoundSummary:
 class Coordinator:
     """Synchronous FedAvg rounds (protocol v1)."""
 
-    def __init__(self, cfg: CoordinatorConfig, rebuild: Rebuild,
-                 on_round: Callable[[RoundSummary], None] | None = None) -> None:
+    def __init__(
+        self, cfg: CoordinatorConfig, rebuild: Rebuild, on_round: Callable[[RoundSummary], None] | None = None
+    ) -> None:
         self.cfg, self.rebuild, self.on_round = cfg, rebuild, on_round
         self.topics = Topics(cfg.fleet, cfg.topic_root)
         self.releases = cfg.state_dir / "releases"
@@ -83,9 +84,12 @@ class Coordinator:
         self.rounds_done = 0
         self.events: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self.link = MqttLink(
-            cfg.broker_url, f"edgelearn-{cfg.fleet}-coordinator", [self.topics.all_devices("update")],
+            cfg.broker_url,
+            f"edgelearn-{cfg.fleet}-coordinator",
+            [self.topics.all_devices("update")],
             on_message=lambda t, p: self.events.put((t, p)),
-            will=(self.topics.coordinator_status, OFFLINE), mqtt_v311=cfg.mqtt_v311,
+            will=(self.topics.coordinator_status, OFFLINE),
+            mqtt_v311=cfg.mqtt_v311,
             on_connected=lambda: self.events.put(("", b"connected")),
         )
 
@@ -113,20 +117,28 @@ class Coordinator:
 
     def rules(self) -> Rules:
         shapes = {n: tuple(self.weights[n].shape) for n in self.manifest.trainable}
-        return Rules(self.manifest.model_id, shapes, self.state["version"], self.state["round"],
-                     self.cfg.max_update_norm)
+        return Rules(
+            self.manifest.model_id, shapes, self.state["version"], self.state["round"], self.cfg.max_update_norm
+        )
 
     def round_msg(self) -> RoundMsg:
-        return RoundMsg(self.state["round"], self.state["version"], self.state["deadline"], self.cfg.min_updates,
-                        None, self.cfg.local)
+        return RoundMsg(
+            self.state["round"],
+            self.state["version"],
+            self.state["deadline"],
+            self.cfg.min_updates,
+            None,
+            self.cfg.local,
+        )
 
     # ------------------------------------------------------------ publishing
 
     def publish_all(self) -> None:
         """(Re)publish coordinator status, the current release and the current round, all retained."""
         v = self.state["version"]
-        self.link.publish(self.topics.coordinator_status,
-                          encode_status("online", version=v, round=self.state["round"]), retain=True)
+        self.link.publish(
+            self.topics.coordinator_status, encode_status("online", version=v, round=self.state["round"]), retain=True
+        )
         self.link.publish(self.topics.model_latest, pack_release(self.releases / f"v{v}"), retain=True)
         self.link.publish(self.topics.rounds_current, self.round_msg().encode(), retain=True)
 
@@ -141,8 +153,14 @@ class Coordinator:
         if verdict.status == "accepted":
             self.spool.put(self.state["round"], verdict.update_id, payload)  # fsync before the ack
             self.accepted[verdict.update_id] = verdict.update
-            log.info("round %d: accepted %s from %s (%d/%d)", self.state["round"], verdict.update_id, device_id,
-                     len(self.accepted), self.cfg.min_updates)
+            log.info(
+                "round %d: accepted %s from %s (%d/%d)",
+                self.state["round"],
+                verdict.update_id,
+                device_id,
+                len(self.accepted),
+                self.cfg.min_updates,
+            )
         elif verdict.status == "duplicate":
             self.duplicates += 1
             log.info("duplicate update %s from %s", verdict.update_id, device_id)
@@ -159,21 +177,30 @@ class Coordinator:
         t0 = time.perf_counter()
         rnd, v = self.state["round"], self.state["version"]
         updates = self.spool.updates(rnd)
-        theta = aggregate(self.weights, [u.deltas for u in updates], [u.num_samples for u in updates],
-                          self.cfg.max_samples_per_update)
+        theta = aggregate(
+            self.weights, [u.deltas for u in updates], [u.num_samples for u in updates], self.cfg.max_samples_per_update
+        )
         out = self.releases / f"v{v + 1}"
         self.manifest = self.rebuild(self.releases / f"v{v}", theta, v + 1, out)
         self.weights = load_weights(out)
-        summary = RoundSummary(rnd, v + 1, tuple(sorted(u.device_id for u in updates)), len(updates),
-                               dict(self.rejected), self.duplicates, dict(self.manifest.metrics),
-                               time.monotonic() - self.round_started_s)
+        summary = RoundSummary(
+            rnd,
+            v + 1,
+            tuple(sorted(u.device_id for u in updates)),
+            len(updates),
+            dict(self.rejected),
+            self.duplicates,
+            dict(self.manifest.metrics),
+            time.monotonic() - self.round_started_s,
+        )
         self.state = {"version": v + 1, "round": rnd + 1, "deadline": time.time() + self.cfg.round_timeout_s}
         self._save_state(self.state)
         self.accepted, self.rejected, self.duplicates = {}, Counter(), 0
         self.round_started_s = time.monotonic()
         self.rounds_done += 1
-        log.info("round %d closed: %d updates → release v%d in %.2fs", rnd, len(updates), v + 1,
-                 time.perf_counter() - t0)
+        log.info(
+            "round %d closed: %d updates → release v%d in %.2fs", rnd, len(updates), v + 1, time.perf_counter() - t0
+        )
         self.publish_all()
         if self.on_round:
             self.on_round(summary)
@@ -187,8 +214,12 @@ class Coordinator:
             return
         self.state = {**self.state, "deadline": time.time() + self.cfg.round_timeout_s}
         self._save_state(self.state)
-        log.info("round %d: %d/%d updates at the deadline; re-announced", self.state["round"], len(self.accepted),
-                 self.cfg.min_updates)
+        log.info(
+            "round %d: %d/%d updates at the deadline; re-announced",
+            self.state["round"],
+            len(self.accepted),
+            self.cfg.min_updates,
+        )
         self.link.publish(self.topics.rounds_current, self.round_msg().encode(), retain=True)
 
     # ------------------------------------------------------------ loop

@@ -16,14 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
-from edgelearn.atomic import write_bytes
-from edgelearn.bundle import INFER_PTE, TRAIN_PTE, BundleError, Manifest, load_weights
-from edgelearn.mqtt import MqttLink
-from edgelearn.protocol import OFFLINE, Ack, ProtocolError, RoundMsg, Topics, Update, encode_status, encode_update
 from edge_runtime.inference import InferenceProgram
 from edge_runtime.outbox import Outbox
 from edge_runtime.release import ReleaseStore
 from edge_runtime.trainer import TrainProgram, local_train
+from edgelearn.atomic import write_bytes
+from edgelearn.bundle import INFER_PTE, TRAIN_PTE, BundleError, Manifest, load_weights
+from edgelearn.mqtt import MqttLink
+from edgelearn.protocol import OFFLINE, Ack, ProtocolError, RoundMsg, Topics, Update, encode_status, encode_update
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +78,13 @@ class DeviceAgent:
         self.active: Active | None = None
         self.events: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self.link = MqttLink(
-            cfg.broker_url, f"edgelearn-{cfg.fleet}-{cfg.device_id}",
+            cfg.broker_url,
+            f"edgelearn-{cfg.fleet}-{cfg.device_id}",
             [self.topics.model_latest, self.topics.rounds_current, self.topics.device(cfg.device_id, "ack")],
             on_message=lambda t, p: self.events.put((t, p)),
             will=(self.topics.device(cfg.device_id, "status"), OFFLINE),
-            mqtt_v311=cfg.mqtt_v311, on_connected=lambda: self.events.put(("", b"connected")),
+            mqtt_v311=cfg.mqtt_v311,
+            on_connected=lambda: self.events.put(("", b"connected")),
         )
         self._restore_active()
 
@@ -143,8 +145,9 @@ class DeviceAgent:
         try:
             active = load_release(self.releases.path(manifest.version), manifest, self._example())
         except Exception as e:
-            log.error("%s: release v%d fails to load (%s); keeping v%d", self.cfg.device_id, manifest.version, e,
-                      self.version)
+            log.error(
+                "%s: release v%d fails to load (%s); keeping v%d", self.cfg.device_id, manifest.version, e, self.version
+            )
             self.releases.discard(manifest.version)
             return
         self.releases.activate(manifest.version)
@@ -171,8 +174,12 @@ class DeviceAgent:
     def train_round(self, rnd: RoundMsg) -> None:
         """Train on local data, put the update in the outbox, then record the round as done."""
         if self.active is None or self.active.train is None:
-            log.warning("%s: release v%d has no training program; skipping round %d", self.cfg.device_id,
-                        self.version, rnd.round)
+            log.warning(
+                "%s: release v%d has no training program; skipping round %d",
+                self.cfg.device_id,
+                self.version,
+                rnd.round,
+            )
             return
         self.publish_status("training")
         prog = self.active.train
@@ -180,15 +187,27 @@ class DeviceAgent:
         res = local_train(prog, self.x, self.y, rnd.local.steps, rnd.local.batch_size, rnd.local.lr, seed=rnd.round)
         update = Update(
             update_id=f"{self.cfg.device_id}-r{rnd.round}-v{rnd.base_version}",  # same id if retrained after a crash
-            device_id=self.cfg.device_id, model_id=self.active.manifest.model_id, base_version=rnd.base_version,
-            num_samples=res.num_samples, deltas=res.deltas, round=rnd.round, encoding=self.cfg.encoding,
-            loss=res.loss, train_seconds=res.train_seconds,
+            device_id=self.cfg.device_id,
+            model_id=self.active.manifest.model_id,
+            base_version=rnd.base_version,
+            num_samples=res.num_samples,
+            deltas=res.deltas,
+            round=rnd.round,
+            encoding=self.cfg.encoding,
+            loss=res.loss,
+            train_seconds=res.train_seconds,
         )
         self.outbox.put(update.update_id, encode_update(update))
         self.last_round = rnd.round
         write_bytes(self.progress_file, json.dumps({"last_round": rnd.round}).encode())
-        log.info("%s: round %d trained on %d samples in %.2fs, loss %.3f", self.cfg.device_id, rnd.round,
-                 res.num_samples, res.train_seconds, res.loss)
+        log.info(
+            "%s: round %d trained on %d samples in %.2fs, loss %.3f",
+            self.cfg.device_id,
+            rnd.round,
+            res.num_samples,
+            res.train_seconds,
+            res.loss,
+        )
         self.publish_status("idle")
         self.flush_outbox()
 
@@ -199,8 +218,13 @@ class DeviceAgent:
             log.warning("%s: bad ack: %s", self.cfg.device_id, e)
             return
         if ack.update_id and self.outbox.remove(ack.update_id):
-            log.info("%s: update %s %s%s", self.cfg.device_id, ack.update_id, ack.status,
-                     f" ({ack.reason})" if ack.reason else "")
+            log.info(
+                "%s: update %s %s%s",
+                self.cfg.device_id,
+                ack.update_id,
+                ack.status,
+                f" ({ack.reason})" if ack.reason else "",
+            )
 
     def flush_outbox(self) -> None:
         """(Re)send every update whose ack is overdue; backoff with jitter between attempts."""

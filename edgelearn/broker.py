@@ -36,9 +36,14 @@ def wait_port(port: int, timeout_s: float = 10.0) -> bool:
     return False
 
 
-def mosquitto_config(port: int, data_dir: Path, max_queued_messages: int = 10000,
-                     max_packet_bytes: int = 256 * 1024 * 1024) -> str:
-    """A mosquitto.conf for one loopback fleet broker: persistence on, queues sized above the default 1000."""
+def mosquitto_config(
+    port: int, data_dir: Path, max_queued_messages: int = 10000, max_packet_bytes: int = 128 * 1024 * 1024
+) -> str:
+    """A mosquitto.conf for one loopback fleet broker: persistence on, queues sized above the default 1000.
+
+    `max_packet_bytes` must stay below 256 MiB: mosquitto then announces it in CONNACK, and paho rejects
+    a MaximumPacketSize of 2^28 or more as a malformed packet.
+    """
     return "\n".join(
         [
             f"listener {port} 127.0.0.1",
@@ -62,7 +67,8 @@ class Mosquitto:
 
     def __init__(self, data_dir: Path, port: int | None = None) -> None:
         self.exe = shutil.which("mosquitto") or next(
-            (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.path.exists(p)), None)
+            (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.path.exists(p)), None
+        )
         if self.exe is None:
             raise FileNotFoundError("mosquitto not found: install it (Debian: apt-get install mosquitto)")
         self.data_dir = data_dir
@@ -78,8 +84,9 @@ class Mosquitto:
         return f"mqtt://127.0.0.1:{self.port}"
 
     def start(self) -> Mosquitto:
-        self.proc = subprocess.Popen([self.exe, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            [self.exe, "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
         if not wait_port(self.port):
             self.stop()
             raise RuntimeError(f"mosquitto did not listen on port {self.port}")
@@ -115,8 +122,11 @@ class EmbeddedBroker:
     def start(self) -> EmbeddedBroker:
         from amqtt.broker import Broker
 
-        cfg = {"listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{self.port}"}},
-               "sys_interval": 0, "auth": {"allow-anonymous": True}}
+        cfg = {
+            "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{self.port}"}},
+            "sys_interval": 0,
+            "auth": {"allow-anonymous": True},
+        }
         logging.getLogger("amqtt").setLevel(logging.ERROR)
         self._thread.start()
 

@@ -142,18 +142,18 @@ def pack_release(bundle_dir: str | Path) -> bytes:
 def read_release(payload: bytes) -> tuple[Manifest, dict[str, bytes]]:
     """Parse and verify a release archive in memory: (manifest, {file name: bytes}); BundleError if bad."""
     try:
-        tar = tarfile.open(fileobj=io.BytesIO(payload), mode="r:")
-        members = tar.getmembers()
+        with tarfile.open(fileobj=io.BytesIO(payload), mode="r:") as tar:
+            members = tar.getmembers()
+            if not members or members[0].name != MANIFEST:
+                raise BundleError("release archive: manifest.json is not the first member")
+            data: dict[str, bytes] = {}
+            for m in members:
+                if not m.isfile() or m.size > MAX_MEMBER_BYTES or m.name in data:
+                    raise BundleError(f"release archive: member {m.name!r} is not a plain file of sane size")
+                f = tar.extractfile(m)
+                data[m.name] = f.read() if f else b""
     except (tarfile.TarError, EOFError) as e:
         raise BundleError(f"release is not a tar archive: {e}") from None
-    if not members or members[0].name != MANIFEST:
-        raise BundleError("release archive: manifest.json is not the first member")
-    data: dict[str, bytes] = {}
-    for m in members:
-        if not m.isfile() or m.size > MAX_MEMBER_BYTES or m.name in data:
-            raise BundleError(f"release archive: member {m.name!r} is not a plain file of sane size")
-        f = tar.extractfile(m)
-        data[m.name] = f.read() if f else b""
     manifest = Manifest.from_json(data.pop(MANIFEST))
     if set(data) != set(manifest.files):
         raise BundleError(f"release archive members {sorted(data)} differ from the manifest's {sorted(manifest.files)}")

@@ -14,8 +14,7 @@ from edgelearn.protocol import ENCODINGS, LocalConfig, check_name, parse_broker_
 
 def _setup_logging(verbose: bool, quiet: bool = False) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("torch", "executorch", "torchao", "amqtt", "transitions"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -60,8 +59,9 @@ def cmd_export(a: argparse.Namespace) -> int:
         print(f"edgelearn export: error: {e}", file=sys.stderr)
         return 2
     sizes = ", ".join(f"{name} ({meta['bytes']} B)" for name, meta in m.files.items())
-    print(f"bundle {a.out}: {m.model_id} v{m.version} {m.target}, accuracy {m.metrics['accuracy_pte']:.3f}, "
-          f"files {sizes}")
+    print(
+        f"bundle {a.out}: {m.model_id} v{m.version} {m.target}, accuracy {m.metrics['accuracy_pte']:.3f}, files {sizes}"
+    )
     return 0
 
 
@@ -83,9 +83,19 @@ def cmd_coordinator(a: argparse.Namespace) -> int:
     except BundleError as e:
         print(f"edgelearn coordinator: error: {e}", file=sys.stderr)
         return 2
-    cfg = CoordinatorConfig(a.broker, a.fleet, a.bundle, a.state, a.topic_root, a.min_updates, a.round_timeout,
-                            LocalConfig(a.steps, a.batch_size, a.lr), a.max_update_norm,
-                            a.max_samples_per_update, a.max_rounds)
+    cfg = CoordinatorConfig(
+        a.broker,
+        a.fleet,
+        a.bundle,
+        a.state,
+        a.topic_root,
+        a.min_updates,
+        a.round_timeout,
+        LocalConfig(a.steps, a.batch_size, a.lr),
+        a.max_update_norm,
+        a.max_samples_per_update,
+        a.max_rounds,
+    )
     Coordinator(cfg, rebuild_bundle).run(_stop_on_signals())
     return 0
 
@@ -112,27 +122,40 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="edgelearn", description="On-device edge learning: export a model, run a "
-                                "fleet of learning devices and a FedAvg coordinator over MQTT (protocol v1).")
+    p = argparse.ArgumentParser(
+        prog="edgelearn",
+        description="On-device edge learning: export a model, run a "
+        "fleet of learning devices and a FedAvg coordinator over MQTT (protocol v1).",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    e = sub.add_parser("export", help="distill, quantize and lower a model into a bundle",
-                       description="Train a teacher and a distilled student, quantize (PT2E int8), lower to "
-                       "ExecuTorch (infer.pte + train.pte) and write a bundle directory atomically.")
+    e = sub.add_parser(
+        "export",
+        help="distill, quantize and lower a model into a bundle",
+        description="Train a teacher and a distilled student, quantize (PT2E int8), lower to "
+        "ExecuTorch (infer.pte + train.pte) and write a bundle directory atomically.",
+    )
     e.add_argument("--model", default="digits-mlp", help="model id (default: digits-mlp)")
     e.add_argument("--target", default="xnnpack-int8", help="xnnpack-int8 (default), xnnpack-fp32 or portable")
     e.add_argument("--out", type=Path, required=True, help="bundle directory to write")
-    e.add_argument("--server-fraction", type=float, default=0.2,
-                   help="share of the training data the exporter trains on; devices hold the rest (default 0.2)")
+    e.add_argument(
+        "--server-fraction",
+        type=float,
+        default=0.2,
+        help="share of the training data the exporter trains on; devices hold the rest (default 0.2)",
+    )
     e.add_argument("--epochs", type=int, default=60, help="training epochs for teacher and student (default 60)")
     e.add_argument("--alpha", type=float, default=0.5, help="KD weight of the hard-label loss (default 0.5)")
     e.add_argument("--temperature", type=float, default=4.0, help="KD temperature T (default 4)")
     e.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     e.set_defaults(func=cmd_export)
 
-    d = sub.add_parser("data", help="write non-IID device shards of the digits data",
-                       description="Split the digits device pool into label-skewed shards (safetensors x, y).")
+    d = sub.add_parser(
+        "data",
+        help="write non-IID device shards of the digits data",
+        description="Split the digits device pool into label-skewed shards (safetensors x, y).",
+    )
     d.add_argument("--devices", type=int, default=4, help="number of shards (default 4)")
     d.add_argument("--out", type=Path, required=True, help="folder for device-K.safetensors and test.safetensors")
     d.add_argument("--server-fraction", type=float, default=0.2, help="as given to export (default 0.2)")
@@ -140,9 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     d.set_defaults(func=cmd_data)
 
-    c = sub.add_parser("coordinator", help="run FedAvg rounds for a fleet",
-                       description="Publish BUNDLE as release 1, announce rounds, validate and ack updates, "
-                       "aggregate with FedAvg and publish each next release (protocol v1).")
+    c = sub.add_parser(
+        "coordinator",
+        help="run FedAvg rounds for a fleet",
+        description="Publish BUNDLE as release 1, announce rounds, validate and ack updates, "
+        "aggregate with FedAvg and publish each next release (protocol v1).",
+    )
     c.add_argument("--broker", type=_broker, required=True, help="mqtt://[user[:pass]@]host[:port] or mqtts://")
     c.add_argument("--fleet", type=_fleet, required=True, help="fleet name ([A-Za-z0-9_-]{1,64})")
     c.add_argument("--bundle", type=Path, required=True, help="bundle directory of release 1")
@@ -158,9 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--topic-root", default="edgelearn", help="first topic segment (default edgelearn)")
     c.set_defaults(func=cmd_coordinator)
 
-    v = sub.add_parser("device", help="run the device agent",
-                       description="Verify and activate releases, serve inference with ExecuTorch, train on "
-                       "local data when a round includes this device and send the update until acked.")
+    v = sub.add_parser(
+        "device",
+        help="run the device agent",
+        description="Verify and activate releases, serve inference with ExecuTorch, train on "
+        "local data when a round includes this device and send the update until acked.",
+    )
     v.add_argument("--broker", type=_broker, required=True, help="mqtt://[user[:pass]@]host[:port] or mqtts://")
     v.add_argument("--fleet", type=_fleet, required=True, help="fleet name")
     v.add_argument("--id", type=_device_id, required=True, help="device id ([A-Za-z0-9_-]{1,64})")
@@ -171,13 +200,20 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--topic-root", default="edgelearn", help="first topic segment (default edgelearn)")
     v.set_defaults(func=cmd_device)
 
-    m = sub.add_parser("demo", help="run a whole fleet end to end on one machine",
-                       description="Export the digits model, start a broker, a coordinator and N devices with "
-                       "non-IID data, and run FedAvg rounds, printing accuracy per round.")
+    m = sub.add_parser(
+        "demo",
+        help="run a whole fleet end to end on one machine",
+        description="Export the digits model, start a broker, a coordinator and N devices with "
+        "non-IID data, and run FedAvg rounds, printing accuracy per round.",
+    )
     m.add_argument("--devices", type=int, default=4, help="number of devices (default 4)")
     m.add_argument("--rounds", type=int, default=5, help="FedAvg rounds (default 5)")
-    m.add_argument("--broker", choices=("embedded", "mosquitto"), default="embedded",
-                   help="embedded amqtt (MQTT 3.1.1, zero setup; default) or a local mosquitto (MQTT 5)")
+    m.add_argument(
+        "--broker",
+        choices=("embedded", "mosquitto"),
+        default="embedded",
+        help="embedded amqtt (MQTT 3.1.1, zero setup; default) or a local mosquitto (MQTT 5)",
+    )
     m.add_argument("--workdir", type=Path, default=None, help="working folder (default: a new temp folder)")
     m.set_defaults(func=cmd_demo)
     return p

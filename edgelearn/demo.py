@@ -18,8 +18,9 @@ from export.data import Split, load_digits, shard_non_iid
 log = logging.getLogger(__name__)
 
 
-def write_shards(out: Path, n_devices: int, server_fraction: float, classes_per_device: int = 4,
-                 seed: int = 0) -> list[Path]:
+def write_shards(
+    out: Path, n_devices: int, server_fraction: float, classes_per_device: int = 4, seed: int = 0
+) -> list[Path]:
     """Non-IID device shards of the digits pool (+ test.safetensors) as safetensors files {x, y}."""
     data = load_digits(server_fraction, seed=seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -40,9 +41,15 @@ def load_shard(path: Path) -> Split:
     return Split(t["x"].astype("float32"), t["y"].astype("int64"))
 
 
-def run_demo(devices: int = 4, rounds: int = 5, broker: str = "embedded", workdir: Path | None = None,
-             server_fraction: float = 0.05, local: LocalConfig | None = None,
-             say: callable = print) -> list[RoundSummary]:  # type: ignore[valid-type]
+def run_demo(
+    devices: int = 4,
+    rounds: int = 5,
+    broker: str = "embedded",
+    workdir: Path | None = None,
+    server_fraction: float = 0.05,
+    local: LocalConfig | None = None,
+    say: callable = print,
+) -> list[RoundSummary]:  # type: ignore[valid-type]
     """Run the whole fleet end to end and return one summary per round."""
     from edge_runtime.agent import DeviceAgent, DeviceConfig
     from export.pipeline import ExportConfig, export_bundle, rebuild_bundle
@@ -52,8 +59,10 @@ def run_demo(devices: int = 4, rounds: int = 5, broker: str = "embedded", workdi
     say(f"[demo] working in {work}")
     say("[demo] 1/4 export: teacher → distilled student → int8 XNNPACK infer.pte + train.pte")
     manifest = export_bundle(ExportConfig(server_fraction=server_fraction), work / "bundle")
-    say(f"[demo]     release v1: student {manifest.metrics['student_params']} params, held-out accuracy "
-        f"{manifest.metrics['accuracy_pte']:.3f} (.pte)")
+    say(
+        f"[demo]     release v1: student {manifest.metrics['student_params']} params, held-out accuracy "
+        f"{manifest.metrics['accuracy_pte']:.3f} (.pte)"
+    )
     shards = write_shards(work / "data", devices, server_fraction)
     brk, v311 = _start_broker(broker, work)
     say(f"[demo] 2/4 broker: {brk.url} ({'embedded amqtt, MQTT 3.1.1' if v311 else 'mosquitto, MQTT 5'})")
@@ -61,19 +70,33 @@ def run_demo(devices: int = 4, rounds: int = 5, broker: str = "embedded", workdi
 
     def on_round(s: RoundSummary) -> None:
         summaries.append(s)
-        say(f"[demo] round {s.round}: participants {', '.join(s.participants)} · accepted {s.accepted} · "
+        say(
+            f"[demo] round {s.round}: participants {', '.join(s.participants)} · accepted {s.accepted} · "
             f"rejected {sum(s.rejected.values())} · release v{s.version} held-out accuracy "
-            f"{s.metrics.get('accuracy_pte', float('nan')):.3f} ({s.seconds:.1f}s)")
+            f"{s.metrics.get('accuracy_pte', float('nan')):.3f} ({s.seconds:.1f}s)"
+        )
 
-    ccfg = CoordinatorConfig(brk.url, "demo", work / "bundle", work / "coordinator", min_updates=devices,
-                             round_timeout_s=120, local=local or LocalConfig(steps=40, batch_size=32, lr=0.2),
-                             max_rounds=rounds, mqtt_v311=v311)
+    ccfg = CoordinatorConfig(
+        brk.url,
+        "demo",
+        work / "bundle",
+        work / "coordinator",
+        min_updates=devices,
+        round_timeout_s=120,
+        local=local or LocalConfig(steps=40, batch_size=32, lr=0.2),
+        max_rounds=rounds,
+        mqtt_v311=v311,
+    )
     coord = Coordinator(ccfg, rebuild_bundle, on_round)
     stop = threading.Event()
-    agents = [DeviceAgent(DeviceConfig(brk.url, "demo", f"dev{k}", work / f"dev{k}", mqtt_v311=v311),
-                          *_xy(load_shard(p))) for k, p in enumerate(shards)]
-    say(f"[demo] 3/4 fleet: coordinator + {devices} devices (non-IID shards of "
-        f"{', '.join(str(len(a.y)) for a in agents)} samples), {rounds} rounds")
+    agents = [
+        DeviceAgent(DeviceConfig(brk.url, "demo", f"dev{k}", work / f"dev{k}", mqtt_v311=v311), *_xy(load_shard(p)))
+        for k, p in enumerate(shards)
+    ]
+    say(
+        f"[demo] 3/4 fleet: coordinator + {devices} devices (non-IID shards of "
+        f"{', '.join(str(len(a.y)) for a in agents)} samples), {rounds} rounds"
+    )
     threads = [threading.Thread(target=a.run, args=(stop,), daemon=True) for a in agents]
     try:
         for t in threads:
@@ -84,8 +107,12 @@ def run_demo(devices: int = 4, rounds: int = 5, broker: str = "embedded", workdi
         for t in threads:
             t.join(timeout=10)
         brk.stop()
-    say(f"[demo] 4/4 done: {len(summaries)} rounds in {time.monotonic() - t0:.1f}s, final held-out accuracy "
-        f"{summaries[-1].metrics.get('accuracy_pte', float('nan')):.3f}" if summaries else "[demo] no round closed")
+    say(
+        f"[demo] 4/4 done: {len(summaries)} rounds in {time.monotonic() - t0:.1f}s, final held-out accuracy "
+        f"{summaries[-1].metrics.get('accuracy_pte', float('nan')):.3f}"
+        if summaries
+        else "[demo] no round closed"
+    )
     return summaries
 
 

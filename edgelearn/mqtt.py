@@ -6,6 +6,7 @@ them to their own loop (a queue); nothing else of paho leaks out of this module.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable
@@ -99,8 +100,12 @@ class MqttLink:
     def publish(self, topic: str, payload: bytes, retain: bool = False) -> bool:
         """Queue a QoS 1 publish; False when not sent (too large for the broker, or paho refused it)."""
         if self.max_packet_bytes and len(payload) + len(topic) + 64 > self.max_packet_bytes:
-            log.error("message of %d bytes for %s exceeds the broker's %d-byte limit", len(payload), topic,
-                      self.max_packet_bytes)
+            log.error(
+                "message of %d bytes for %s exceeds the broker's %d-byte limit",
+                len(payload),
+                topic,
+                self.max_packet_bytes,
+            )
             return False
         info = self.client.publish(topic, payload, qos=QOS, retain=retain)
         return info.rc == mqtt.MQTT_ERR_SUCCESS or info.rc == mqtt.MQTT_ERR_NO_CONN
@@ -109,9 +114,7 @@ class MqttLink:
         """Publish `final_status` (retained) if connected, then disconnect cleanly and stop paho's thread."""
         if final_status and self.connected.is_set():
             info = self.client.publish(final_status[0], final_status[1], qos=QOS, retain=True)
-            try:
+            with contextlib.suppress(RuntimeError):
                 info.wait_for_publish(timeout=2.0)
-            except RuntimeError:
-                pass
         self.client.disconnect()
         self.client.loop_stop()

@@ -180,7 +180,9 @@ class RoundMsg:
                 deadline_unix_s=float(d["deadline"]),
                 min_updates=int(d["min_updates"]),
                 participants=tuple(str(p) for p in parts) if parts is not None else None,
-                local=LocalConfig(int(loc.get("steps", 20)), int(loc.get("batch_size", 32)), float(loc.get("lr", 0.05))),
+                local=LocalConfig(
+                    int(loc.get("steps", 20)), int(loc.get("batch_size", 32)), float(loc.get("lr", 0.05))
+                ),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ProtocolError("bad_round", str(e)) from None
@@ -202,7 +204,9 @@ class Ack:
     version: int = 0
 
     def encode(self) -> bytes:
-        return _json({"update_id": self.update_id, "status": self.status, "reason": self.reason, "version": self.version})
+        return _json(
+            {"update_id": self.update_id, "status": self.status, "reason": self.reason, "version": self.version}
+        )
 
     @classmethod
     def decode(cls, payload: bytes) -> Ack:

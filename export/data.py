@@ -28,8 +28,8 @@ def load_digits(server_fraction: float = 0.2, test_fraction: float = 0.2, seed: 
     x = (d.data / 16.0).astype(np.float32)
     y = d.target.astype(np.int64)
     order = np.random.default_rng(seed).permutation(len(y))
-    n_test = int(round(test_fraction * len(y)))
-    n_server = int(round(server_fraction * (len(y) - n_test)))
+    n_test = round(test_fraction * len(y))
+    n_server = round(server_fraction * (len(y) - n_test))
     test, server, pool = np.split(order, [n_test, n_test + n_server])
     return Digits(Split(x[server], y[server]), Split(x[pool], y[pool]), Split(x[test], y[test]))
 

@@ -52,16 +52,29 @@ def train_student(spec: ModelSpec, data: Digits, cfg: ExportConfig) -> tuple[nn.
     teacher = fit(spec.make_teacher(), data.server.x, data.server.y, cfg.epochs, seed=cfg.seed)
     log.info("teacher: %d params, test accuracy %.3f", param_count(teacher), accuracy(teacher, *_xy(data.test)))
     torch.manual_seed(cfg.seed)
-    student = fit(spec.make_student(), data.server.x, data.server.y, cfg.epochs, teacher=teacher,
-                  alpha=cfg.alpha, temperature=cfg.temperature, seed=cfg.seed)
+    student = fit(
+        spec.make_student(),
+        data.server.x,
+        data.server.y,
+        cfg.epochs,
+        teacher=teacher,
+        alpha=cfg.alpha,
+        temperature=cfg.temperature,
+        seed=cfg.seed,
+    )
     metrics = {
         "teacher_params": param_count(teacher),
         "student_params": param_count(student),
         "teacher_accuracy": accuracy(teacher, *_xy(data.test)),
         "accuracy": accuracy(student, *_xy(data.test)),
     }
-    log.info("student (KD, α=%.2f T=%.1f): %d params, test accuracy %.3f", cfg.alpha, cfg.temperature,
-             metrics["student_params"], metrics["accuracy"])
+    log.info(
+        "student (KD, α=%.2f T=%.1f): %d params, test accuracy %.3f",
+        cfg.alpha,
+        cfg.temperature,
+        metrics["student_params"],
+        metrics["accuracy"],
+    )
     return student, metrics
 
 
@@ -89,22 +102,32 @@ def pte_accuracy(infer_pte: bytes, x: np.ndarray, y: np.ndarray) -> float:
     return InferenceProgram(infer_pte).accuracy(x, y)
 
 
-def make_bundle(out: str | Path, spec: ModelSpec, student: nn.Module, cfg: ExportConfig, version: int,
-                data: Digits, metrics: dict) -> Manifest:
+def make_bundle(
+    out: str | Path, spec: ModelSpec, student: nn.Module, cfg: ExportConfig, version: int, data: Digits, metrics: dict
+) -> Manifest:
     """Lower `student`, check the .pte's accuracy on the test split, and write the bundle atomically."""
     target = cfg.target
     programs = lower_programs(spec, student, target, data.server.x)
     metrics = {**metrics, "accuracy_pte": pte_accuracy(programs[INFER_PTE], data.test.x, data.test.y)}
     weights = {k: v.detach().numpy() for k, v in student.state_dict().items()}
     manifest = Manifest(
-        model_id=spec.model_id, version=version, task=spec.task, target=target,
+        model_id=spec.model_id,
+        version=version,
+        task=spec.task,
+        target=target,
         input={"shape": list(spec.input_shape), "dtype": "float32"},
-        trainable=spec.trainable(student), metrics=metrics,
+        trainable=spec.trainable(student),
+        metrics=metrics,
     )
     files = {WEIGHTS: dump_weights(weights), EXPORT_JSON: json.dumps(asdict(cfg)).encode(), **programs}
     final = write_bundle(out, manifest, files)
-    log.info("wrote bundle %s (version %d, accuracy %.3f fp32 / %.3f .pte)", out, version,
-             metrics["accuracy"], metrics["accuracy_pte"])
+    log.info(
+        "wrote bundle %s (version %d, accuracy %.3f fp32 / %.3f .pte)",
+        out,
+        version,
+        metrics["accuracy"],
+        metrics["accuracy_pte"],
+    )
     return final
 
 
@@ -112,8 +135,9 @@ def export_bundle(cfg: ExportConfig, out: str | Path) -> Manifest:
     """Release 1: train, distill, quantize, lower and write the bundle (atomically) to `out`."""
     spec = check_config(cfg)
     data = load_digits(cfg.server_fraction, seed=cfg.seed)
-    log.info("data: %d server / %d device pool / %d test examples", len(data.server.y), len(data.pool.y),
-             len(data.test.y))
+    log.info(
+        "data: %d server / %d device pool / %d test examples", len(data.server.y), len(data.pool.y), len(data.test.y)
+    )
     student, metrics = train_student(spec, data, cfg)
     return make_bundle(out, spec, student, cfg, 1, data, metrics)
 

@@ -1,0 +1,77 @@
+"""Shared fixtures: a real mosquitto on a free loopback port, and one exported bundle per session."""
+
+from __future__ import annotations
+
+import os
+import queue
+import shutil
+import uuid
+from pathlib import Path
+
+import pytest
+
+from edgelearn.broker import Mosquitto
+from edgelearn.mqtt import MqttLink
+
+SERVER_FRACTION = 0.05
+
+
+@pytest.fixture(scope="session")
+def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Mosquitto:
+    """A mosquitto process with a generated config; under CI=true a missing mosquitto fails the run."""
+    if not (shutil.which("mosquitto") or os.path.exists("/usr/sbin/mosquitto")):
+        if os.environ.get("CI") == "true":
+            pytest.fail("mosquitto is not installed (make test installs it): CI must run against a real broker")
+        pytest.skip("mosquitto is not installed; run `make test` to install it")
+    broker = Mosquitto(tmp_path_factory.mktemp("mosquitto")).start()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture(scope="session")
+def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The digits-mlp bundle (int8 XNNPACK), exported once for the whole session."""
+    from export.pipeline import ExportConfig, export_bundle
+
+    out = tmp_path_factory.mktemp("export") / "bundle"
+    export_bundle(ExportConfig(server_fraction=SERVER_FRACTION, epochs=30), out)
+    return out
+
+
+@pytest.fixture
+def fleet() -> str:
+    """A fresh fleet name per test, so retained messages of one test never reach another."""
+    return f"t{uuid.uuid4().hex[:12]}"
+
+
+class Recorder:
+    """Subscribes to topics and queues every (topic, payload) it receives."""
+
+    def __init__(self, url: str, topics: list[str]) -> None:
+        self.messages: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self.link = MqttLink(
+            url, f"rec-{uuid.uuid4().hex[:8]}", topics, lambda t, p: self.messages.put((t, p)), session_expiry_s=0
+        )
+        assert self.link.start(wait_s=10), "recorder could not connect to the broker"
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        assert self.link.publish(topic, payload, retain)
+
+    def next(self, timeout_s: float = 30.0) -> tuple[str, bytes]:
+        return self.messages.get(timeout=timeout_s)
+
+    def close(self) -> None:
+        self.link.stop()
+
+
+@pytest.fixture
+def recorder(mosquitto: Mosquitto):
+    made: list[Recorder] = []
+
+    def make(topics: list[str]) -> Recorder:
+        made.append(Recorder(mosquitto.url, topics))
+        return made[-1]
+
+    yield make
+    for r in made:
+        r.close()

@@ -1,0 +1,85 @@
+"""Device side: releases are verified before use; a tampered, broken or older release never replaces the running one."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from edge_runtime.agent import DeviceAgent, DeviceConfig
+from edge_runtime.outbox import Outbox, backoff_s
+from edgelearn.bundle import Manifest, pack_release, verify_bundle, write_bundle
+from edgelearn.protocol import Update, encode_update
+
+
+def agent(tmp_path) -> DeviceAgent:
+    rng = np.random.default_rng(0)
+    x, y = rng.uniform(0, 1, (40, 64)).astype(np.float32), rng.integers(0, 10, 40)
+    return DeviceAgent(DeviceConfig("mqtt://127.0.0.1:1", "f", "dev1", tmp_path / "state"), x, y)
+
+
+def release_with_version(bundle_dir, tmp_path, version: int) -> bytes:
+    m = verify_bundle(bundle_dir)
+    files = {name: (bundle_dir / name).read_bytes() for name in m.files}
+    out = tmp_path / f"v{version}-src"
+    write_bundle(out, replace(m, version=version, files={}), files)
+    return pack_release(out)
+
+
+def test_release_activates_and_survives_restart(bundle_dir, tmp_path):
+    a = agent(tmp_path)
+    a.on_release(release_with_version(bundle_dir, tmp_path, 1))
+    assert a.version == 1 and a.active.train is not None
+    assert agent(tmp_path).version == 1  # a restarted agent resumes the active release
+
+
+def test_tampered_release_is_refused_and_running_model_stays(bundle_dir, tmp_path, caplog):
+    a = agent(tmp_path)
+    a.on_release(release_with_version(bundle_dir, tmp_path, 1))
+    payload = bytearray(release_with_version(bundle_dir, tmp_path, 2))
+    program = (bundle_dir / "infer.pte").read_bytes()
+    at = payload.find(program[64:96]) + 8  # a byte inside infer.pte
+    assert at > 8
+    payload[at] ^= 0xFF
+    a.on_release(bytes(payload))
+    assert a.version == 1
+    assert "does not match its sha256" in caplog.text
+    assert not (tmp_path / "state" / "releases" / "v2").exists()
+
+
+def test_older_release_is_ignored(bundle_dir, tmp_path):
+    a = agent(tmp_path)
+    a.on_release(release_with_version(bundle_dir, tmp_path, 3))
+    a.on_release(release_with_version(bundle_dir, tmp_path, 2))
+    assert a.version == 3 and not (tmp_path / "state" / "releases" / "v2").exists()
+
+
+def test_release_with_broken_program_is_rolled_back(bundle_dir, tmp_path, caplog):
+    a = agent(tmp_path)
+    a.on_release(release_with_version(bundle_dir, tmp_path, 1))
+    m = verify_bundle(bundle_dir)
+    files = {name: (bundle_dir / name).read_bytes() for name in m.files}
+    files["infer.pte"] = b"not a program"  # hashes are right, the program is not
+    write_bundle(tmp_path / "bad", Manifest(**{**m.__dict__, "version": 2, "files": {}}), files)
+    a.on_release(pack_release(tmp_path / "bad"))
+    assert a.version == 1 and "fails to load" in caplog.text
+
+
+def test_outbox_keeps_updates_across_restarts_until_acked(tmp_path):
+    u = Update("dev1-r1-v1", "dev1", "m", 1, 5, {"w": np.ones(2, np.float32)}, round=1)
+    box = Outbox(tmp_path / "outbox")
+    box.put(u.update_id, encode_update(u))
+    again = Outbox(tmp_path / "outbox")
+    assert list(again.pending) == ["dev1-r1-v1"]
+    assert again.remove("dev1-r1-v1") and not list((tmp_path / "outbox").iterdir())
+
+
+def test_outbox_drops_oldest_when_full(tmp_path):
+    box = Outbox(tmp_path / "outbox", max_items=2)
+    for i in range(3):
+        box.put(f"u{i}", encode_update(Update(f"u{i}", "d", "m", 1, 1, {"w": np.zeros(1, np.float32)})))
+    assert list(box.pending) == ["u1", "u2"]
+
+
+@pytest.mark.parametrize(("attempt", "low", "high"), [(1, 8.0, 12.0), (2, 16.0, 24.0), (10, 240.0, 360.0)])
+def test_backoff_doubles_with_jitter_and_a_cap(attempt, low, high):
+    assert low <= backoff_s(attempt, ack_timeout_s=10.0, max_s=300.0) <= high

@@ -1,0 +1,106 @@
+"""End to end through a real mosquitto: export → coordinator → 3 device processes → 2 FedAvg rounds."""
+
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from edgelearn.bundle import read_release
+from edgelearn.demo import write_shards
+from edgelearn.protocol import Topics, decode_update
+from tests.conftest import SERVER_FRACTION
+
+N_DEVICES = 3
+
+
+def spawn(*args: str, log) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "edgelearn.cli", *args], stdout=log, stderr=subprocess.STDOUT)
+
+
+def weights_of(payload: bytes) -> tuple[int, dict[str, np.ndarray]]:
+    from safetensors.numpy import load
+
+    manifest, files = read_release(payload)
+    return manifest.version, load(files["weights.safetensors"])
+
+
+def test_two_rounds_of_fedavg(mosquitto, bundle_dir, fleet, recorder, tmp_path):
+    # Prepare: a recorder of releases and updates, device shards, a coordinator and 3 devices
+    t = Topics(fleet)
+    rec = recorder([t.model_latest, t.all_devices("update")])
+    shards = write_shards(tmp_path / "data", N_DEVICES, SERVER_FRACTION)
+    log = (tmp_path / "procs.log").open("wb")  # closed at the end of the test
+    procs = [
+        spawn(
+            "coordinator",
+            "--broker",
+            mosquitto.url,
+            "--fleet",
+            fleet,
+            "--bundle",
+            str(bundle_dir),
+            "--state",
+            str(tmp_path / "coord"),
+            "--min-updates",
+            str(N_DEVICES),
+            "--round-timeout",
+            "120",
+            "--steps",
+            "10",
+            "--lr",
+            "0.1",
+            log=log,
+        )
+    ]
+    procs += [
+        spawn(
+            "device",
+            "--broker",
+            mosquitto.url,
+            "--fleet",
+            fleet,
+            "--id",
+            f"dev{k}",
+            "--state",
+            str(tmp_path / f"dev{k}"),
+            "--data",
+            str(p),
+            log=log,
+        )
+        for k, p in enumerate(shards)
+    ]
+    releases: dict[int, dict[str, np.ndarray]] = {}
+    updates: dict[str, object] = {}
+    # Execute: record until release 3 is out
+    try:
+        deadline = time.monotonic() + 240
+        while 3 not in releases:
+            assert time.monotonic() < deadline, (tmp_path / "procs.log").read_text()[-3000:]
+            assert all(p.poll() is None for p in procs), (tmp_path / "procs.log").read_text()[-3000:]
+            try:
+                topic, payload = rec.next(timeout_s=1)
+            except Exception:
+                continue
+            if topic == t.model_latest:
+                v, w = weights_of(payload)
+                releases[v] = w
+            else:
+                u = decode_update(payload)
+                updates[u.update_id] = u  # QoS 1 may deliver twice: keep one per update_id
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=30)
+    # Assert: each release is θ_v + Σ (n_k/Σn)·Δ_k over the updates of its round
+    for rnd, v in ((1, 1), (2, 2)):
+        us = [u for u in updates.values() if u.round == rnd]
+        assert sorted(u.device_id for u in us) == [f"dev{k}" for k in range(N_DEVICES)]
+        n = sum(u.num_samples for u in us)
+        for name, theta in releases[v].items():
+            expected = theta + sum(u.num_samples / n * u.deltas[name] for u in us)
+            np.testing.assert_allclose(releases[v + 1][name], expected, atol=1e-6)
+    assert any(np.abs(releases[3][k] - releases[1][k]).max() > 1e-4 for k in releases[1])
+    log.close()
+    assert all(p.returncode == 0 for p in procs)
