@@ -21,7 +21,7 @@ from edge_runtime.outbox import Outbox
 from edge_runtime.release import ReleaseStore
 from edge_runtime.trainer import TrainProgram, local_train
 from edgelearn.atomic import write_bytes
-from edgelearn.bundle import INFER_PTE, TRAIN_PTE, BundleError, Manifest, load_weights
+from edgelearn.bundle import INFER_PTE, TRAIN_PTE, BundleError, Manifest, load_weights, pack_release
 from edgelearn.mqtt import MqttLink
 from edgelearn.protocol import OFFLINE, Ack, ProtocolError, RoundMsg, Topics, Update, encode_status, encode_update
 
@@ -39,6 +39,7 @@ class DeviceConfig:
     ack_timeout_s: float = 10.0
     max_outbox: int = 100
     tick_s: float = 0.2
+    keepalive_s: int = 30
     mqtt_v311: bool = False  # only for brokers without MQTT 5 (the embedded demo broker)
 
 
@@ -157,6 +158,10 @@ class DeviceAgent:
         if self.pending_round and self.pending_round.base_version == manifest.version:
             rnd, self.pending_round = self.pending_round, None
             self.train_round(rnd)
+
+    def seed(self, bundle_dir: Path) -> None:
+        """Install a local bundle (e.g. the one flashed with the device) as if it came from the broker."""
+        self.on_release(pack_release(bundle_dir))
 
     def on_round(self, payload: bytes) -> None:
         try:

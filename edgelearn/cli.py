@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 from edgelearn.protocol import ENCODINGS, LocalConfig, check_name, parse_broker_url
@@ -101,16 +102,67 @@ def cmd_coordinator(a: argparse.Namespace) -> int:
 
 
 def cmd_device(a: argparse.Namespace) -> int:
+    from devices.profiles import ProfileError, load_profile
     from edge_runtime.agent import DeviceAgent, DeviceConfig
+    from edgelearn.bundle import BundleError, verify_bundle
     from edgelearn.demo import load_shard
 
     try:
         shard = load_shard(a.data)
-    except (OSError, ValueError) as e:
-        print(f"edgelearn device: error: cannot read --data {a.data}: {e}", file=sys.stderr)
+        profile = load_profile(a.profile, a.profile_file) if (a.profile or a.profile_file) else None
+        if a.bundle:
+            verify_bundle(a.bundle)
+    except (OSError, ValueError, ProfileError, BundleError) as e:
+        print(f"edgelearn device: error: {e}", file=sys.stderr)
         return 2
     cfg = DeviceConfig(a.broker, a.fleet, a.id, a.state, a.topic_root, a.encoding, a.ack_timeout)
-    DeviceAgent(cfg, shard.x, shard.y).run(_stop_on_signals())
+    if profile:
+        cfg = replace(
+            cfg,
+            ack_timeout_s=profile.outbox.ack_timeout_s,
+            max_outbox=profile.outbox.max_items,
+            keepalive_s=profile.mqtt.keepalive_s,
+        )
+    agent = DeviceAgent(cfg, shard.x, shard.y)
+    if a.bundle:
+        agent.seed(a.bundle)
+    agent.run(_stop_on_signals())
+    return 0
+
+
+def cmd_profiles(a: argparse.Namespace) -> int:
+    from devices.profiles import ProfileError, list_profiles, load_profile
+
+    try:
+        profiles = [load_profile(a.show, a.file)] if (a.show or a.file) else list_profiles()
+    except ProfileError as e:
+        print(f"edgelearn profiles: error: {e}", file=sys.stderr)
+        return 2
+    if a.show or a.file:
+        print(profiles[0].to_toml(), end="")
+        return 0
+    head = ("profile", "target", "thr", "cpu%", "rss MB", "temp °C", "train s/h")
+    print("{:18} {:13} {:>3} {:>5} {:>7} {:>8} {:>9}  description".format(*head))
+    for p in profiles:
+        b = p.budget
+        print(
+            f"{p.name:18} {p.target:13} {p.threads:>3} {b.max_cpu_percent:>5.0f} {b.max_rss_mb:>7} "
+            f"{b.max_temp_c:>8.0f} {b.max_train_s_per_hour:>9}  {p.description}"
+        )
+    return 0
+
+
+def cmd_flash(a: argparse.Namespace) -> int:
+    from devices.flash import DeviceSettings, FlashError, flash
+    from devices.profiles import ProfileError, load_profile
+
+    try:
+        profile = load_profile(a.profile, a.profile_file)
+        pid = flash(a.bundle, profile, DeviceSettings(a.device_id, a.fleet, a.broker, a.data_path), a.to, a.wheels)
+    except (FlashError, ProfileError) as e:
+        print(f"edgelearn flash: error: {e}", file=sys.stderr)
+        return 2
+    print(f"installed package {pid} ({profile.name}, device {a.device_id}) into {a.to}")
     return 0
 
 
@@ -198,7 +250,37 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--encoding", choices=ENCODINGS, default="fp32", help="update encoding (default fp32)")
     v.add_argument("--ack-timeout", type=float, default=10.0, help="seconds before re-sending an unacked update")
     v.add_argument("--topic-root", default="edgelearn", help="first topic segment (default edgelearn)")
+    v.add_argument("--bundle", type=Path, default=None, help="a local bundle to start from (e.g. the flashed one)")
+    v.add_argument("--profile", default=None, help="device profile name (see `edgelearn profiles`)")
+    v.add_argument("--profile-file", type=Path, default=None, help="TOML file overriding profile fields")
     v.set_defaults(func=cmd_device)
+
+    pr = sub.add_parser(
+        "profiles",
+        help="list device profiles, or show one resolved",
+        description="Built-in profiles: devices/profiles/*.toml. A user file (--file) overrides "
+        "any field of its `base` profile.",
+    )
+    pr.add_argument("show", nargs="?", default=None, help="profile to print as TOML")
+    pr.add_argument("--file", type=Path, default=None, help='user profile file (with base = "NAME")')
+    pr.set_defaults(func=cmd_profiles)
+
+    f = sub.add_parser(
+        "flash",
+        help="build a deploy package and install it into a root folder or over ssh",
+        description="Package the bundle, device config, a systemd unit and install.sh; install it "
+        "into TARGET (a mounted SD-card root or any folder) or on user@host via rsync + ssh.",
+    )
+    f.add_argument("--profile", default="", help="device profile (rpi4, rpi5, jetson-orin-nano, ...)")
+    f.add_argument("--profile-file", type=Path, default=None, help="TOML file overriding profile fields")
+    f.add_argument("--bundle", type=Path, required=True, help="bundle directory to ship")
+    f.add_argument("--device-id", type=_device_id, required=True, help="the device's id")
+    f.add_argument("--fleet", type=_fleet, default="default", help="fleet name (default: default)")
+    f.add_argument("--broker", type=_broker, required=True, help="broker URL the device connects to")
+    f.add_argument("--data-path", default="/var/lib/edgelearn/data.safetensors", help="local data file on device")
+    f.add_argument("--wheels", type=Path, default=None, help="folder of wheels to install edgelearn offline")
+    f.add_argument("--to", required=True, help="TARGET: a folder (root file system) or user@host")
+    f.set_defaults(func=cmd_flash)
 
     m = sub.add_parser(
         "demo",

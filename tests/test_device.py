@@ -83,3 +83,9 @@ def test_outbox_drops_oldest_when_full(tmp_path):
 @pytest.mark.parametrize(("attempt", "low", "high"), [(1, 8.0, 12.0), (2, 16.0, 24.0), (10, 240.0, 360.0)])
 def test_backoff_doubles_with_jitter_and_a_cap(attempt, low, high):
     assert low <= backoff_s(attempt, ack_timeout_s=10.0, max_s=300.0) <= high
+
+
+def test_seed_installs_a_local_bundle(bundle_dir, tmp_path):
+    a = agent(tmp_path)
+    a.seed(bundle_dir)
+    assert a.version == 1 and (tmp_path / "state" / "releases" / "v1" / "infer.pte").exists()

@@ -1,0 +1,1 @@
+"""Device profiles, flashing/deploy packages and the local test harnesses for real boards."""

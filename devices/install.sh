@@ -1,0 +1,39 @@
+#!/bin/sh
+# Install this edgelearn deploy package into ROOT (default /: the running system; or a mounted SD-card root).
+# Safe to run twice (same package: no change); a newer package replaces the older one with one atomic rename.
+set -eu
+ROOT="${1:-/}"
+HERE="$(cd "$(dirname "$0")" && pwd)"
+ID="$(sed -n 's/.*"package_id": *"\([0-9a-f]*\)".*/\1/p' "$HERE/PACKAGE.json")"
+[ -n "$ID" ] || { echo "install.sh: PACKAGE.json has no package_id" >&2; exit 1; }
+BASE="$ROOT/opt/edgelearn"
+UNITS="$ROOT/etc/systemd/system"
+mkdir -p "$BASE/packages" "$UNITS/multi-user.target.wants" "$ROOT/var/lib/edgelearn"
+OLD="$(readlink "$BASE/current" 2>/dev/null | sed 's#^packages/##' || true)"
+if [ ! -d "$BASE/packages/$ID" ]; then
+  rm -rf "$BASE/packages/.$ID.tmp"
+  cp -R "$HERE" "$BASE/packages/.$ID.tmp"
+  sync
+  mv "$BASE/packages/.$ID.tmp" "$BASE/packages/$ID"
+fi
+ln -sfn "packages/$ID" "$BASE/.current.tmp"
+mv -T "$BASE/.current.tmp" "$BASE/current"
+cp "$BASE/packages/$ID/edgelearn-device.service" "$UNITS/.edgelearn-device.service.tmp"
+mv "$UNITS/.edgelearn-device.service.tmp" "$UNITS/edgelearn-device.service"
+ln -sfn ../edgelearn-device.service "$UNITS/multi-user.target.wants/edgelearn-device.service"
+if [ -n "$OLD" ] && [ "$OLD" != "$ID" ]; then echo "$OLD" > "$BASE/previous"; fi
+PREV="$(cat "$BASE/previous" 2>/dev/null || true)"
+for p in "$BASE"/packages/*; do
+  n="$(basename "$p")"
+  [ "$n" = "$ID" ] || [ "$n" = "$PREV" ] || rm -rf "$p"
+done
+if [ -d "$HERE/wheels" ] && [ ! -x "$BASE/venv/bin/edgelearn" ] && [ "$ROOT" = "/" ]; then
+  python3 -m venv "$BASE/venv"
+  "$BASE/venv/bin/pip" install -q --no-index --find-links "$HERE/wheels" edgelearn
+fi
+if [ "$ROOT" = "/" ] && command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+  systemctl daemon-reload
+  systemctl enable edgelearn-device.service
+  systemctl restart edgelearn-device.service
+fi
+echo "edgelearn package $ID installed in $ROOT"

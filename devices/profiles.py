@@ -1,0 +1,169 @@
+"""Device profiles: per-board export target, threads, budgets, MQTT and outbox settings (TOML).
+
+Built-in profiles live in `devices/profiles/*.toml`; a user file overrides any field of
+its `base` profile. Unknown fields and wrong types are errors that name the field.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import dacite
+
+PROFILE_DIR = Path(__file__).parent / "profiles"
+
+
+class ProfileError(ValueError):
+    """A profile that does not exist or does not parse; the message names the file and field."""
+
+
+@dataclass(frozen=True)
+class BudgetProfile:
+    max_cpu_percent: float = 80.0
+    max_rss_mb: int = 1024
+    min_available_mb: int = 256
+    max_temp_c: float = 80.0
+    min_battery_percent: float = 20.0
+    max_train_s_per_hour: int = 3600
+
+
+@dataclass(frozen=True)
+class MqttProfile:
+    keepalive_s: int = 60
+
+
+@dataclass(frozen=True)
+class OutboxProfile:
+    max_items: int = 200
+    ack_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    description: str
+    target: str
+    threads: int
+    budget: BudgetProfile = field(default_factory=BudgetProfile)
+    mqtt: MqttProfile = field(default_factory=MqttProfile)
+    outbox: OutboxProfile = field(default_factory=OutboxProfile)
+    sources: list[str] = field(default_factory=list)
+
+    def to_toml(self) -> str:
+        """The resolved profile as TOML (what a deploy package ships)."""
+        return dump_toml(asdict(self))
+
+
+_NESTED = {"BudgetProfile": BudgetProfile, "MqttProfile": MqttProfile, "OutboxProfile": OutboxProfile}
+
+
+def builtin_names() -> list[str]:
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.toml"))
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ProfileError(f"profile file {path} does not exist") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ProfileError(f"{path}: not valid TOML: {e}") from None
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge: tables merge field by field, any other value replaces the base's."""
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def unknown_fields(data: dict[str, Any], cls: type, prefix: str = "") -> list[str]:
+    """Dotted paths of keys in `data` that `cls` (a dataclass, nested ones too) has no field for."""
+    known = {f.name: f.type for f in fields(cls)}
+    out = []
+    for k, v in data.items():
+        sub = _NESTED.get(known.get(k)) if isinstance(v, dict) else None
+        if k not in known:
+            out.append(prefix + k)
+        elif sub is not None:
+            out += unknown_fields(v, sub, f"{prefix}{k}.")
+    return out
+
+
+def parse_profile(data: dict[str, Any], where: str) -> Profile:
+    """Build a Profile from TOML data, strictly: no unknown fields, exact types (int is accepted for float)."""
+    unknown = unknown_fields(data, Profile)
+    if unknown:
+        raise ProfileError(f"{where}: unknown field(s) {', '.join(unknown)}")
+    try:
+        profile = dacite.from_dict(
+            Profile, data, config=dacite.Config(strict=True, cast=[], check_types=True, type_hooks={float: _as_float})
+        )
+    except dacite.UnexpectedDataError as e:
+        raise ProfileError(f"{where}: unknown field(s) {', '.join(sorted(e.keys))}") from None
+    except dacite.WrongTypeError as e:
+        raise ProfileError(
+            f"{where}: field '{e.field_path}' must be {_type_name(e.field_type)}, got {e.value!r}"
+        ) from None
+    except dacite.MissingValueError as e:
+        raise ProfileError(f"{where}: missing field '{e.field_path}'") from None
+    if profile.threads < 1:
+        raise ProfileError(f"{where}: field 'threads' must be >= 1, got {profile.threads}")
+    return profile
+
+
+def _as_float(v: Any) -> Any:
+    return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+
+def _type_name(t: Any) -> str:
+    return getattr(t, "__name__", str(t))
+
+
+def load_profile(name: str, override: Path | None = None) -> Profile:
+    """The built-in profile `name` (or a TOML file path), with the fields of `override` applied on top.
+
+    An override file may name its base with `base = "rpi4"`; then `name` may be None-like ("").
+    """
+    extra = _read_toml(override) if override else {}
+    base_name = extra.pop("base", None) or name
+    path = Path(base_name) if base_name.endswith(".toml") else PROFILE_DIR / f"{base_name}.toml"
+    if not path.exists():
+        raise ProfileError(
+            f"unknown profile {base_name!r}: choose one of {', '.join(builtin_names())} or give a .toml file"
+        )
+    where = f"{path.name}" + (f" + {override}" if override else "")
+    return parse_profile(merge(_read_toml(path), extra), where)
+
+
+def list_profiles() -> list[Profile]:
+    return [load_profile(n) for n in builtin_names()]
+
+
+def dump_toml(d: dict[str, Any]) -> str:
+    """Minimal TOML writer for flat scalars, string lists and one level of tables (what profiles use)."""
+    lines, tables = [], []
+    for k, v in d.items():
+        (tables if isinstance(v, dict) else lines).append((k, v))
+    out = [f"{k} = {_toml_value(v)}" for k, v in lines]
+    for name, table in tables:
+        out += ["", f"[{name}]", *(f"{k} = {_toml_value(v)}" for k, v in table.items())]
+    return "\n".join(out) + "\n"
+
+
+def _toml_value(v: Any) -> str:
+    import json
+
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v, ensure_ascii=False)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} as TOML")

@@ -1,0 +1,103 @@
+"""devices/: profile loading and overrides, flashing into a root folder (files, unit, idempotent reinstall)."""
+
+import json
+import os
+
+import pytest
+
+from devices.flash import DeviceSettings, FlashError, build_package, flash, ssh_commands
+from devices.profiles import ProfileError, builtin_names, list_profiles, load_profile
+
+SETTINGS = DeviceSettings("pi-kitchen", "home", "mqtt://broker.local:1883")
+
+
+def test_builtin_profiles_load():
+    assert builtin_names() == ["jetson-nano", "jetson-orin-nano", "rpi4", "rpi5", "x86-dev"]
+    for p in list_profiles():
+        assert p.threads >= 1 and p.budget.max_rss_mb > 375  # above the torch + executorch floor
+        assert p.sources, f"{p.name}: say where the values come from"
+
+
+def test_override_file_changes_only_its_fields(tmp_path):
+    f = tmp_path / "mine.toml"
+    f.write_text('base = "rpi4"\nthreads = 1\n[budget]\nmax_temp_c = 70\n')
+    p, base = load_profile("", f), load_profile("rpi4")
+    assert (p.threads, p.budget.max_temp_c) == (1, 70.0)
+    assert p.budget.max_rss_mb == base.budget.max_rss_mb and p.outbox == base.outbox
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('base = "rpi4"\n[budget]\nmax_cpu = 50\n', "unknown field(s) budget.max_cpu"),
+        ('base = "rpi4"\ncolour = "red"\n', "unknown field(s) colour"),
+        ('base = "rpi4"\n[budget]\nmax_rss_mb = "lots"\n', "field 'budget.max_rss_mb' must be int, got 'lots'"),
+        ('base = "rpi4"\nthreads = 0\n', "field 'threads' must be >= 1"),
+        ('base = "rpi9"\n', "unknown profile 'rpi9'"),
+        ("threads = [", "not valid TOML"),
+    ],
+)
+def test_bad_profile_files_name_the_problem(tmp_path, text, message):
+    f = tmp_path / "bad.toml"
+    f.write_text(text)
+    with pytest.raises(ProfileError) as e:
+        load_profile("", f)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_flash_to_a_root_folder(bundle_dir, tmp_path):
+    # Prepare
+    root = tmp_path / "sdcard"
+    # Execute
+    pid = flash(bundle_dir, load_profile("rpi4"), SETTINGS, str(root))
+    # Assert: package under /opt/edgelearn/current, unit installed and enabled, config written
+    current = root / "opt/edgelearn/current"
+    assert os.readlink(current) == f"packages/{pid}"
+    assert json.loads((current / "PACKAGE.json").read_text())["device_id"] == "pi-kitchen"
+    assert (current / "bundle/manifest.json").exists() and (current / "bundle/infer.pte").exists()
+    assert "EDGELEARN_DEVICE_ID=pi-kitchen" in (current / "device.env").read_text()
+    assert load_profile(str(current / "profile.toml")) == load_profile("rpi4")
+    unit = (root / "etc/systemd/system/edgelearn-device.service").read_text()
+    assert "Restart=on-failure" in unit and "/opt/edgelearn/current/bundle" in unit
+    wants = root / "etc/systemd/system/multi-user.target.wants/edgelearn-device.service"
+    assert os.readlink(wants) == "../edgelearn-device.service"
+
+
+def test_reinstall_is_harmless_and_newer_replaces(bundle_dir, tmp_path):
+    root = tmp_path / "sdcard"
+    first = flash(bundle_dir, load_profile("rpi4"), SETTINGS, str(root))
+    snapshot = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+    assert flash(bundle_dir, load_profile("rpi4"), SETTINGS, str(root)) == first
+    assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == snapshot
+    second = flash(bundle_dir, load_profile("rpi5"), SETTINGS, str(root))
+    assert second != first
+    assert os.readlink(root / "opt/edgelearn/current") == f"packages/{second}"
+    assert (root / "opt/edgelearn/previous").read_text().strip() == first  # kept for rollback
+    third = flash(bundle_dir, load_profile("x86-dev"), SETTINGS, str(root))
+    kept = sorted(p.name for p in (root / "opt/edgelearn/packages").iterdir())
+    assert kept == sorted([second, third])
+
+
+def test_same_content_gives_the_same_package_id(bundle_dir, tmp_path):
+    a = build_package(tmp_path / "a", bundle_dir, load_profile("rpi4"), SETTINGS)
+    b = build_package(tmp_path / "b", bundle_dir, load_profile("rpi4"), SETTINGS)
+    assert a == b
+
+
+def test_flash_refuses_a_tampered_bundle(bundle_dir, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(bundle_dir, bad)
+    (bad / "infer.pte").write_bytes(b"x")
+    with pytest.raises(FlashError, match="infer.pte does not match its sha256"):
+        flash(bad, load_profile("rpi4"), SETTINGS, str(tmp_path / "root"))
+    assert not (tmp_path / "root").exists()
+
+
+def test_ssh_target_uses_rsync_then_install(tmp_path):
+    cmds = ssh_commands(tmp_path / "pkg", "pi@raspberrypi.local", "abc")
+    assert (
+        cmds[0][:3] == ["rsync", "-a", "--delete"] and cmds[0][-1] == "pi@raspberrypi.local:/tmp/edgelearn-package-abc/"
+    )
+    assert cmds[1] == ["ssh", "pi@raspberrypi.local", "sudo sh /tmp/edgelearn-package-abc/install.sh /"]
