@@ -1,0 +1,76 @@
+"""Release signatures (protocol v1): ed25519 over the canonical JSON of the manifest without `signature`.
+
+Keys are raw 32-byte ed25519 keys, stored base64-encoded in text files. The library is
+`cryptography` (pyca).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from edgelearn.bundle import BundleError, Manifest
+
+ALG = "ed25519"
+
+
+def canonical(manifest: Manifest) -> bytes:
+    """Canonical JSON of the manifest with `signature` removed: sorted keys, separators `,` `:`, UTF-8."""
+    d = asdict(manifest)
+    d.pop("signature")
+    return json.dumps(d, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def key_id(public: Ed25519PublicKey) -> str:
+    """First 16 hex digits of sha256 over the raw public key."""
+    return hashlib.sha256(public.public_bytes_raw()).hexdigest()[:16]
+
+
+def generate_keys(private_path: Path, public_path: Path) -> str:
+    """Write a new key pair (base64 raw keys, private file mode 0600); returns the key id."""
+    private = Ed25519PrivateKey.generate()
+    private_path.write_text(base64.b64encode(private.private_bytes_raw()).decode() + "\n")
+    private_path.chmod(0o600)
+    public_path.write_text(base64.b64encode(private.public_key().public_bytes_raw()).decode() + "\n")
+    return key_id(private.public_key())
+
+
+def load_private(path: Path) -> Ed25519PrivateKey:
+    try:
+        return Ed25519PrivateKey.from_private_bytes(base64.b64decode(path.read_text().strip(), validate=True))
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{path}: not a base64 raw ed25519 private key ({e})") from None
+
+
+def load_public(path: Path) -> Ed25519PublicKey:
+    try:
+        return Ed25519PublicKey.from_public_bytes(base64.b64decode(path.read_text().strip(), validate=True))
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{path}: not a base64 raw ed25519 public key ({e})") from None
+
+
+def sign(manifest: Manifest, private: Ed25519PrivateKey) -> Manifest:
+    """The manifest with `signature` = {"alg", "key_id", "sig"} over its canonical JSON."""
+    sig = private.sign(canonical(manifest))
+    return replace(
+        manifest, signature={"alg": ALG, "key_id": key_id(private.public_key()), "sig": base64.b64encode(sig).decode()}
+    )
+
+
+def verify(manifest: Manifest, public: Ed25519PublicKey | None) -> None:
+    """No key: anything goes (unsigned fleet). With a key: raise BundleError unless correctly signed by it."""
+    if public is None:
+        return
+    s = manifest.signature
+    if not isinstance(s, dict) or s.get("alg") != ALG or not isinstance(s.get("sig"), str):
+        raise BundleError("release is not signed (this fleet requires an ed25519 signature)")
+    try:
+        public.verify(base64.b64decode(s["sig"], validate=True), canonical(manifest))
+    except (InvalidSignature, ValueError):
+        raise BundleError(f"release signature does not verify with key {key_id(public)}") from None

@@ -1,0 +1,58 @@
+from dataclasses import replace
+
+import pytest
+
+from edgelearn.bundle import BundleError, Manifest
+from edgelearn.signing import canonical, generate_keys, load_private, load_public, sign, verify
+
+M = Manifest(
+    model_id="m",
+    version=2,
+    task="classify",
+    target="portable",
+    input={"shape": [1, 2], "dtype": "float32"},
+    trainable=["w"],
+    files={"weights.safetensors": {"sha256": "ab", "bytes": 1}, "infer.pte": {"sha256": "cd", "bytes": 2}},
+    created="2026-11-28T12:00:00Z",
+)
+
+
+@pytest.fixture
+def keys(tmp_path):
+    generate_keys(tmp_path / "k", tmp_path / "k.pub")
+    return load_private(tmp_path / "k"), load_public(tmp_path / "k.pub")
+
+
+def test_canonical_json_drops_signature_and_sorts_keys():
+    c = canonical(replace(M, signature={"alg": "ed25519"}))
+    assert c.startswith(b'{"created":"2026-11-28T12:00:00Z","files":{"infer.pte":') and b"signature" not in c
+
+
+def test_signed_manifest_verifies(keys):
+    verify(sign(M, keys[0]), keys[1])
+
+
+def test_unsigned_release_refused_when_fleet_has_a_key(keys):
+    with pytest.raises(BundleError, match="not signed"):
+        verify(M, keys[1])
+
+
+def test_edited_manifest_fails_verification(keys):
+    signed = sign(M, keys[0])
+    with pytest.raises(BundleError, match="does not verify"):
+        verify(replace(signed, version=3), keys[1])
+
+
+def test_other_key_fails_verification(keys, tmp_path):
+    generate_keys(tmp_path / "o", tmp_path / "o.pub")
+    with pytest.raises(BundleError, match="does not verify"):
+        verify(sign(M, keys[0]), load_public(tmp_path / "o.pub"))
+
+
+def test_unsigned_fleet_accepts_anything():
+    verify(M, None)
+
+
+def test_private_key_file_is_owner_only(tmp_path):
+    generate_keys(tmp_path / "k", tmp_path / "k.pub")
+    assert (tmp_path / "k").stat().st_mode & 0o077 == 0
