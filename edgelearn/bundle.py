@@ -139,8 +139,12 @@ def pack_release(bundle_dir: str | Path) -> bytes:
     return buf.getvalue()
 
 
-def read_release(payload: bytes) -> tuple[Manifest, dict[str, bytes]]:
-    """Parse and verify a release archive in memory: (manifest, {file name: bytes}); BundleError if bad."""
+def read_release(payload: bytes, public_key: object | None = None) -> tuple[Manifest, dict[str, bytes]]:
+    """Parse and verify a release archive in memory: (manifest, {file name: bytes}); BundleError if bad.
+
+    With `public_key` (an Ed25519PublicKey: the fleet is signed) the manifest's signature is checked
+    first; every member's sha256 is checked before anything else reads it.
+    """
     try:
         with tarfile.open(fileobj=io.BytesIO(payload), mode="r:") as tar:
             members = tar.getmembers()
@@ -155,6 +159,10 @@ def read_release(payload: bytes) -> tuple[Manifest, dict[str, bytes]]:
     except (tarfile.TarError, EOFError) as e:
         raise BundleError(f"release is not a tar archive: {e}") from None
     manifest = Manifest.from_json(data.pop(MANIFEST))
+    if public_key is not None:
+        from edgelearn.signing import verify
+
+        verify(manifest, public_key)  # type: ignore[arg-type]
     if set(data) != set(manifest.files):
         raise BundleError(f"release archive members {sorted(data)} differ from the manifest's {sorted(manifest.files)}")
     for name, blob in data.items():

@@ -130,6 +130,19 @@ def cmd_device(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys(a: argparse.Namespace) -> int:
+    from edgelearn.signing import generate_keys
+
+    a.out.mkdir(parents=True, exist_ok=True)
+    private, public = a.out / "release.key", a.out / "release.pub"
+    if private.exists() and not a.force:
+        print(f"edgelearn keys: error: {private} exists (use --force to replace it)", file=sys.stderr)
+        return 2
+    kid = generate_keys(private, public)
+    print(f"key {kid}: private {private} (keep it on the coordinator), public {public} (give it to devices)")
+    return 0
+
+
 def cmd_profiles(a: argparse.Namespace) -> int:
     from devices.profiles import ProfileError, list_profiles, load_profile
 

@@ -15,7 +15,8 @@ from pathlib import Path
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from edgelearn.bundle import BundleError, Manifest
+from edgelearn.atomic import write_bytes
+from edgelearn.bundle import MANIFEST, BundleError, Manifest, verify_bundle
 
 ALG = "ed25519"
 
@@ -74,3 +75,10 @@ def verify(manifest: Manifest, public: Ed25519PublicKey | None) -> None:
         public.verify(base64.b64decode(s["sig"], validate=True), canonical(manifest))
     except (InvalidSignature, ValueError):
         raise BundleError(f"release signature does not verify with key {key_id(public)}") from None
+
+
+def sign_bundle(bundle_dir: Path, private: Ed25519PrivateKey) -> Manifest:
+    """Sign a verified bundle in place: its manifest.json is atomically replaced by the signed one."""
+    signed = sign(verify_bundle(bundle_dir), private)
+    write_bytes(bundle_dir / MANIFEST, signed.to_json())
+    return signed
