@@ -268,6 +268,16 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--profile-file", type=Path, default=None, help="TOML file overriding profile fields")
     v.set_defaults(func=cmd_device)
 
+    k = sub.add_parser(
+        "keys",
+        help="generate an ed25519 key pair for signed releases",
+        description="Write release.key (coordinator: signs releases) and release.pub (devices: "
+        "refuse releases not signed by it).",
+    )
+    k.add_argument("--out", type=Path, required=True, help="folder for release.key and release.pub")
+    k.add_argument("--force", action="store_true", help="replace an existing key pair")
+    k.set_defaults(func=cmd_keys)
+
     pr = sub.add_parser(
         "profiles",
         help="list device profiles, or show one resolved",
