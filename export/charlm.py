@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 VOCAB = 256  # bytes: any UTF-8 text, no vocabulary file
 CONTEXT = 64  # tokens in the fixed inference window

@@ -17,7 +17,8 @@ GPU_TARGETS = {
     "cuda": "CudaBackend",
     "vulkan": "VulkanBackend",
 }
-OP_PATTERN = re.compile(r"\b(?:aten|torch\.ops\.[a-z_]+|[a-z_]+)(?:::|\.)[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)?")
+CALIB_ROWS = 128  # calibration examples for static int8 (batch-1 calls, the program's shape)
+OP_PATTERN = re.compile(r"\b(?:aten(?:::|\.)\w+|[a-z_]+::\w+)(?:\.\w+)?")  # aten.add.Tensor, mylib::op
 
 
 def runtime_backends() -> list[str]:
@@ -56,7 +57,7 @@ def quantize_int8(
     quantizer = XNNPACKQuantizer().set_global(config)
     prepared = prepare_pt2e(torch.export.export(model.eval(), example).module(), quantizer)
     with torch.no_grad():
-        for i in range(0, len(calib), example[0].shape[0]):
+        for i in range(0, min(len(calib), CALIB_ROWS), example[0].shape[0]):
             batch = calib[i : i + example[0].shape[0]]
             if batch.shape[0] == example[0].shape[0]:
                 prepared(batch)
@@ -66,7 +67,7 @@ def quantize_int8(
 def lowering_error(e: Exception, target: str) -> ExportError:
     """One line naming the operator (when the message names one) and the target."""
     text = str(e)
-    ops = [m for m in OP_PATTERN.findall(text) if "aten" in m or "::" in m]
+    ops = OP_PATTERN.findall(text)
     what = f"operator {ops[0]} " if ops else ""
     return ExportError(f"cannot lower {what}to {target}: {type(e).__name__}: {text.strip().splitlines()[0][:300]}")
 

@@ -41,8 +41,8 @@ def quality(logits: np.ndarray, y: np.ndarray, task: str) -> dict[str, float]:
 
 
 def sparsity(model: nn.Module) -> float:
-    """Share of exactly-zero entries over all weight matrices (≥ 2-D parameters)."""
-    mats = [p for p in model.parameters() if p.dim() >= 2]
+    """Share of exactly-zero entries over all nn.Linear weights (what magnitude pruning zeroes)."""
+    mats = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
     total = sum(p.numel() for p in mats)
     return float(sum(int((p == 0).sum()) for p in mats) / total) if total else 0.0
 

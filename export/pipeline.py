@@ -21,7 +21,7 @@ from edgelearn.bundle import INFER_PTE, TRAIN_PTE, WEIGHTS, Manifest, dump_weigh
 from export import ExportError
 from export.distill import fit, predict_logits
 from export.metrics import quality
-from export.models import SUBSETS, TARGETS, ModelSpec, TaskData, get_spec, param_count
+from export.models import SUBSETS, ModelSpec, TaskData, get_spec, param_count
 from export.prune import magnitude_prune
 
 log = logging.getLogger(__name__)

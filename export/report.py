@@ -89,9 +89,7 @@ def format_table(report: dict) -> str:
     rows += [(f"quality: {t}.pte", _fmt_quality(v)) for t, v in report["quality_pte"].items()]
     rows += [(f"size: {k}", f"{v / 1024:.1f} kB") for k, v in report["bytes"].items()]
     eager = report["latency_us"]["eager-fp32"]
-    rows += [
-        (f"latency: {k}", f"{v:.1f} µs ({v / eager:.2f}× eager)") for k, v in report["latency_us"].items()
-    ]
+    rows += [(f"latency: {k}", f"{v:.1f} µs ({v / eager:.2f}× eager)") for k, v in report["latency_us"].items()]
     width = max(len(r[0]) for r in rows)
     title = f"{report['model_id']} → {report['target']} (batch 1, {report['threads']} thread, median of 200)"
     return "\n".join([title, *(f"  {k.ljust(width)}  {v}" for k, v in rows)])
