@@ -157,7 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--target", default="xnnpack-int8", help="xnnpack-int8 (default), xnnpack-fp32 or portable")
     e.add_argument("--text", type=Path, default=None, help="char-lm training text: UTF-8 file or directory")
     e.add_argument("--sparsity", type=float, default=0.5, help="magnitude pruning of Linear weights, 0 = off")
-    e.add_argument("--quant", choices=("static", "dynamic"), default="static", help="PT2E int8 mode (xnnpack-int8)")
+    e.add_argument(
+        "--quant",
+        choices=("static", "dynamic"),
+        default=None,
+        help="PT2E int8 mode for xnnpack-int8 (default: static for digits-mlp, dynamic for char-lm)",
+    )
     e.add_argument(
         "--train-subset", default="all", help="what train.pte trains: all (default), last (last block + head), head"
     )

@@ -56,11 +56,11 @@ def quantize_int8(
     config = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=mode == "dynamic")
     quantizer = XNNPACKQuantizer().set_global(config)
     prepared = prepare_pt2e(torch.export.export(model.eval(), example).module(), quantizer)
+    n = example[0].shape[0]
+    rows = [calib[i : i + n] for i in range(0, min(len(calib), CALIB_ROWS) - n + 1, n)] or [example[0]]
     with torch.no_grad():
-        for i in range(0, min(len(calib), CALIB_ROWS), example[0].shape[0]):
-            batch = calib[i : i + example[0].shape[0]]
-            if batch.shape[0] == example[0].shape[0]:
-                prepared(batch)
+        for batch in rows:  # also runs the weight observers, which dynamic int8 needs too
+            prepared(batch)
     return convert_pt2e(prepared)
 
 

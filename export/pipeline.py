@@ -42,7 +42,7 @@ class ExportConfig:
     seed: int = 0
     text: str | None = None  # char-lm training text (file or directory); None: the shipped corpus
     sparsity: float = 0.5  # magnitude pruning of Linear weights; 0 skips the step
-    quant: str = "static"  # PT2E int8: "static" (calibrated activations) or "dynamic" (Linear layers only)
+    quant: str | None = None  # PT2E int8: "static" (calibrated activations), "dynamic" (Linear only); None: model's
     train_subset: str = "all"  # what train.pte trains: all, last (last block + head) or head
     compare: bool = True  # also train a no-KD student and lower every target for the report
 
@@ -53,7 +53,7 @@ def check_config(cfg: ExportConfig) -> ModelSpec:
     check_target(cfg.target)
     if not 0.0 < cfg.server_fraction <= 1.0:
         raise ExportError(f"server fraction {cfg.server_fraction} must be in (0, 1]")
-    if cfg.quant not in QUANT_MODES:
+    if cfg.quant is not None and cfg.quant not in QUANT_MODES:
         raise ExportError(f"unknown quantization {cfg.quant!r}: choose one of {', '.join(QUANT_MODES)}")
     if cfg.train_subset not in SUBSETS:
         raise ExportError(f"unknown trainable subset {cfg.train_subset!r}: choose one of {', '.join(SUBSETS)}")
@@ -76,6 +76,10 @@ class Stages:
         self.seconds[name] = round(now - self._t0, 3)
         log.info("[%s] %s (%.1fs)", name, detail, now - self._t0)
         self._t0 = now
+
+
+def quant_mode(spec: ModelSpec, cfg: ExportConfig) -> str:
+    return cfg.quant or spec.default_quant
 
 
 def _fit(spec: ModelSpec, cfg: ExportConfig, data: TaskData, model: nn.Module, teacher: nn.Module | None, epochs: int):
@@ -126,7 +130,7 @@ def lower_programs(
 
     target = target or cfg.target
     example = (torch.zeros(spec.input_shape),)
-    infer = lower_infer(student, example, target, torch.from_numpy(data.server.x[:512]), cfg.quant)
+    infer = lower_infer(student, example, target, torch.from_numpy(data.server.x[:512]), quant_mode(spec, cfg))
     log.info("lowered infer.pte for %s: %d bytes", target, len(infer))
     batch = (torch.from_numpy(data.server.x[:8]), torch.from_numpy(data.server.y[:8]))
     train = export_train(student, batch, spec.trainable(student, cfg.train_subset), max_batch=TRAIN_MAX_BATCH)

@@ -28,13 +28,14 @@ def set_threads(n: int) -> None:
 def target_programs(spec: ModelSpec, cfg: Any, student: nn.Module, data: TaskData, shipped: bytes) -> dict:
     """infer.pte bytes for every target in the report: the shipped one, plus the others when cfg.compare."""
     from export.lower import lower_infer
+    from export.pipeline import quant_mode
 
     progs = {cfg.target: shipped}
     if cfg.compare:
         calib = torch.from_numpy(data.server.x[:512])
         for t in TARGETS:
             if t not in progs:
-                progs[t] = lower_infer(student, (torch.zeros(spec.input_shape),), t, calib, cfg.quant)
+                progs[t] = lower_infer(student, (torch.zeros(spec.input_shape),), t, calib, quant_mode(spec, cfg))
     return progs
 
 
@@ -59,6 +60,7 @@ def build_report(spec: ModelSpec, cfg: Any, student: nn.Module, data: TaskData, 
         "config": {k: v for k, v in vars(cfg).items()},
         "params": {**trained["params"], "student_fraction": _fraction(trained["params"])},
         "sparsity": sparsity(student),
+        "quant": cfg.quant or spec.default_quant,
         "quality": q,
         "quality_pte": pte_q,
         "bytes": {**{f"{t}.pte": len(p) for t, p in progs.items()}, "train.pte": len(programs[TRAIN_PTE])},
