@@ -148,15 +148,21 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser(
         "export",
         help="distill, quantize and lower a model into a bundle",
-        description="Train a teacher and a distilled student, quantize (PT2E int8), lower to "
-        "ExecuTorch (infer.pte + train.pte) and write a bundle directory atomically.",
+        description="Train a teacher and a distilled student (and one without KD), prune, quantize "
+        "(PT2E int8), lower to ExecuTorch (infer.pte + train.pte), measure every step into report.json "
+        "and write a bundle directory atomically (docs/export.md).",
     )
     e.add_argument(
         "--model", default="digits-mlp", help="digits-mlp (default), char-lm, or a user model package.module:factory"
     )
     e.add_argument("--target", default="xnnpack-int8", help="xnnpack-int8 (default), xnnpack-fp32 or portable")
     e.add_argument("--text", type=Path, default=None, help="char-lm training text: UTF-8 file or directory")
-    e.add_argument("--sparsity", type=float, default=0.5, help="magnitude pruning of Linear weights, 0 = off")
+    e.add_argument(
+        "--sparsity",
+        type=float,
+        default=0.5,
+        help="share of Linear weights magnitude pruning zeroes (default 0.5; 0 = off)",
+    )
     e.add_argument(
         "--quant",
         choices=("static", "dynamic"),
