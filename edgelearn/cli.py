@@ -50,19 +50,34 @@ def _broker(value: str) -> str:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from export import ExportError
-    from export.pipeline import ExportConfig, export_bundle
+    import json
 
-    cfg = ExportConfig(a.model, a.target, a.server_fraction, a.epochs, a.alpha, a.temperature, a.seed)
+    from export import ExportError
+    from export.pipeline import REPORT_JSON, ExportConfig, export_bundle
+    from export.report import format_table
+
+    cfg = ExportConfig(
+        model_id=a.model,
+        target=a.target,
+        server_fraction=a.server_fraction,
+        epochs=a.epochs,
+        alpha=a.alpha,
+        temperature=a.temperature,
+        seed=a.seed,
+        text=None if a.text is None else str(a.text),
+        sparsity=a.sparsity,
+        quant=a.quant,
+        train_subset=a.train_subset,
+        compare=not a.no_compare,
+    )
     try:
         m = export_bundle(cfg, a.out)
     except ExportError as e:
         print(f"edgelearn export: error: {e}", file=sys.stderr)
         return 2
+    print(format_table(json.loads((a.out / REPORT_JSON).read_bytes())))
     sizes = ", ".join(f"{name} ({meta['bytes']} B)" for name, meta in m.files.items())
-    print(
-        f"bundle {a.out}: {m.model_id} v{m.version} {m.target}, accuracy {m.metrics['accuracy_pte']:.3f}, files {sizes}"
-    )
+    print(f"bundle {a.out}: {m.model_id} v{m.version} {m.target}, files {sizes}")
     return 0
 
 
@@ -198,11 +213,33 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser(
         "export",
         help="distill, quantize and lower a model into a bundle",
-        description="Train a teacher and a distilled student, quantize (PT2E int8), lower to "
-        "ExecuTorch (infer.pte + train.pte) and write a bundle directory atomically.",
+        description="Train a teacher and a distilled student (and one without KD), prune, quantize "
+        "(PT2E int8), lower to ExecuTorch (infer.pte + train.pte), measure every step into report.json "
+        "and write a bundle directory atomically (docs/export.md).",
     )
-    e.add_argument("--model", default="digits-mlp", help="model id (default: digits-mlp)")
+    e.add_argument(
+        "--model", default="digits-mlp", help="digits-mlp (default), char-lm, or a user model package.module:factory"
+    )
     e.add_argument("--target", default="xnnpack-int8", help="xnnpack-int8 (default), xnnpack-fp32 or portable")
+    e.add_argument("--text", type=Path, default=None, help="char-lm training text: UTF-8 file or directory")
+    e.add_argument(
+        "--sparsity",
+        type=float,
+        default=0.5,
+        help="share of Linear weights magnitude pruning zeroes (default 0.5; 0 = off)",
+    )
+    e.add_argument(
+        "--quant",
+        choices=("static", "dynamic"),
+        default=None,
+        help="PT2E int8 mode for xnnpack-int8 (default: static for digits-mlp, dynamic for char-lm)",
+    )
+    e.add_argument(
+        "--train-subset", default="all", help="what train.pte trains: all (default), last (last block + head), head"
+    )
+    e.add_argument(
+        "--no-compare", action="store_true", help="skip the no-KD student and the other targets in the report"
+    )
     e.add_argument("--out", type=Path, required=True, help="bundle directory to write")
     e.add_argument(
         "--server-fraction",
@@ -210,7 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.2,
         help="share of the training data the exporter trains on; devices hold the rest (default 0.2)",
     )
-    e.add_argument("--epochs", type=int, default=60, help="training epochs for teacher and student (default 60)")
+    e.add_argument(
+        "--epochs", type=int, default=None, help="training epochs (default: the model's, 60 digits-mlp, 2 char-lm)"
+    )
     e.add_argument("--alpha", type=float, default=0.5, help="KD weight of the hard-label loss (default 0.5)")
     e.add_argument("--temperature", type=float, default=4.0, help="KD temperature T (default 4)")
     e.add_argument("--seed", type=int, default=0, help="random seed (default 0)")

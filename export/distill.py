@@ -44,18 +44,18 @@ def fit(
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     if teacher is not None:
         teacher.eval()
-        with torch.no_grad():
-            t_logits = teacher(xt)  # (N, C)
     model.train()
     for epoch in range(epochs):
         perm = torch.randperm(len(yt), generator=g)
         for i in range(0, len(yt), batch_size):
             idx = perm[i : i + batch_size]
-            logits = model(xt[idx])
+            logits, target = train_logits(model, xt[idx]), yt[idx].reshape(-1)
             if teacher is None:
-                loss = F.cross_entropy(logits, yt[idx])
+                loss = F.cross_entropy(logits, target)
             else:
-                loss = kd_loss(logits, t_logits[idx], yt[idx], alpha, temperature)
+                with torch.no_grad():
+                    t_logits = train_logits(teacher, xt[idx])
+                loss = kd_loss(logits, t_logits, target, alpha, temperature)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -63,8 +63,22 @@ def fit(
     return model.eval()
 
 
+def train_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Logits that training scores: every position of a sequence model (B·T, V), else the model's (B, C)."""
+    if hasattr(model, "sequence_logits"):
+        return model.sequence_logits(x).flatten(0, 1)
+    return model(x)
+
+
 @torch.no_grad()
-def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
+def predict_logits(model: nn.Module, x: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """The inference logits `model(x)` (N, C), in chunks of `chunk` rows."""
     model.eval()
-    pred = model(torch.from_numpy(x)).argmax(dim=-1).numpy()
-    return float((pred == y).mean())
+    return np.concatenate([model(torch.from_numpy(x[i : i + chunk])).numpy() for i in range(0, len(x), chunk)])
+
+
+def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
+    """Top-1 accuracy of `model(x)` against y (for sequence targets (N, T): the last position)."""
+    from export.metrics import top1
+
+    return top1(predict_logits(model, x), y)

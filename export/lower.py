@@ -3,40 +3,87 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import torch
 import torch.nn as nn
 
 from export import ExportError
-from export.models import TrainStep
+from export.models import TARGETS, TrainStep
 
 log = logging.getLogger(__name__)
+# ExecuTorch's GPU backends for a Jetson: investigated with the packaged executorch (docs/export.md).
+GPU_TARGETS = {
+    "cuda": "CudaBackend",
+    "vulkan": "VulkanBackend",
+}
+CALIB_ROWS = 128  # calibration examples for static int8 (batch-1 calls, the program's shape)
+OP_PATTERN = re.compile(r"\b(?:aten(?:::|\.)\w+|[a-z_]+::\w+)(?:\.\w+)?")  # aten.add.Tensor, mylib::op
 
 
-def quantize_int8(model: nn.Module, example: tuple[torch.Tensor, ...], calib: torch.Tensor) -> nn.Module:
-    """PT2E static int8 (XNNPACK quantizer, symmetric per-channel), calibrated on `calib` rows."""
+def runtime_backends() -> list[str]:
+    """Backends registered in the installed ExecuTorch runtime (the Python pybindings)."""
+    from executorch.extension.pybindings.portable_lib import _get_registered_backend_names
+
+    return sorted(_get_registered_backend_names())
+
+
+def check_target(target: str) -> None:
+    """Raise ExportError unless `target` is one we lower and can run here; GPU targets say why they are not."""
+    if target in GPU_TARGETS:
+        raise ExportError(
+            f"target {target!r} is not supported: the packaged executorch runtime has no {GPU_TARGETS[target]} "
+            f"(registered: {', '.join(runtime_backends())}); see docs/export.md"
+        )
+    if target not in TARGETS:
+        raise ExportError(f"unknown target {target!r}: choose one of {', '.join(TARGETS)}")
+
+
+def quantize_int8(
+    model: nn.Module, example: tuple[torch.Tensor, ...], calib: torch.Tensor, mode: str = "static"
+) -> nn.Module:
+    """PT2E int8 (XNNPACK quantizer, symmetric per-channel weights), calibrated on `calib` rows.
+
+    mode "static": int8 activations with ranges observed on `calib`; "dynamic": only Linear layers,
+    activation ranges computed at run time per batch.
+    """
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
         XNNPACKQuantizer,
         get_symmetric_quantization_config,
     )
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    config = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=mode == "dynamic")
+    quantizer = XNNPACKQuantizer().set_global(config)
     prepared = prepare_pt2e(torch.export.export(model.eval(), example).module(), quantizer)
+    n = example[0].shape[0]
+    rows = [calib[i : i + n] for i in range(0, min(len(calib), CALIB_ROWS) - n + 1, n)] or [example[0]]
     with torch.no_grad():
-        for i in range(0, len(calib), example[0].shape[0]):
-            batch = calib[i : i + example[0].shape[0]]
-            if batch.shape[0] == example[0].shape[0]:
-                prepared(batch)
+        for batch in rows:  # also runs the weight observers, which dynamic int8 needs too
+            prepared(batch)
     return convert_pt2e(prepared)
 
 
-def lower_infer(model: nn.Module, example: tuple[torch.Tensor, ...], target: str, calib: torch.Tensor) -> bytes:
+def lowering_error(e: Exception, target: str) -> ExportError:
+    """One line naming the operator (when the message names one) and the target."""
+    text = str(e)
+    ops = OP_PATTERN.findall(text)
+    what = f"operator {ops[0]} " if ops else ""
+    return ExportError(f"cannot lower {what}to {target}: {type(e).__name__}: {text.strip().splitlines()[0][:300]}")
+
+
+def lower_infer(
+    model: nn.Module, example: tuple[torch.Tensor, ...], target: str, calib: torch.Tensor, quant: str = "static"
+) -> bytes:
     """The inference program `forward` for `target` (xnnpack-int8, xnnpack-fp32 or portable) as .pte bytes."""
     from executorch.exir import to_edge_transform_and_lower
 
+    check_target(target)
     if target == "xnnpack-int8":
-        model = quantize_int8(model, example, calib)
+        try:
+            model = quantize_int8(model, example, calib, quant)
+        except Exception as e:
+            raise lowering_error(e, target) from e
     partitioners = []
     if target.startswith("xnnpack"):
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
@@ -47,7 +94,7 @@ def lower_infer(model: nn.Module, example: tuple[torch.Tensor, ...], target: str
             ep = torch.export.export(model, example)
             prog = to_edge_transform_and_lower(ep, partitioner=partitioners).to_executorch()
     except Exception as e:  # ExecuTorch raises many types; the cause is the user's model on this target
-        raise ExportError(f"cannot lower model to {target}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+        raise lowering_error(e, target) from e
     return prog.buffer
 
 
@@ -70,7 +117,7 @@ def export_train(
         ep = torch.export.export(TrainStep(model), example_batch, dynamic_shapes=dynamic, strict=True)
         prog = to_edge(_export_forward_backward(ep)).to_executorch()
     except Exception as e:
-        raise ExportError(f"cannot export the training program: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+        raise lowering_error(e, "the training program (portable)") from e
     finally:
         for p in model.parameters():
             p.requires_grad_(True)

@@ -1,14 +1,16 @@
-"""The export chain: data → teacher → distilled student → int8 → `.pte` programs → bundle.
+"""The export chain: data → teacher → distilled student (vs. no KD) → pruned → int8 → `.pte` programs → bundle.
 
-`export_bundle` makes release 1 from scratch; `rebuild_bundle` makes release v+1 from
-aggregated weights (the coordinator calls it, so every release carries fresh programs).
+`export_bundle` makes release 1 from scratch and measures every step into `report.json`;
+`rebuild_bundle` makes release v+1 from aggregated weights (the coordinator calls it, so every
+release carries fresh programs) and only re-lowers: it must stay fast.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,13 +19,16 @@ import torch.nn as nn
 
 from edgelearn.bundle import INFER_PTE, TRAIN_PTE, WEIGHTS, Manifest, dump_weights, verify_bundle, write_bundle
 from export import ExportError
-from export.data import Digits, load_digits
-from export.distill import accuracy, fit
-from export.models import TARGETS, ModelSpec, get_spec, param_count
+from export.distill import fit, predict_logits
+from export.metrics import quality
+from export.models import SUBSETS, ModelSpec, TaskData, get_spec, param_count
+from export.prune import magnitude_prune
 
 log = logging.getLogger(__name__)
 TRAIN_MAX_BATCH = 1024
 EXPORT_JSON = "export.json"  # the ExportConfig, so the coordinator can re-lower later releases the same way
+REPORT_JSON = "report.json"
+QUANT_MODES = ("static", "dynamic")
 
 
 @dataclass(frozen=True)
@@ -31,125 +36,174 @@ class ExportConfig:
     model_id: str = "digits-mlp"
     target: str = "xnnpack-int8"
     server_fraction: float = 0.2
-    epochs: int = 60
+    epochs: int | None = None  # None: the model's default
     alpha: float = 0.5
     temperature: float = 4.0
     seed: int = 0
+    text: str | None = None  # char-lm training text (file or directory); None: the shipped corpus
+    sparsity: float = 0.5  # magnitude pruning of Linear weights; 0 skips the step
+    quant: str | None = None  # PT2E int8: "static" (calibrated activations), "dynamic" (Linear only); None: model's
+    train_subset: str = "all"  # what train.pte trains: all, last (last block + head) or head
+    compare: bool = True  # also train a no-KD student and lower every target for the report
 
 
 def check_config(cfg: ExportConfig) -> ModelSpec:
-    spec = get_spec(cfg.model_id)
-    if cfg.target not in TARGETS:
-        raise ExportError(f"unknown target {cfg.target!r}: choose one of {', '.join(TARGETS)}")
+    from export.lower import check_target
+
+    check_target(cfg.target)
     if not 0.0 < cfg.server_fraction <= 1.0:
         raise ExportError(f"server fraction {cfg.server_fraction} must be in (0, 1]")
-    return spec
+    if cfg.quant is not None and cfg.quant not in QUANT_MODES:
+        raise ExportError(f"unknown quantization {cfg.quant!r}: choose one of {', '.join(QUANT_MODES)}")
+    if cfg.train_subset not in SUBSETS:
+        raise ExportError(f"unknown trainable subset {cfg.train_subset!r}: choose one of {', '.join(SUBSETS)}")
+    if not 0.0 <= cfg.sparsity < 1.0:
+        raise ExportError(f"sparsity {cfg.sparsity} must be in [0, 1)")
+    if cfg.epochs is not None and cfg.epochs < 1:
+        raise ExportError(f"epochs {cfg.epochs} must be at least 1")
+    return get_spec(cfg.model_id)
 
 
-def train_student(spec: ModelSpec, data: Digits, cfg: ExportConfig) -> tuple[nn.Module, dict]:
-    """Teacher on the server split, then the student distilled from it; returns the student and metrics."""
+class Stages:
+    """Progress of the export: one log line per stage with its wall time, kept for the report."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._t0 = time.perf_counter()
+
+    def done(self, name: str, detail: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self._t0, 3)
+        log.info("[%s] %s (%.1fs)", name, detail, now - self._t0)
+        self._t0 = now
+
+
+def quant_mode(spec: ModelSpec, cfg: ExportConfig) -> str:
+    return cfg.quant or spec.default_quant
+
+
+def _fit(spec: ModelSpec, cfg: ExportConfig, data: TaskData, model: nn.Module, teacher: nn.Module | None, epochs: int):
     torch.manual_seed(cfg.seed)
-    teacher = fit(spec.make_teacher(), data.server.x, data.server.y, cfg.epochs, seed=cfg.seed)
-    log.info("teacher: %d params, test accuracy %.3f", param_count(teacher), accuracy(teacher, *_xy(data.test)))
+    x, y = data.server.x, data.server.y
+    kd = {"teacher": teacher, "alpha": cfg.alpha, "temperature": cfg.temperature}
+    return fit(model, x, y, epochs, lr=spec.lr, seed=cfg.seed, **(kd if teacher is not None else {}))
+
+
+def _quality(spec: ModelSpec, model: nn.Module, data: TaskData) -> dict[str, float]:
+    return quality(predict_logits(model, data.test.x), data.test.y, spec.task)
+
+
+def train_models(spec: ModelSpec, data: TaskData, cfg: ExportConfig, stages: Stages) -> tuple[nn.Module, dict]:
+    """Teacher, student without KD (if compare), KD student, pruned student; returns the student to ship."""
+    epochs = cfg.epochs or spec.default_epochs
     torch.manual_seed(cfg.seed)
-    student = fit(
-        spec.make_student(),
-        data.server.x,
-        data.server.y,
-        cfg.epochs,
-        teacher=teacher,
-        alpha=cfg.alpha,
-        temperature=cfg.temperature,
-        seed=cfg.seed,
-    )
-    metrics = {
-        "teacher_params": param_count(teacher),
-        "student_params": param_count(student),
-        "teacher_accuracy": accuracy(teacher, *_xy(data.test)),
-        "accuracy": accuracy(student, *_xy(data.test)),
-    }
-    log.info(
-        "student (KD, α=%.2f T=%.1f): %d params, test accuracy %.3f",
-        cfg.alpha,
-        cfg.temperature,
-        metrics["student_params"],
-        metrics["accuracy"],
-    )
-    return student, metrics
+    teacher, q = spec.make_teacher(), {}
+    if teacher is not None:
+        teacher = _fit(spec, cfg, data, teacher, None, epochs)
+        q["teacher"] = _quality(spec, teacher, data)
+        stages.done("teacher", f"{param_count(teacher)} params, {q['teacher']}")
+    if cfg.compare or teacher is None:
+        torch.manual_seed(cfg.seed)
+        plain = _fit(spec, cfg, data, spec.make_student(), None, epochs)
+        q["student_no_kd"] = _quality(spec, plain, data)
+        stages.done("student-no-kd", f"{param_count(plain)} params, {q['student_no_kd']}")
+    student = plain if teacher is None else None
+    if teacher is not None:
+        torch.manual_seed(cfg.seed)
+        student = _fit(spec, cfg, data, spec.make_student(), teacher, epochs)
+        q["student_kd"] = _quality(spec, student, data)
+        stages.done("student-kd", f"α={cfg.alpha} T={cfg.temperature}: {q['student_kd']}")
+    if cfg.sparsity > 0:
+        tune = max(1, epochs // 4)
+        student = magnitude_prune(student, cfg.sparsity, lambda m: _fit(spec, cfg, data, m, teacher, tune))
+        q["pruned"] = _quality(spec, student, data)
+        stages.done("pruned", f"sparsity {cfg.sparsity:.2f}, {tune} fine-tune epochs: {q['pruned']}")
+    params = {"teacher": param_count(teacher) if teacher is not None else None, "student": param_count(student)}
+    return student, {"params": params, "quality": q}
 
 
-def _xy(split: object) -> tuple[np.ndarray, np.ndarray]:
-    return split.x, split.y  # type: ignore[attr-defined]
-
-
-def lower_programs(spec: ModelSpec, student: nn.Module, target: str, calib: np.ndarray) -> dict[str, bytes]:
-    """infer.pte for `target` and train.pte (dynamic batch) for the spec's trainable parameters."""
+def lower_programs(
+    spec: ModelSpec, student: nn.Module, cfg: ExportConfig, data: TaskData, target: str | None = None
+) -> dict[str, bytes]:
+    """infer.pte for `target` (default cfg.target) and train.pte (dynamic batch) for the trainable subset."""
     from export.lower import export_train, lower_infer
 
+    target = target or cfg.target
     example = (torch.zeros(spec.input_shape),)
-    infer = lower_infer(student, example, target, torch.from_numpy(calib))
+    infer = lower_infer(student, example, target, torch.from_numpy(data.server.x[:512]), quant_mode(spec, cfg))
     log.info("lowered infer.pte for %s: %d bytes", target, len(infer))
-    batch = (torch.zeros(8, *spec.input_shape[1:]), torch.zeros(8, dtype=torch.long))
-    train = export_train(student, batch, spec.trainable(student), max_batch=TRAIN_MAX_BATCH)
+    batch = (torch.from_numpy(data.server.x[:8]), torch.from_numpy(data.server.y[:8]))
+    train = export_train(student, batch, spec.trainable(student, cfg.train_subset), max_batch=TRAIN_MAX_BATCH)
     log.info("exported train.pte: %d bytes", len(train))
     return {INFER_PTE: infer, TRAIN_PTE: train}
 
 
-def pte_accuracy(infer_pte: bytes, x: np.ndarray, y: np.ndarray) -> float:
-    """Top-1 accuracy of an inference program run by the ExecuTorch runtime, one row at a time."""
-    from edge_runtime.inference import InferenceProgram
+def release_metrics(spec: ModelSpec, student: nn.Module, infer_pte: bytes, data: TaskData) -> dict[str, float]:
+    """Eager fp32 quality of `student` and quality of its `infer.pte` run by ExecuTorch, on the test split."""
+    from export.metrics import pte_logits
 
-    return InferenceProgram(infer_pte).accuracy(x, y)
+    eager = _quality(spec, student, data)
+    pte = quality(pte_logits(infer_pte, data.test.x), data.test.y, spec.task)
+    return {**eager, **{f"{k}_pte": v for k, v in pte.items()}}
 
 
 def make_bundle(
-    out: str | Path, spec: ModelSpec, student: nn.Module, cfg: ExportConfig, version: int, data: Digits, metrics: dict
+    out: str | Path,
+    spec: ModelSpec,
+    student: nn.Module,
+    cfg: ExportConfig,
+    version: int,
+    programs: dict[str, bytes],
+    metrics: dict,
+    extra: dict[str, bytes] | None = None,
 ) -> Manifest:
-    """Lower `student`, check the .pte's accuracy on the test split, and write the bundle atomically."""
-    target = cfg.target
-    programs = lower_programs(spec, student, target, data.server.x)
-    metrics = {**metrics, "accuracy_pte": pte_accuracy(programs[INFER_PTE], data.test.x, data.test.y)}
-    weights = {k: v.detach().numpy() for k, v in student.state_dict().items()}
+    """Write the bundle (weights, programs, export.json, extras) atomically to `out`."""
+    weights = {k: v.detach().contiguous().numpy() for k, v in student.state_dict().items()}
     manifest = Manifest(
         model_id=spec.model_id,
         version=version,
         task=spec.task,
-        target=target,
+        target=cfg.target,
         input={"shape": list(spec.input_shape), "dtype": "float32"},
-        trainable=spec.trainable(student),
+        trainable=spec.trainable(student, cfg.train_subset),
         metrics=metrics,
     )
-    files = {WEIGHTS: dump_weights(weights), EXPORT_JSON: json.dumps(asdict(cfg)).encode(), **programs}
+    files = {WEIGHTS: dump_weights(weights), EXPORT_JSON: json.dumps(asdict(cfg)).encode(), **programs, **(extra or {})}
     final = write_bundle(out, manifest, files)
-    log.info(
-        "wrote bundle %s (version %d, accuracy %.3f fp32 / %.3f .pte)",
-        out,
-        version,
-        metrics["accuracy"],
-        metrics["accuracy_pte"],
-    )
+    log.info("wrote bundle %s (version %d, %s)", out, version, metrics)
     return final
 
 
 def export_bundle(cfg: ExportConfig, out: str | Path) -> Manifest:
-    """Release 1: train, distill, quantize, lower and write the bundle (atomically) to `out`."""
+    """Release 1: train, distill, prune, quantize, lower, measure and write the bundle (atomically) to `out`."""
+    from export.report import build_report
+
     spec = check_config(cfg)
-    data = load_digits(cfg.server_fraction, seed=cfg.seed)
-    log.info(
-        "data: %d server / %d device pool / %d test examples", len(data.server.y), len(data.pool.y), len(data.test.y)
-    )
-    student, metrics = train_student(spec, data, cfg)
-    return make_bundle(out, spec, student, cfg, 1, data, metrics)
+    stages = Stages()
+    data = spec.load_data(cfg)
+    stages.done("data", f"{len(data.server.y)} training / {len(data.test.y)} test examples")
+    student, trained = train_models(spec, data, cfg, stages)
+    programs = lower_programs(spec, student, cfg, data)
+    metrics = release_metrics(spec, student, programs[INFER_PTE], data)
+    stages.done("lower", f"{cfg.target} infer.pte {len(programs[INFER_PTE])} B, train.pte {len(programs[TRAIN_PTE])} B")
+    report = build_report(spec, cfg, student, data, programs, trained, stages)
+    params = trained["params"]
+    metrics = {**metrics, "student_params": params["student"], "teacher_params": params["teacher"]}
+    if "teacher" in trained["quality"]:
+        metrics["teacher_accuracy"] = trained["quality"]["teacher"]["accuracy"]
+    extra = {REPORT_JSON: json.dumps(report, indent=2).encode()}
+    return make_bundle(out, spec, student, cfg, 1, programs, metrics, extra)
 
 
 def rebuild_bundle(prev_dir: Path, weights: dict[str, np.ndarray], version: int, out: Path) -> Manifest:
     """Release `version` with `weights`: same model, target and calibration data as the bundle at `prev_dir`."""
     prev = verify_bundle(prev_dir)
     cfg = ExportConfig(**json.loads((prev_dir / EXPORT_JSON).read_bytes()))
-    spec = check_config(cfg)
+    spec = check_config(replace(cfg, compare=False))
     student = spec.make_student()
     student.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
-    data = load_digits(cfg.server_fraction, seed=cfg.seed)
-    metrics = {"accuracy": accuracy(student, data.test.x, data.test.y)}
+    data = spec.load_data(cfg)
+    programs = lower_programs(spec, student.eval(), cfg, data)
+    metrics = release_metrics(spec, student, programs[INFER_PTE], data)
     log.debug("rebuilding %s v%d -> v%d", prev.model_id, prev.version, version)
-    return make_bundle(out, spec, student.eval(), cfg, version, data, metrics)
+    return make_bundle(out, spec, student.eval(), cfg, version, programs, metrics)

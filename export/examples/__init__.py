@@ -1,0 +1,1 @@
+"""Worked examples of user models for `edgelearn export --model package.module:factory`."""

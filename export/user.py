@@ -1,0 +1,90 @@
+"""User models: `--model package.module:factory`, where `factory()` returns a `UserModel` (docs/user-models.md)."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from export import ExportError
+from export.data import Split
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class UserModel:
+    """What a user factory returns.
+
+    teacher: trained-from-scratch reference (or None to skip distillation); student: the model to ship,
+    `student(x)` maps a float32 batch to class logits (B, C); example_inputs: one batch-1 input tuple;
+    train / test: numpy splits (x float32, y int64 class ids); trainable: parameter names the device
+    trains (None = all); epochs, lr: training settings for teacher and student.
+    """
+
+    teacher: nn.Module | None
+    student: nn.Module
+    example_inputs: tuple[torch.Tensor, ...]
+    train: Split
+    test: Split
+    trainable: list[str] | None = None
+    epochs: int = 20
+    lr: float = 3e-3
+
+
+def load_factory(ref: str) -> UserModel:
+    """Import `package.module`, call `factory()` and check the result; any failure is one ExportError line."""
+    module_name, _, attr = ref.partition(":")
+    if not module_name or not attr:
+        raise ExportError(f"model {ref!r} must look like package.module:factory")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ExportError(f"cannot load model factory {ref!r}: {type(e).__name__}: {e}") from None
+    try:
+        made = factory()
+    except Exception as e:  # the user's code: any exception is a bad model, reported in one line
+        raise ExportError(f"model factory {ref!r} raised {type(e).__name__}: {e}") from None
+    return check_user_model(ref, made)
+
+
+def check_user_model(ref: str, made: Any) -> UserModel:
+    if not isinstance(made, UserModel):
+        raise ExportError(f"model factory {ref!r} returned {type(made).__name__}, not export.user.UserModel")
+    ex = made.example_inputs
+    if not (isinstance(ex, tuple) and len(ex) == 1 and isinstance(ex[0], torch.Tensor) and ex[0].shape[0] == 1):
+        raise ExportError(f"model factory {ref!r}: example_inputs must be a tuple of one batch-1 tensor")
+    for name, split in (("train", made.train), ("test", made.test)):
+        if len(split.y) == 0 or len(split.x) != len(split.y) or split.x.dtype != np.float32:
+            raise ExportError(f"model factory {ref!r}: {name} split must be non-empty float32 x with one y per row")
+    return made
+
+
+def user_spec(ref: str) -> Any:
+    """A ModelSpec for the user model `ref`; the factory is called once here and again for each new student."""
+    from export.models import ModelSpec, TaskData
+
+    first = load_factory(ref)
+
+    def trainable(student: nn.Module, subset: str) -> list[str]:
+        names = [n for n, _ in student.named_parameters()]
+        if subset != "all":
+            raise ExportError(f"user model {ref!r}: only the trainable subset 'all' (or the factory's list) is known")
+        return list(first.trainable) if first.trainable is not None else names
+
+    return ModelSpec(
+        model_id=ref,
+        task="classify",
+        input_shape=tuple(first.example_inputs[0].shape),
+        make_teacher=lambda: load_factory(ref).teacher,
+        make_student=lambda: load_factory(ref).student,
+        trainable=trainable,
+        load_data=lambda cfg: TaskData(first.train, first.test),
+        default_epochs=first.epochs,
+        lr=first.lr,
+    )
