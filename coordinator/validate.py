@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Container
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +19,7 @@ class Rules:
     base_version: int
     round: int | None  # None in asynchronous mode
     max_update_norm: float = 1e3
+    max_staleness: int = 0  # asynchronous mode: accept base versions in [base_version - max_staleness, base_version]
 
 
 @dataclass(frozen=True)
@@ -58,15 +60,31 @@ def check_shapes(u: Update, rules: Rules) -> str | None:
 
 
 def check_version(u: Update, rules: Rules) -> str | None:
+    if rules.round is None:  # asynchronous: staleness s = v - base_version must be in [0, max_staleness]
+        s = rules.base_version - u.base_version
+        return None if 0 <= s <= rules.max_staleness else "stale_base_version"
     if u.base_version != rules.base_version:
         return "stale_base_version"
-    if rules.round is not None and u.round != rules.round:
+    if u.round != rules.round:
         return "wrong_round"
     return None
 
 
-def check_update(topic_device_id: str, payload: bytes, rules: Rules, accepted_ids: set[str]) -> Verdict:
-    """Apply every rule of protocol v1 in order; the first broken one names the rejection."""
+HEADER_SLACK_BYTES = 64 * 1024
+
+
+def max_payload_bytes(shapes: dict[str, tuple[int, ...]]) -> int:
+    """The largest valid update: fp32 data Σ_t 4·numel(t) plus a safetensors header of at most 64 KiB."""
+    return sum(4 * int(np.prod(s, dtype=np.int64)) for s in shapes.values()) + HEADER_SLACK_BYTES
+
+
+def check_update(topic_device_id: str, payload: bytes, rules: Rules, accepted_ids: Container[str]) -> Verdict:
+    """Apply every rule of protocol v1 in order; the first broken one names the rejection.
+
+    A payload larger than any valid update is refused before it is parsed (`payload_too_large`).
+    """
+    if len(payload) > max_payload_bytes(rules.shapes):
+        return Verdict("rejected", None, "payload_too_large")
     try:
         u = decode_update(payload)
     except ProtocolError as e:
