@@ -149,7 +149,11 @@ class Store:
             self.db.execute("DELETE FROM releases WHERE version=?", (version,))
 
     def rounds(self, limit: int = 50) -> list[dict]:
-        cur = self.db.execute("SELECT * FROM rounds ORDER BY round DESC LIMIT ?", (limit,))
+        cur = self.db.execute(
+            "SELECT r.*, (SELECT COUNT(*) FROM updates u WHERE u.round = r.round) AS n_updates "
+            "FROM rounds r ORDER BY round DESC LIMIT ?",
+            (limit,),
+        )
         cols = [c[0] for c in cur.description]
         return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()][::-1]
 
