@@ -107,6 +107,7 @@ class Engine:
         return agg.StreamingMean(self.shapes)
 
     def _reset_round(self) -> None:
+        self.store.ensure_round(self.round, self.version)
         self.agg = self._new_aggregator()
         self.n_total = 0.0
         self.devices: list[str] = []

@@ -113,6 +113,13 @@ class Store:
                 (rnd, base_version, time.time(), json.dumps(participants)),
             )
 
+    def ensure_round(self, rnd: int, base_version: int) -> None:
+        with self.db:
+            self.db.execute(
+                "INSERT OR IGNORE INTO rounds(round, base_version, opened) VALUES(?, ?, ?)",
+                (rnd, base_version, time.time()),
+            )
+
     def close_round(self, rnd: int, version_out: int, summary: dict, meta: dict[str, object]) -> None:
         """Atomically: the round's outcome, release `version_out`, and the next state (`meta`)."""
         now = time.time()
