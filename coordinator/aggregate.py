@@ -8,6 +8,7 @@ then `result()` for the aggregated delta Δ̄. `StreamingMean` keeps one running
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,15 +58,34 @@ def gaussian_noise(shapes: dict[str, tuple[int, ...]], std: float, seed: int) ->
 
 
 class StreamingMean:
-    """Δ̄ = Σ_k w_k Δ_k / Σ_k w_k, folded one update at a time (memory: one model)."""
+    """Δ̄ = Σ_k w_k Δ_k / Σ_k w_k, folded one update at a time (memory: one model).
+
+    The running sum is one flat float32 buffer (names in sorted order); `sum[name]` are views into it,
+    so an update whose data is already flat in that order folds in a single pass (`add_flat`).
+    """
 
     def __init__(self, shapes: dict[str, tuple[int, ...]]) -> None:
-        self.sum = {n: np.zeros(s, np.float32) for n, s in shapes.items()}
+        sizes = {n: int(np.prod(shapes[n], dtype=np.int64)) for n in sorted(shapes)}
+        self.flat = np.zeros(sum(sizes.values()), np.float32)
+        self.sum: Tensors = {}
+        offset = 0
+        for n, size in sizes.items():
+            self.sum[n] = self.flat[offset : offset + size].reshape(shapes[n])
+            offset += size
         self.total_weight = 0.0
         self.count = 0
 
     def add(self, delta: Tensors, weight: float) -> None:
         fold(self.sum, delta, weight)
+        self.total_weight += weight
+        self.count += 1
+
+    def add_flat(self, flat_delta: np.ndarray, weight: float) -> None:
+        """Same as `add` for Δ given as one float32 array in sorted-name order: S ← S + w·Δ in one pass."""
+        with warnings.catch_warnings():  # a view of received bytes is read-only; torch only reads it
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            src = torch.from_numpy(flat_delta)
+        torch.from_numpy(self.flat).add_(src, alpha=weight)
         self.total_weight += weight
         self.count += 1
 

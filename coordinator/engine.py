@@ -28,9 +28,10 @@ from coordinator.config import CoordinatorConfig
 from coordinator.spool import Spool
 from coordinator.store import AcceptedRow, Store
 from coordinator.validate import Rules, Verdict, check_update
+from coordinator.views import fp32_data_view
 from edgelearn.atomic import write_bytes
 from edgelearn.bundle import Manifest, dump_weights, load_weights, verify_bundle
-from edgelearn.protocol import Update
+from edgelearn.protocol import Update, decode_update
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,8 @@ class Engine:
         """Re-fold the committed updates of the open round, in arrival order, from the spool."""
         rows = self.store.accepted(self.round)
         for row in rows:
-            self._fold(self.spool.read(self.round, row.update_id), row)
+            payload = self.spool.read_bytes(self.round, row.update_id)
+            self._fold(decode_update(payload), row, payload)
         self.spool.drop_uncommitted(self.round, {r.update_id for r in rows})
         if rows:
             log.info("round %d: recovered %d accepted updates from the spool", self.round, len(rows))
@@ -141,10 +143,15 @@ class Engine:
             w *= agg.staleness_weight(self.version - u.base_version)
         return w
 
-    def _fold(self, u: Update, row: AcceptedRow) -> None:
+    def _fold(self, u: Update, row: AcceptedRow, payload: bytes) -> None:
+        """Fold w·clip(Δ) (= w·f·Δ with f = min(1, C/‖Δ‖)); one pass over the payload bytes when they are flat."""
         clip_norm = self.cfg.dp.clip_norm if self.cfg.dp is not None else self.cfg.clip_norm
-        deltas = agg.clip(u.deltas, clip_norm) if clip_norm else u.deltas
-        self.agg.add(deltas, row.weight)
+        factor = agg.clip_factor(agg.l2_norm(u.deltas), clip_norm) if clip_norm else 1.0
+        flat = fp32_data_view(payload, self.shapes) if isinstance(self.agg, agg.StreamingMean) else None
+        if flat is not None:
+            self.agg.add_flat(flat, row.weight * factor)
+        else:
+            self.agg.add(agg.clip(u.deltas, clip_norm) if clip_norm else u.deltas, row.weight)
         self.n_total += agg.sample_weight(u.num_samples, self.cfg.max_samples_per_update)
         self.devices.append(u.device_id)
 
@@ -159,7 +166,7 @@ class Engine:
             )  # fmt: skip
             self.spool.put(self.round, u.update_id, payload)
             self.store.accept(row)
-            self._fold(u, row)
+            self._fold(u, row, payload)
         elif verdict.status == "duplicate":
             self.duplicates += 1
         else:

@@ -11,7 +11,6 @@ import shutil
 from pathlib import Path
 
 from edgelearn.atomic import write_bytes
-from edgelearn.protocol import Update, decode_update
 
 
 class Spool:
@@ -32,8 +31,8 @@ class Spool:
         self._round_dir(rnd).mkdir(exist_ok=True)
         write_bytes(self.path(rnd, update_id), payload)
 
-    def read(self, rnd: int, update_id: str) -> Update:
-        return decode_update(self.path(rnd, update_id).read_bytes())
+    def read_bytes(self, rnd: int, update_id: str) -> bytes:
+        return self.path(rnd, update_id).read_bytes()
 
     def drop_uncommitted(self, rnd: int, committed: set[str]) -> None:
         keep = {self.path(rnd, uid).name for uid in committed}

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgelearn.protocol import ProtocolError, Update, decode_update, is_finite, l2_norm, read_metadata
+from edgelearn.protocol import ProtocolError, Update, decode_update, is_finite, read_metadata
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,23 @@ def check_version(u: Update, rules: Rules) -> str | None:
     return None
 
 
+def squared_norm(deltas: dict[str, np.ndarray]) -> float:
+    """‖Δ‖² = Σ_t Δ_t·Δ_t with float32 BLAS dots (one read of Δ; relative error ~1e-6 vs float64)."""
+    return sum(float(np.dot(d.ravel(), d.ravel())) for d in deltas.values())
+
+
+def check_values(deltas: dict[str, np.ndarray], max_norm: float) -> str | None:
+    """not_finite if any value is NaN/±inf, norm_too_large if ‖Δ‖₂ > max_norm; one pass in the common case.
+
+    A NaN or inf anywhere makes ‖Δ‖² non-finite, so the per-value scan runs only then (it also tells a
+    real inf from squares that overflow float32).
+    """
+    sq = squared_norm(deltas)
+    if not np.isfinite(sq):
+        return "not_finite" if not is_finite(deltas) else "norm_too_large"
+    return "norm_too_large" if sq > max_norm * max_norm else None
+
+
 HEADER_SLACK_BYTES = 64 * 1024
 
 
@@ -99,8 +116,7 @@ def check_update(topic_device_id: str, payload: bytes, rules: Rules, accepted_id
         reason = check(u, rules)
         if reason:
             return Verdict("rejected", u.update_id, reason)
-    if not is_finite(u.deltas):
-        return Verdict("rejected", u.update_id, "not_finite")
-    if l2_norm(u.deltas) > rules.max_update_norm:
-        return Verdict("rejected", u.update_id, "norm_too_large")
+    reason = check_values(u.deltas, rules.max_update_norm)
+    if reason:
+        return Verdict("rejected", u.update_id, reason)
     return Verdict("accepted", u.update_id, None, u)

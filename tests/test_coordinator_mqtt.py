@@ -12,6 +12,7 @@ import numpy as np
 
 from coordinator.aggregate import StreamingMean
 from coordinator.optim import fedavg_step
+from coordinator.views import fp32_data_view
 from edgelearn.broker import free_port
 from edgelearn.bundle import read_release
 from edgelearn.protocol import Ack, Topics, Update, encode_status, encode_update
@@ -87,9 +88,10 @@ def test_sigkill_mid_round_loses_nothing_and_counts_nothing_twice(mosquitto, bun
     # Assert: v2 is bit-identical to an uninterrupted fold of u0, u1, u2; each counted once
     from safetensors.numpy import load
 
-    acc = StreamingMean({k: theta[k].shape for k in manifest.trainable})
-    for u in us:
-        acc.add(u.deltas, float(u.num_samples))
+    shapes = {k: theta[k].shape for k in manifest.trainable}
+    acc = StreamingMean(shapes)
+    for u in us:  # the coordinator's own fold: one pass over each payload's float32 data
+        acc.add_flat(fp32_data_view(encode_update(u), shapes), float(u.num_samples))
     expected = fedavg_step(theta, acc.result())
     got = load(read_release(payload)[1]["weights.safetensors"])
     assert all(np.array_equal(got[k], expected[k]) for k in theta), (tmp_path / "coord.log").read_text()[-2000:]
