@@ -1,7 +1,8 @@
 """The coordinator's durable core, independent of MQTT: accept updates, fold them, close rounds into releases.
 
 Crash safety: an accepted update is (1) fsynced to the spool, (2) committed to SQLite, (3) folded
-into the running sum, and only then acked by the caller. On start the running sum is rebuilt by
+into the running sum, and only then acked by the caller (a batch shares one fsync and one commit).
+On start the running sum is rebuilt by
 re-folding the current round's committed updates in their arrival order, so the next release is
 bit-identical to the one an uninterrupted run would produce. A round closes in one SQLite
 transaction after its release directory is fully written; a crash before that commit redoes the
@@ -63,6 +64,19 @@ def import_bundle(bundle_dir: Path, releases: Path) -> Manifest:
     return manifest
 
 
+class _Pending:
+    """Committed update ids plus those accepted earlier in the same batch."""
+
+    def __init__(self, committed) -> None:
+        self.committed, self.batch = committed, set()
+
+    def add(self, update_id: str) -> None:
+        self.batch.add(update_id)
+
+    def __contains__(self, update_id: object) -> bool:
+        return update_id in self.batch or update_id in self.committed
+
+
 class Engine:
     """Round state + streaming aggregation; every method runs on the coordinator's single thread."""
 
@@ -120,9 +134,9 @@ class Engine:
         """Re-fold the committed updates of the open round, in arrival order, from the spool."""
         rows = self.store.accepted(self.round)
         for row in rows:
-            payload = self.spool.read_bytes(self.round, row.update_id)
+            payload = self.spool.read(self.round, row.spool_offset, row.spool_bytes)
             self._fold(decode_update(payload), row, payload)
-        self.spool.drop_uncommitted(self.round, {r.update_id for r in rows})
+        self.spool.truncate(self.round, max((r.spool_offset + r.spool_bytes for r in rows), default=0))
         if rows:
             log.info("round %d: recovered %d accepted updates from the spool", self.round, len(rows))
 
@@ -156,22 +170,34 @@ class Engine:
         self.devices.append(u.device_id)
 
     def handle(self, device_id: str, payload: bytes) -> Verdict:
-        """Validate; if accepted: spool (fsync) → SQLite commit → fold. The caller acks after this returns."""
-        verdict = check_update(device_id, payload, self.rules(), self.store.accepted_ids)
-        if verdict.status == "accepted":
-            u = verdict.update
-            row = AcceptedRow(
-                u.update_id, self.round, self.store.next_seq(), device_id, u.num_samples, u.base_version,
-                self.weight_of(u),
-            )  # fmt: skip
-            self.spool.put(self.round, u.update_id, payload)
-            self.store.accept(row)
-            self._fold(u, row, payload)
-        elif verdict.status == "duplicate":
-            self.duplicates += 1
-        else:
-            self.rejected[verdict.reason or "unknown"] += 1
-        return verdict
+        return self.handle_batch([(device_id, payload)])[0]
+
+    def handle_batch(self, items: list[tuple[str, bytes]]) -> list[Verdict]:
+        """Validate each; the accepted ones are spooled with one fsync, committed in one SQLite transaction,
+        then folded in arrival order (group commit). The caller acks after this returns."""
+        verdicts, pending, ids = [], [], _Pending(self.store.accepted_ids)
+        for device_id, payload in items:
+            v = check_update(device_id, payload, self.rules(), ids)
+            verdicts.append(v)
+            if v.status == "accepted":
+                ids.add(v.update_id)
+                pending.append((v.update, payload))
+            elif v.status == "duplicate":
+                self.duplicates += 1
+            else:
+                self.rejected[v.reason or "unknown"] += 1
+        if pending:
+            spans = self.spool.append(self.round, [p for _, p in pending])
+            seq = self.store.next_seq()
+            rows = [
+                AcceptedRow(u.update_id, self.round, seq + i, u.device_id, u.num_samples, u.base_version,
+                            self.weight_of(u), off, n)
+                for i, ((u, _), (off, n)) in enumerate(zip(pending, spans, strict=True))
+            ]  # fmt: skip
+            self.store.accept(rows)
+            for (u, payload), row in zip(pending, rows, strict=True):
+                self._fold(u, row, payload)
+        return verdicts
 
     @property
     def count(self) -> int:

@@ -115,25 +115,31 @@ class Coordinator:
         self.engine.store.see_device(device_id, status)
         self.metrics.devices_online.set(sum(s.get("state") != "offline" for s in self.statuses.values()))
 
-    def on_message(self, topic: str, payload: bytes) -> None:
-        parsed = self.topics.parse_device_topic(topic)
-        if parsed is None:
-            return
-        device_id, kind = parsed
-        if kind == "status":
-            self.on_status(device_id, payload)
-        elif kind == "update":
-            self.on_update(device_id, payload)
+    def on_messages(self, messages: list[tuple[str, bytes]]) -> None:
+        """Statuses are recorded; updates are handled as one group-committed batch, then acked."""
+        updates = []
+        for topic, payload in messages:
+            parsed = self.topics.parse_device_topic(topic)
+            if parsed is None:
+                continue
+            if parsed[1] == "status":
+                self.on_status(parsed[0], payload)
+            elif parsed[1] == "update":
+                updates.append((parsed[0], payload))
+        if updates:
+            self.on_updates(updates)
 
-    def on_update(self, device_id: str, payload: bytes) -> None:
+    def on_updates(self, updates: list[tuple[str, bytes]]) -> None:
         e = self.engine
-        verdict = e.handle(device_id, payload)  # accepted ones are fsynced and committed when this returns
-        self.metrics.update(verdict.status, verdict.reason)
-        if verdict.status == "rejected":
-            log.warning("rejected update %s from %s: %s", verdict.update_id, device_id, verdict.reason)
-        else:
-            log.info("%s update %s from %s (%d in this round)", verdict.status, verdict.update_id, device_id, e.count)
-        self.link.publish(self.topics.device(device_id, "ack"), Ack(*_ack_fields(verdict, e.version)).encode())
+        verdicts = e.handle_batch(updates)  # accepted ones are fsynced and committed when this returns
+        for (device_id, _), verdict in zip(updates, verdicts, strict=True):
+            self.metrics.update(verdict.status, verdict.reason)
+            if verdict.status == "rejected":
+                log.warning("rejected update %s from %s: %s", verdict.update_id, device_id, verdict.reason)
+            else:
+                log.info("%s update %s from %s", verdict.status, verdict.update_id, device_id)
+            self.link.publish(self.topics.device(device_id, "ack"), Ack(*_ack_fields(verdict, e.version)).encode())
+        log.info("round %d: %d accepted so far", e.round, e.count)
         self.metrics.round_accepted.set(e.count)
         if self.ready():
             self.close_round()
@@ -179,6 +185,19 @@ class Coordinator:
 
     # ------------------------------------------------------------ loop
 
+    def next_batch(self, max_items: int = 256) -> list[tuple[str, bytes]]:
+        """Wait up to a tick for one event, then take whatever else is already queued (up to `max_items`)."""
+        try:
+            batch = [self.events.get(timeout=self.cfg.tick_s)]
+        except queue.Empty:
+            return []
+        while len(batch) < max_items:
+            try:
+                batch.append(self.events.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
     def done(self) -> bool:
         return self.cfg.max_rounds is not None and self.rounds_done >= self.cfg.max_rounds
 
@@ -189,16 +208,11 @@ class Coordinator:
         self.link.start(wait_s=0)
         try:
             while not stop.is_set() and not self.done():
-                try:
-                    topic, payload = self.events.get(timeout=self.cfg.tick_s)
-                except queue.Empty:
-                    pass
-                else:
-                    if topic == "":
-                        self.connected_at = time.monotonic()
-                        self.publish_all()
-                    else:
-                        self.on_message(topic, payload)
+                batch = self.next_batch()
+                if ("", b"connected") in batch:
+                    self.connected_at = time.monotonic()
+                    self.publish_all()
+                self.on_messages([m for m in batch if m[0]])
                 self.tick()
         finally:
             self.link.stop((self.topics.coordinator_status, OFFLINE))

@@ -1,44 +1,62 @@
-"""Durable spool of accepted updates: each is fsynced to disk before its ack is sent (protocol v1).
+"""Durable spool of accepted updates: fsynced to disk before their acks are sent (protocol v1).
 
-SQLite (store.py) records which spooled payloads count; a payload spooled just before a crash but
-never committed is dropped on restart (its device re-sends it, since it got no ack).
+One append-only log per round, `spool/r{round}.log`, of records `[8-byte little-endian length][payload]`.
+A batch of accepted updates is appended and fsynced once (group commit); SQLite (store.py) then records
+each one's (offset, length). Bytes past the last committed record (a crash between the fsync and the
+commit) are cut off on restart; the device re-sends, having had no ack.
 """
 
 from __future__ import annotations
 
-import hashlib
-import shutil
+import os
 from pathlib import Path
 
-from edgelearn.atomic import write_bytes
+from edgelearn.atomic import fsync_dir
+
+LEN_BYTES = 8
 
 
 class Spool:
-    """`spool/r{round}/{sha256(update_id)[:32]}.safetensors`: the raw payloads of accepted updates."""
-
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
 
-    def _round_dir(self, rnd: int) -> Path:
-        return self.folder / f"r{rnd}"
+    def log_path(self, rnd: int) -> Path:
+        return self.folder / f"r{rnd}.log"
 
-    def path(self, rnd: int, update_id: str) -> Path:
-        return self._round_dir(rnd) / f"{hashlib.sha256(update_id.encode()).hexdigest()[:32]}.safetensors"
+    def append(self, rnd: int, payloads: list[bytes]) -> list[tuple[int, int]]:
+        """Append the payloads, fsync once; returns each payload's (offset, length) in the log."""
+        path = self.log_path(rnd)
+        created = not path.exists()
+        spans = []
+        with open(path, "ab") as f:
+            offset = f.tell()
+            for p in payloads:
+                f.write(len(p).to_bytes(LEN_BYTES, "little"))
+                f.write(p)
+                spans.append((offset + LEN_BYTES, len(p)))
+                offset += LEN_BYTES + len(p)
+            f.flush()
+            os.fsync(f.fileno())
+        if created:
+            fsync_dir(self.folder)
+        return spans
 
-    def put(self, rnd: int, update_id: str, payload: bytes) -> None:
-        """Write the payload and fsync it (and its folder) before returning."""
-        self._round_dir(rnd).mkdir(exist_ok=True)
-        write_bytes(self.path(rnd, update_id), payload)
+    def read(self, rnd: int, offset: int, length: int) -> bytes:
+        with open(self.log_path(rnd), "rb") as f:
+            f.seek(offset)
+            data = f.read(length)
+        if len(data) != length:
+            raise OSError(f"spool {self.log_path(rnd)} is shorter than a committed record (offset {offset})")
+        return data
 
-    def read_bytes(self, rnd: int, update_id: str) -> bytes:
-        return self.path(rnd, update_id).read_bytes()
-
-    def drop_uncommitted(self, rnd: int, committed: set[str]) -> None:
-        keep = {self.path(rnd, uid).name for uid in committed}
-        for p in self._round_dir(rnd).glob("*.safetensors"):
-            if p.name not in keep:
-                p.unlink()
+    def truncate(self, rnd: int, end: int) -> None:
+        """Cut the log after `end` bytes (the end of its last committed record)."""
+        path = self.log_path(rnd)
+        if path.exists() and path.stat().st_size > end:
+            with open(path, "r+b") as f:
+                f.truncate(end)
+                os.fsync(f.fileno())
 
     def drop_round(self, rnd: int) -> None:
-        shutil.rmtree(self._round_dir(rnd), ignore_errors=True)
+        self.log_path(rnd).unlink(missing_ok=True)

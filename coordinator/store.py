@@ -16,7 +16,8 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS updates (
   update_id TEXT PRIMARY KEY, round INTEGER NOT NULL, seq INTEGER NOT NULL, device_id TEXT NOT NULL,
-  num_samples INTEGER NOT NULL, base_version INTEGER NOT NULL, weight REAL NOT NULL, received REAL NOT NULL);
+  num_samples INTEGER NOT NULL, base_version INTEGER NOT NULL, weight REAL NOT NULL,
+  spool_offset INTEGER NOT NULL, spool_bytes INTEGER NOT NULL, received REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS updates_round ON updates(round, seq);
 CREATE TABLE IF NOT EXISTS rounds (
   round INTEGER PRIMARY KEY, base_version INTEGER NOT NULL, opened REAL NOT NULL, closed REAL,
@@ -37,6 +38,8 @@ class AcceptedRow:
     num_samples: int
     base_version: int
     weight: float
+    spool_offset: int
+    spool_bytes: int
 
 
 class _AcceptedIds:
@@ -82,18 +85,21 @@ class Store:
 
     # ------------------------------------------------------------ updates
 
-    def accept(self, row: AcceptedRow) -> None:
+    def accept(self, rows: list[AcceptedRow]) -> None:
+        """Commit a batch of accepted updates in one transaction (one fsync)."""
+        now = time.time()
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
-            self.db.execute(
-                "INSERT INTO updates VALUES(?, ?, ?, ?, ?, ?, ?, ?)",
-                (*(getattr(row, f) for f in AcceptedRow.__dataclass_fields__), time.time()),
+            self.db.executemany(
+                "INSERT INTO updates VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(*(getattr(r, f) for f in AcceptedRow.__dataclass_fields__), now) for r in rows],
             )
 
     def accepted(self, rnd: int) -> list[AcceptedRow]:
         """The accepted updates of a round in arrival order (the order they were folded in)."""
         rows = self.db.execute(
-            "SELECT update_id, round, seq, device_id, num_samples, base_version, weight FROM updates "
+            "SELECT update_id, round, seq, device_id, num_samples, base_version, weight, spool_offset, spool_bytes "
+            "FROM updates "
             "WHERE round=? ORDER BY seq",
             (rnd,),
         ).fetchall()

@@ -109,7 +109,7 @@ def mosquitto_config(
 class Mosquitto:
     """A mosquitto process on a loopback port with a generated config; `stop()`/`kill()`/`start()` for tests."""
 
-    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+    def __init__(self, data_dir: Path, port: int | None = None, sizing: BrokerSizing = DEFAULT_SIZING) -> None:
         self.exe = shutil.which("mosquitto") or next(
             (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.path.exists(p)), None
         )
@@ -121,7 +121,7 @@ class Mosquitto:
         data_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(data_dir, 0o777)  # mosquitto drops privileges to user `mosquitto` when started as root
         self.conf = data_dir / "mosquitto.conf"
-        self.conf.write_text(mosquitto_config(self.port, data_dir))
+        self.conf.write_text(mosquitto_config(self.port, data_dir, sizing.max_queued_messages, sizing.max_packet_bytes))
 
     @property
     def url(self) -> str:

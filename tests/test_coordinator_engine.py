@@ -60,7 +60,7 @@ def test_sync_round_is_protocol_fedavg(bundle_dir, tmp_path):
     for name in e.shapes:
         expected = theta[name] + sum(u.num_samples / 100 * u.deltas[name] for u in us)
         np.testing.assert_allclose(new[name], expected, atol=1e-6)
-    assert not (tmp_path / "spool" / "r1").exists() and (e.version, e.round) == (2, 2)
+    assert not e.spool.log_path(1).exists() and (e.version, e.round) == (2, 2)
 
 
 def test_duplicate_counted_once_and_rejections_by_reason(bundle_dir, tmp_path):
@@ -102,10 +102,10 @@ def test_restart_mid_round_gives_identical_release(bundle_dir, tmp_path):
 def test_spooled_but_uncommitted_update_is_dropped_then_accepted_on_resend(bundle_dir, tmp_path):
     e = Engine(make_cfg(bundle_dir, tmp_path), weights_only_rebuild)
     p = upd(e, "u1", 5, 1)
-    e.spool.put(e.round, "u1", p)  # crash between the spool fsync and the SQLite commit
+    e.spool.append(e.round, [p])  # crash between the spool fsync and the SQLite commit
     e.store.close()
     e2 = Engine(make_cfg(bundle_dir, tmp_path), weights_only_rebuild)
-    assert e2.count == 0 and not list((tmp_path / "spool" / "r1").glob("*"))
+    assert e2.count == 0 and e2.spool.log_path(1).stat().st_size == 0  # the uncommitted tail is cut
     assert e2.handle("du1", p).status == "accepted" and e2.count == 1
 
 
@@ -130,6 +130,16 @@ def test_async_fedbuff_staleness(bundle_dir, tmp_path):
     new = load_weights(e.release_dir(3))
     for n in e.shapes:
         np.testing.assert_allclose(new[n], theta[n] + (10 * da[n] + 30 / np.sqrt(2) * db[n]) / 40, atol=1e-6)
+
+
+def test_batch_group_commit_detects_duplicates_within_the_batch(bundle_dir, tmp_path):
+    e = Engine(make_cfg(bundle_dir, tmp_path), weights_only_rebuild)
+    a, b = upd(e, "a", 5, 1), upd(e, "b", 7, 2)
+    verdicts = e.handle_batch([("da", a), ("db", b), ("da", a), ("dx", b"junk")])
+    assert [v.status for v in verdicts] == ["accepted", "accepted", "duplicate", "rejected"]
+    rows = e.store.accepted(1)
+    assert [(r.update_id, r.seq) for r in rows] == [("a", 1), ("b", 2)]
+    assert e.spool.read(1, rows[1].spool_offset, rows[1].spool_bytes) == b
 
 
 def test_median_and_dp_through_the_engine(bundle_dir, tmp_path):
