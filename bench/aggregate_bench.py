@@ -179,8 +179,8 @@ def markdown(rows: list[dict]) -> str:
         o, f = r["ours"], r["flower"]
         lines.append(
             f"| {r['k']} × {r['params']:,} | {o['seconds']:.3f} | {o['seconds_with_validation']:.3f} "
-            f"| {f['seconds']:.3f} | {f['seconds'] / o['seconds']:.1f}× | {o['peak_mb']:.0f} | {f['peak_mb']:.0f} "
-            f"| {r['model_mb']:.0f} | {o['fold_gb_per_s']:.1f} | {o['read_gb_per_s']:.1f} "
+            f"| {f['seconds']:.3f} | {f['seconds'] / o['seconds']:.1f}× | {o['peak_mb']:.1f} | {f['peak_mb']:.0f} "
+            f"| {r['model_mb']:.1f} | {o['fold_gb_per_s']:.1f} | {o['read_gb_per_s']:.1f} "
             f"| {o['read_seconds'] / o['fold_seconds']:.0%} | {o['read_separate_gb_per_s']:.1f} "
             f"| {o['read_separate_seconds'] / o['fold_seconds']:.0%} |"
         )
