@@ -15,7 +15,7 @@ from coordinator.optim import fedavg_step
 from coordinator.views import fp32_data_view
 from edgelearn.broker import free_port
 from edgelearn.bundle import read_release
-from edgelearn.protocol import Ack, Topics, Update, encode_status, encode_update
+from edgelearn.protocol import Ack, RoundMsg, Topics, Update, encode_status, encode_update
 
 
 def start_coordinator(url: str, fleet: str, bundle_dir, state, log, *extra: str) -> subprocess.Popen:
@@ -139,3 +139,31 @@ def test_bad_input_is_counted_and_the_coordinator_keeps_serving(mosquitto, bundl
     assert "edgelearn_devices_online 1.0" in metrics
     line = next(x for x in status.stdout.splitlines() if x.startswith("devs"))
     assert "idle" in line and json.loads(line.split("  ", 1)[1].split("ago", 1)[1].strip())["battery_percent"] == 77
+
+
+def test_round_invites_eligible_online_devices(mosquitto, bundle_dir, fleet, recorder, tmp_path):
+    # Prepare: retained statuses of four devices; two pass the rules, one is offline
+    t = Topics(fleet)
+    rec = recorder([t.rounds_current])
+    statuses = {
+        "ok1": encode_status("idle", battery_percent=80, temp_c=30),
+        "ok2": encode_status("idle", battery_percent=50, temp_c=40),
+        "low": encode_status("idle", battery_percent=5, temp_c=30),
+        "gone": encode_status("offline"),
+    }
+    for dev, s in statuses.items():
+        rec.publish(t.device(dev, "status"), s, retain=True)
+    log = (tmp_path / "coord.log").open("wb")
+    rules = ["--eligible", "battery_percent>=20", "--eligible", "temp_c<45"]
+    # Execute: ask for 1 participant with over-selection 2 → ⌈1·2⌉ = 2 invited
+    proc = start_coordinator(
+        mosquitto.url, fleet, bundle_dir, tmp_path / "s", log, "--participants", "1", "--over-selection", "2", *rules
+    )
+    try:
+        _, payload = wait_for(rec, lambda topic, p: topic == t.rounds_current)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+    # Assert
+    assert list(RoundMsg.decode(payload).participants) == ["ok1", "ok2"]
