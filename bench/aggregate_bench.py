@@ -28,7 +28,7 @@ RESULTS = ROOT / "bench" / "results"
 FLWR_VENV = ROOT / "bench" / ".flwr-venv"
 CASES = ((100, 1_000_000), (1000, 100_000))
 N_TENSORS = 10
-REPEATS = 5
+REPEATS = 7
 
 
 def tensors(k: int, params: int) -> list[np.ndarray]:
@@ -99,9 +99,24 @@ def worker_ours(k_updates: int, params: int) -> dict:
     t_validated, _ = best_of(lambda: run(True))
     decoded = [decode_update(p).deltas for p in payloads]
     payloads.clear()
+    probes = fold_and_read_probes(decoded, shapes, k_updates * params)
+    return {
+        "seconds": t_e2e,
+        "seconds_with_validation": t_validated,
+        **probes,
+        "peak_mb": peak_mb,
+        "checksum": float(sum(float(a.astype(np.float64).sum()) for a in out.values())),
+    }
+
+
+def fold_and_read_probes(decoded: list[dict], shapes: dict, n_values: int) -> dict:
+    """Fold alone (pre-decoded flat updates) vs pure reads of the same bytes: one buffer, and K buffers."""
+    import torch
+
+    from coordinator.aggregate import StreamingMean
 
     flats = [np.concatenate([d[n] for n in sorted(d)]) for d in decoded]
-    del decoded
+    decoded.clear()
 
     def fold_only() -> None:
         acc = StreamingMean(shapes)
@@ -109,20 +124,17 @@ def worker_ours(k_updates: int, params: int) -> dict:
             acc.add_flat(d, float(num_samples(k)))
 
     t_fold, _ = best_of(fold_only)
-    flat = np.ones(k_updates * params, np.float32)
-    t_read, _ = best_of(lambda: torch.from_numpy(flat).sum())
     t_read_sep, _ = best_of(lambda: [torch.from_numpy(d).sum() for d in flats])
+    flats.clear()
+    flat = np.ones(n_values, np.float32)
+    t_read, _ = best_of(lambda: torch.from_numpy(flat).sum())
     return {
-        "seconds": t_e2e,
-        "seconds_with_validation": t_validated,
         "fold_seconds": t_fold,
+        "fold_gb_per_s": flat.nbytes / t_fold / 1e9,
         "read_seconds": t_read,
         "read_gb_per_s": flat.nbytes / t_read / 1e9,
         "read_separate_seconds": t_read_sep,
         "read_separate_gb_per_s": flat.nbytes / t_read_sep / 1e9,
-        "fold_gb_per_s": flat.nbytes / t_fold / 1e9,
-        "peak_mb": peak_mb,
-        "checksum": float(sum(float(a.astype(np.float64).sum()) for a in out.values())),
     }
 
 
@@ -209,7 +221,7 @@ def main() -> None:
     meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores (shared with other jobs)", "threads": 1}
     (RESULTS / "aggregate.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     (RESULTS / "aggregate.md").write_text(
-        "Aggregation from serialized updates to the aggregated model (best of 5; 1 thread; "
+        "Aggregation from serialized updates to the aggregated model (best of 7; 1 thread; "
         f"{meta['machine']}).\nPeak MB: rise of peak RSS above the resident payloads. "
         "fold / read: time of a pure read (torch.sum) of the K×params float32 "
         "over the fold's time, as one buffer and as the K separate buffers the fold really reads.\n\n" + markdown(rows)

@@ -201,48 +201,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0 if len(summaries) == a.rounds else 1
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="edgelearn",
-        description="On-device edge learning: export a model, run a "
-        "fleet of learning devices and a FedAvg coordinator over MQTT (protocol v1).",
-    )
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    e = sub.add_parser(
-        "export",
-        help="distill, quantize and lower a model into a bundle",
-        description="Train a teacher and a distilled student, quantize (PT2E int8), lower to "
-        "ExecuTorch (infer.pte + train.pte) and write a bundle directory atomically.",
-    )
-    e.add_argument("--model", default="digits-mlp", help="model id (default: digits-mlp)")
-    e.add_argument("--target", default="xnnpack-int8", help="xnnpack-int8 (default), xnnpack-fp32 or portable")
-    e.add_argument("--out", type=Path, required=True, help="bundle directory to write")
-    e.add_argument(
-        "--server-fraction",
-        type=float,
-        default=0.2,
-        help="share of the training data the exporter trains on; devices hold the rest (default 0.2)",
-    )
-    e.add_argument("--epochs", type=int, default=60, help="training epochs for teacher and student (default 60)")
-    e.add_argument("--alpha", type=float, default=0.5, help="KD weight of the hard-label loss (default 0.5)")
-    e.add_argument("--temperature", type=float, default=4.0, help="KD temperature T (default 4)")
-    e.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    e.set_defaults(func=cmd_export)
-
-    d = sub.add_parser(
-        "data",
-        help="write non-IID device shards of the digits data",
-        description="Split the digits device pool into label-skewed shards (safetensors x, y).",
-    )
-    d.add_argument("--devices", type=int, default=4, help="number of shards (default 4)")
-    d.add_argument("--out", type=Path, required=True, help="folder for device-K.safetensors and test.safetensors")
-    d.add_argument("--server-fraction", type=float, default=0.2, help="as given to export (default 0.2)")
-    d.add_argument("--classes-per-device", type=int, default=4, help="classes each device mostly holds (default 4)")
-    d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    d.set_defaults(func=cmd_data)
-
+def _add_coordinator_parser(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser(
         "coordinator",
         help="run FedAvg rounds for a fleet (or: coordinator rollback --to V)",
@@ -285,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--eligible", action="append", default=[], help="rule on device status, e.g. battery_percent>=20")
     c.set_defaults(func=cmd_coordinator)
 
+
+def _add_ops_parsers(sub: argparse._SubParsersAction) -> None:
     f = sub.add_parser("fleet", help="show devices or rounds from a coordinator's state directory")
     f.add_argument("what", choices=("status", "rounds"), help="status: devices; rounds: per-round outcomes")
     f.add_argument("--state", type=Path, required=True, help="the coordinator's state directory")
@@ -301,6 +262,52 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--data-dir", type=Path, default=Path("/var/lib/mosquitto"), help="persistence folder")
     b.add_argument("--out", type=Path, default=None, help="file to write (default: print)")
     b.set_defaults(func=cmd_broker)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="edgelearn",
+        description="On-device edge learning: export a model, run a "
+        "fleet of learning devices and a FedAvg coordinator over MQTT (protocol v1).",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    e = sub.add_parser(
+        "export",
+        help="distill, quantize and lower a model into a bundle",
+        description="Train a teacher and a distilled student, quantize (PT2E int8), lower to "
+        "ExecuTorch (infer.pte + train.pte) and write a bundle directory atomically.",
+    )
+    e.add_argument("--model", default="digits-mlp", help="model id (default: digits-mlp)")
+    e.add_argument("--target", default="xnnpack-int8", help="xnnpack-int8 (default), xnnpack-fp32 or portable")
+    e.add_argument("--out", type=Path, required=True, help="bundle directory to write")
+    e.add_argument(
+        "--server-fraction",
+        type=float,
+        default=0.2,
+        help="share of the training data the exporter trains on; devices hold the rest (default 0.2)",
+    )
+    e.add_argument("--epochs", type=int, default=60, help="training epochs for teacher and student (default 60)")
+    e.add_argument("--alpha", type=float, default=0.5, help="KD weight of the hard-label loss (default 0.5)")
+    e.add_argument("--temperature", type=float, default=4.0, help="KD temperature T (default 4)")
+    e.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    e.set_defaults(func=cmd_export)
+
+    d = sub.add_parser(
+        "data",
+        help="write non-IID device shards of the digits data",
+        description="Split the digits device pool into label-skewed shards (safetensors x, y).",
+    )
+    d.add_argument("--devices", type=int, default=4, help="number of shards (default 4)")
+    d.add_argument("--out", type=Path, required=True, help="folder for device-K.safetensors and test.safetensors")
+    d.add_argument("--server-fraction", type=float, default=0.2, help="as given to export (default 0.2)")
+    d.add_argument("--classes-per-device", type=int, default=4, help="classes each device mostly holds (default 4)")
+    d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    d.set_defaults(func=cmd_data)
+
+    _add_coordinator_parser(sub)
+    _add_ops_parsers(sub)
 
     v = sub.add_parser(
         "device",

@@ -196,3 +196,37 @@ def test_rollback_publishes_old_weights_as_next_version(bundle_dir, tmp_path):
     assert m.version == 3 and (e2.version, e2.round) == (3, 3)
     w1, w3 = load_weights(tmp_path / "releases" / "v1"), load_weights(tmp_path / "releases" / "v3")
     assert all(np.array_equal(w1[k], w3[k]) for k in w1)
+
+
+def test_crash_after_release_written_before_commit_redoes_the_close(bundle_dir, tmp_path):
+    # Prepare: three accepted updates, then a close that dies after writing v2 but before the commit
+    e = Engine(make_cfg(bundle_dir, tmp_path), weights_only_rebuild)
+    for k in range(3):
+        e.handle(f"du{k}", upd(e, f"u{k}", 5, k))
+    theta = e.aggregated_delta()
+    weights_only_rebuild(e.release_dir(1), {n: a + 1 for n, a in load_weights(e.release_dir(1)).items()}, 2,
+                         e.release_dir(2))  # fmt: skip
+    e.store.close()
+    # Execute: restart; the round is still open with its three updates, and closes again
+    e2 = Engine(make_cfg(bundle_dir, tmp_path), weights_only_rebuild)
+    assert (e2.version, e2.round, e2.count) == (1, 1, 3) and e2.ready()
+    e2.close()
+    # Assert: v2 now holds θ1 + Δ̄, not the half-finished attempt
+    w1, w2 = load_weights(e2.release_dir(1)), load_weights(e2.release_dir(2))
+    for n, d in theta.items():
+        np.testing.assert_allclose(w2[n], w1[n] + d, atol=1e-7)
+
+
+def test_rollback_cli_errors_are_one_line(bundle_dir, tmp_path, capsys):
+    from coordinator.server import lock_state
+    from edgelearn.cli import main
+
+    Engine(make_cfg(bundle_dir, tmp_path), weights_only_rebuild).store.close()
+    assert main(["coordinator", "rollback", "--to", "7", "--state", str(tmp_path)]) == 2
+    assert "release v7 is not kept (kept: v1)" in capsys.readouterr().err
+    lock = lock_state(tmp_path, "testing")  # a running coordinator holds the lock
+    try:
+        assert main(["coordinator", "rollback", "--to", "1", "--state", str(tmp_path)]) == 2
+        assert "in use by another process" in capsys.readouterr().err
+    finally:
+        lock.close()
