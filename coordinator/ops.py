@@ -9,6 +9,7 @@ from pathlib import Path
 
 from coordinator.engine import Rebuild
 from coordinator.server import lock_state
+from coordinator.spool import Spool
 from coordinator.store import Store
 from edgelearn.bundle import Manifest, load_weights, verify_bundle
 
@@ -31,7 +32,7 @@ def rollback(state_dir: Path, to_version: int, rebuild: Rebuild) -> Manifest:
 
     The coordinator must be stopped (its state lock is taken); it publishes v+1 when it starts. The
     open round is abandoned: its accepted updates stay recorded (duplicates stay duplicates) but are
-    never aggregated, and the next round starts on v+1.
+    never aggregated, and the next round starts on v+1; server-optimizer state (momentum) restarts.
     """
     lock = lock_state(state_dir, "rolling back")
     try:
@@ -46,8 +47,10 @@ def rollback(state_dir: Path, to_version: int, rebuild: Rebuild) -> Manifest:
         verify_bundle(src)
         new = version + 1
         manifest = rebuild(src, load_weights(src), new, state_dir / "releases" / f"v{new}")
+        store.abandon_round(rnd, f"rollback to v{to_version}")
         store.add_release(new, f"rollback to v{to_version}", {"version": new, "round": rnd + 1})
         store.close()
+        Spool(state_dir / "spool").drop_round(rnd)
         log.info("rolled back: v%d now carries the weights of v%d", new, to_version)
         return manifest
     finally:

@@ -103,29 +103,30 @@ class Coordinator:
 
     # ------------------------------------------------------------ messages
 
-    def on_status(self, device_id: str, payload: bytes) -> None:
-        try:
-            status = json.loads(payload)
-        except (ValueError, UnicodeDecodeError):
-            log.warning("unreadable status from %s ignored", device_id)
-            return
-        if not isinstance(status, dict):
-            return
-        self.statuses[device_id] = status
-        self.engine.store.see_device(device_id, status)
+    def on_statuses(self, messages: list[tuple[str, bytes]]) -> None:
+        """Remember each device's retained status (for selection, `fleet status` and the online gauge)."""
+        seen = []
+        for device_id, payload in messages:
+            try:
+                status = json.loads(payload)
+            except (ValueError, UnicodeDecodeError):
+                log.warning("unreadable status from %s ignored", device_id)
+                continue
+            if isinstance(status, dict):
+                self.statuses[device_id] = status
+                seen.append((device_id, status))
+        if seen:
+            self.engine.store.see_devices(seen)
         self.metrics.devices_online.set(sum(s.get("state") != "offline" for s in self.statuses.values()))
 
     def on_messages(self, messages: list[tuple[str, bytes]]) -> None:
         """Statuses are recorded; updates are handled as one group-committed batch, then acked."""
-        updates = []
+        statuses, updates = [], []
         for topic, payload in messages:
             parsed = self.topics.parse_device_topic(topic)
-            if parsed is None:
-                continue
-            if parsed[1] == "status":
-                self.on_status(parsed[0], payload)
-            elif parsed[1] == "update":
-                updates.append((parsed[0], payload))
+            if parsed is not None and parsed[1] in ("status", "update"):
+                (statuses if parsed[1] == "status" else updates).append((parsed[0], payload))
+        self.on_statuses(statuses)
         if updates:
             self.on_updates(updates)
 

@@ -148,6 +148,13 @@ class Store:
             self.db.execute("INSERT OR REPLACE INTO releases VALUES(?, ?, ?)", (version_out, now, f"round {rnd}"))
             self._set(meta)
 
+    def abandon_round(self, rnd: int, why: str) -> None:
+        with self.db:
+            self.db.execute(
+                "UPDATE rounds SET closed=?, metrics=? WHERE round=? AND closed IS NULL",
+                (time.time(), json.dumps({"abandoned": why}), rnd),
+            )
+
     def add_release(self, version: int, note: str, meta: dict[str, object]) -> None:
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
@@ -172,19 +179,16 @@ class Store:
 
     # ------------------------------------------------------------ devices (from retained status topics)
 
-    def see_device(self, device_id: str, status: dict) -> None:
-        version = status.get("version")
+    def see_devices(self, statuses: list[tuple[str, dict]]) -> None:
+        """Record the latest status of each device, all in one transaction."""
+        now = time.time()
+        rows = []
+        for device_id, status in statuses:
+            version = status.get("version")
+            state = str(status.get("state", "?"))
+            rows.append((device_id, state, version if isinstance(version, int) else None, now, json.dumps(status)))
         with self.db:
-            self.db.execute(
-                "INSERT OR REPLACE INTO devices VALUES(?, ?, ?, ?, ?)",
-                (
-                    device_id,
-                    str(status.get("state", "?")),
-                    version if isinstance(version, int) else None,
-                    time.time(),
-                    json.dumps(status),
-                ),
-            )
+            self.db.executemany("INSERT OR REPLACE INTO devices VALUES(?, ?, ?, ?, ?)", rows)
 
     def devices(self) -> list[dict]:
         cur = self.db.execute("SELECT device_id, state, version, last_seen, status FROM devices ORDER BY device_id")

@@ -196,6 +196,7 @@ def test_rollback_publishes_old_weights_as_next_version(bundle_dir, tmp_path):
     assert m.version == 3 and (e2.version, e2.round) == (3, 3)
     w1, w3 = load_weights(tmp_path / "releases" / "v1"), load_weights(tmp_path / "releases" / "v3")
     assert all(np.array_equal(w1[k], w3[k]) for k in w1)
+    assert "abandoned" in fleet_rounds_lines(tmp_path)[2]  # round 2 never closed into a release
 
 
 def test_crash_after_release_written_before_commit_redoes_the_close(bundle_dir, tmp_path):
