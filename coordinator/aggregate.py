@@ -16,6 +16,10 @@ import torch
 
 Tensors = dict[str, np.ndarray]
 
+# The fold reads views of received (immutable) bytes; torch warns on every such read-only view although it
+# only reads it. The filter matches that one message.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+
 
 def fold(acc: Tensors, delta: Tensors, weight: float) -> None:
     """In place: acc_t ← acc_t + w · Δ_t for every tensor t (one pass over Δ, no temporaries)."""
@@ -67,6 +71,7 @@ class StreamingMean:
     def __init__(self, shapes: dict[str, tuple[int, ...]]) -> None:
         sizes = {n: int(np.prod(shapes[n], dtype=np.int64)) for n in sorted(shapes)}
         self.flat = np.zeros(sum(sizes.values()), np.float32)
+        self._flat_t = torch.from_numpy(self.flat)
         self.sum: Tensors = {}
         offset = 0
         for n, size in sizes.items():
@@ -82,10 +87,7 @@ class StreamingMean:
 
     def add_flat(self, flat_delta: np.ndarray, weight: float) -> None:
         """Same as `add` for Δ given as one float32 array in sorted-name order: S ← S + w·Δ in one pass."""
-        with warnings.catch_warnings():  # a view of received bytes is read-only; torch only reads it
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            src = torch.from_numpy(flat_delta)
-        torch.from_numpy(self.flat).add_(src, alpha=weight)
+        self._flat_t.add_(torch.from_numpy(flat_delta), alpha=weight)
         self.total_weight += weight
         self.count += 1
 
