@@ -231,3 +231,18 @@ def test_rollback_cli_errors_are_one_line(bundle_dir, tmp_path, capsys):
         assert "in use by another process" in capsys.readouterr().err
     finally:
         lock.close()
+
+
+def test_round_closes_early_when_every_invited_device_reported(bundle_dir, tmp_path):
+    from coordinator.server import Coordinator
+
+    c = Coordinator(make_cfg(bundle_dir, tmp_path), weights_only_rebuild)  # not started: no broker needed
+    try:
+        c.participants = ["d1", "d2"]
+        c.engine.handle("d1", upd(c.engine, "u1", 5, 1, dev="d1"))
+        assert not c.ready()  # 1 of min_updates=3, d2 still missing
+        c.engine.handle("d2", upd(c.engine, "u2", 5, 2, dev="d2"))
+        assert c.ready()
+    finally:
+        c.engine.store.close()
+        c._lock.close()

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import replace
 
 import numpy as np
 
@@ -167,3 +168,44 @@ def test_round_invites_eligible_online_devices(mosquitto, bundle_dir, fleet, rec
         log.close()
     # Assert
     assert list(RoundMsg.decode(payload).participants) == ["ok1", "ok2"]
+
+
+def test_async_mode_publishes_no_round_and_accepts_older_bases(mosquitto, bundle_dir, fleet, recorder, tmp_path):
+    # Prepare: an async coordinator (FedBuff K=3) and two round-less updates
+    t = Topics(fleet)
+    rec = recorder([t.model_latest, t.all_devices("ack")])
+    log = (tmp_path / "coord.log").open("wb")
+    proc = start_coordinator(mosquitto.url, fleet, bundle_dir, tmp_path / "s", log, "--mode", "async",
+                             "--buffer-size", "3")  # fmt: skip
+    manifest, theta = release_v1(rec)
+    us = [make_update(f"a{k}", f"dev{k}", theta, manifest.trainable, manifest.model_id, 5, k) for k in range(2)]
+    try:
+        # Execute
+        acks = []
+        for u in us:
+            rec.publish(t.device(u.device_id, "update"), encode_update(replace(u, round=None)))
+            acks.append(Ack.decode(wait_for(rec, ack_of(t, u.update_id))[1]))
+        late = recorder([t.rounds_current])  # a retained round would arrive at once
+        time.sleep(1.0)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+    # Assert
+    assert [a.status for a in acks] == ["accepted", "accepted"]
+    assert late.messages.empty()
+
+
+def test_round_is_reannounced_at_the_deadline(mosquitto, bundle_dir, fleet, recorder, tmp_path):
+    t = Topics(fleet)
+    rec = recorder([t.rounds_current])
+    log = (tmp_path / "coord.log").open("wb")
+    proc = start_coordinator(mosquitto.url, fleet, bundle_dir, tmp_path / "s", log, "--round-timeout", "1")
+    try:
+        first = RoundMsg.decode(wait_for(rec, lambda topic, p: True)[1])
+        second = RoundMsg.decode(wait_for(rec, lambda topic, p: True, 30)[1])
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+    assert (first.round, second.round) == (1, 1) and second.deadline_unix_s > first.deadline_unix_s
