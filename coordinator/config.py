@@ -39,6 +39,7 @@ class CoordinatorConfig:
     server_opt: ServerOptConfig = field(default_factory=ServerOptConfig)
     keep_releases: int = 5
     metrics_port: int | None = None  # Prometheus text format on this port
+    metrics_addr: str = "127.0.0.1"
     target_participants: int | None = None  # sync: select this many (× over_selection) among online devices
     over_selection: float = 1.3
     eligibility: tuple[Eligibility, ...] = ()

@@ -23,8 +23,8 @@ class Metrics:
             "edgelearn_dp_noise_multiplier", "Central DP noise multiplier σ (0: DP off)", registry=r
         )
 
-    def serve(self, port: int) -> None:
-        start_http_server(port, addr="127.0.0.1", registry=self.registry)
+    def serve(self, port: int, addr: str = "127.0.0.1") -> None:
+        start_http_server(port, addr=addr, registry=self.registry)
 
     def update(self, status: str, reason: str | None) -> None:
         self.updates.labels(status, reason or "").inc()

@@ -205,7 +205,7 @@ class Coordinator:
     def run(self, stop: threading.Event) -> None:
         """Serve until `stop` is set or `max_rounds` rounds are aggregated."""
         if self.cfg.metrics_port:
-            self.metrics.serve(self.cfg.metrics_port)
+            self.metrics.serve(self.cfg.metrics_port, self.cfg.metrics_addr)
         self.link.start(wait_s=0)
         try:
             while not stop.is_set() and not self.done():

@@ -101,6 +101,7 @@ def _coordinator_config(a: argparse.Namespace):
         server_opt=ServerOptConfig(a.server_opt, a.server_lr, a.server_momentum),
         keep_releases=a.keep_releases,
         metrics_port=a.metrics_port,
+        metrics_addr=a.metrics_addr,
         target_participants=a.participants,
         over_selection=a.over_selection,
         eligibility=tuple(Eligibility.parse(r) for r in a.eligible),
@@ -239,6 +240,7 @@ def _add_coordinator_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--server-momentum", type=float, default=0.9, help="fedavgm momentum β (default 0.9)")
     c.add_argument("--keep-releases", type=int, default=5, help="release versions kept for rollback (default 5)")
     c.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    c.add_argument("--metrics-addr", default="127.0.0.1", help="address for --metrics-port (default 127.0.0.1)")
     c.add_argument("--participants", type=int, default=None, help="sync: invite this many online devices")
     c.add_argument("--over-selection", type=float, default=1.3, help="invite ⌈participants × this⌉ (default 1.3)")
     c.add_argument("--eligible", action="append", default=[], help="rule on device status, e.g. battery_percent>=20")
