@@ -126,8 +126,8 @@ class Engine:
         self.agg = self._new_aggregator()
         self.n_total = 0.0
         self.devices: list[str] = []
-        self.rejected: Counter[str] = Counter()
-        self.duplicates = 0
+        rejected, self.duplicates = self.store.counts(self.round)
+        self.rejected: Counter[str] = Counter(rejected)
         self.opened_s = time.monotonic()
 
     def _refold(self) -> None:
@@ -186,6 +186,8 @@ class Engine:
                 self.duplicates += 1
             else:
                 self.rejected[v.reason or "unknown"] += 1
+        if len(pending) < len(items):
+            self.store.save_counts(self.round, dict(self.rejected), self.duplicates)
         if pending:
             spans = self.spool.append(self.round, [p for _, p in pending])
             seq = self.store.next_seq()

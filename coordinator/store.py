@@ -126,6 +126,17 @@ class Store:
                 (rnd, base_version, time.time()),
             )
 
+    def save_counts(self, rnd: int, rejected: dict[str, int], duplicates: int) -> None:
+        """The open round's rejection and duplicate counts (so they survive a restart)."""
+        with self.db:
+            self.db.execute(
+                "UPDATE rounds SET rejected=?, duplicates=? WHERE round=?", (json.dumps(rejected), duplicates, rnd)
+            )
+
+    def counts(self, rnd: int) -> tuple[dict[str, int], int]:
+        row = self.db.execute("SELECT rejected, duplicates FROM rounds WHERE round=?", (rnd,)).fetchone()
+        return (json.loads(row[0] or "{}"), int(row[1] or 0)) if row else ({}, 0)
+
     def close_round(self, rnd: int, version_out: int, summary: dict, meta: dict[str, object]) -> None:
         """Atomically: the round's outcome, release `version_out`, and the next state (`meta`)."""
         now = time.time()

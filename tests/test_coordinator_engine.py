@@ -75,6 +75,9 @@ def test_duplicate_counted_once_and_rejections_by_reason(bundle_dir, tmp_path):
     assert (first.status, second.status) == ("accepted", "duplicate")
     assert e.count == 1 and e.duplicates == 1
     assert e.rejected == {"wrong_round": 1, "not_safetensors": 2, "payload_too_large": 1}
+    e.store.close()
+    e2 = Engine(make_cfg(bundle_dir, tmp_path), weights_only_rebuild)  # counts survive a restart
+    assert (e2.count, e2.duplicates, e2.rejected) == (1, 1, e.rejected)
 
 
 def test_restart_mid_round_gives_identical_release(bundle_dir, tmp_path):

@@ -98,7 +98,7 @@ def test_sigkill_mid_round_loses_nothing_and_counts_nothing_twice(mosquitto, bun
     assert all(np.array_equal(got[k], expected[k]) for k in theta), (tmp_path / "coord.log").read_text()[-2000:]
     db = sqlite3.connect(tmp_path / "state" / "state.sqlite")
     assert db.execute("SELECT COUNT(*) FROM updates WHERE round=1").fetchone()[0] == 3
-    assert db.execute("SELECT accepted, duplicates FROM rounds WHERE round=1").fetchone() == (3, 1)
+    assert db.execute("SELECT accepted, duplicates FROM rounds WHERE round=1").fetchone() == (3, 1)  # the re-send
 
 
 def test_bad_input_is_counted_and_the_coordinator_keeps_serving(mosquitto, bundle_dir, fleet, recorder, tmp_path):
