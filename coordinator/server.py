@@ -1,246 +1,225 @@
-"""The coordinator: publishes releases and rounds, validates and acks updates, aggregates with FedAvg.
+"""The coordinator: publishes releases and rounds, validates and acks updates, aggregates, over MQTT.
 
-paho's thread only enqueues messages; validation, spooling, aggregation and
-publishing all run on the coordinator's own thread.
+paho's thread only enqueues messages; validation, spooling, aggregation and publishing all run on
+the coordinator's own thread. The durable core (state, fold, close) is `engine.Engine`.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import queue
-import shutil
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 
-import numpy as np
-
-from coordinator.fedavg import aggregate
-from coordinator.spool import Spool
-from coordinator.validate import Rules, check_update
-from edgelearn.atomic import write_bytes
-from edgelearn.bundle import Manifest, load_weights, pack_release, verify_bundle
+from coordinator.config import CoordinatorConfig
+from coordinator.engine import Engine, Rebuild, RoundSummary
+from coordinator.metrics import Metrics
+from coordinator.selection import eligible, select
+from edgelearn.bundle import pack_release
 from edgelearn.mqtt import MqttLink
-from edgelearn.protocol import OFFLINE, Ack, LocalConfig, RoundMsg, Topics, encode_status
+from edgelearn.protocol import OFFLINE, Ack, RoundMsg, Topics, encode_status
+
+__all__ = ["Coordinator", "CoordinatorConfig", "RoundSummary", "StateLockedError", "lock_state"]
 
 log = logging.getLogger(__name__)
 
-# (previous bundle dir, new weights, new version, output dir) -> manifest of the new bundle
-Rebuild = Callable[[Path, dict[str, np.ndarray], int, Path], Manifest]
+
+class StateLockedError(RuntimeError):
+    """Another process (a running coordinator) holds this state directory."""
 
 
-@dataclass(frozen=True)
-class CoordinatorConfig:
-    broker_url: str
-    fleet: str
-    bundle_dir: Path
-    state_dir: Path
-    topic_root: str = "edgelearn"
-    min_updates: int = 2
-    round_timeout_s: float = 60.0
-    local: LocalConfig = field(default_factory=LocalConfig)
-    max_update_norm: float = 1e3
-    max_samples_per_update: int | None = None
-    max_rounds: int | None = None  # stop after this many aggregations (None: run forever)
-    tick_s: float = 0.2
-    mqtt_v311: bool = False
-
-
-@dataclass(frozen=True)
-class RoundSummary:
-    round: int
-    version: int  # the release the round produced
-    participants: tuple[str, ...]
-    accepted: int
-    rejected: dict[str, int]
-    duplicates: int
-    metrics: dict
-    seconds: float
+def lock_state(state_dir, what: str):
+    """An exclusive flock on `state_dir/lock`, held for the life of the returned file object."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    f = open(state_dir / "lock", "a+")  # noqa: SIM115 (held open: the lock lives as long as the file)
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise StateLockedError(f"{state_dir} is in use by another process; stop it before {what}") from None
+    return f
 
 
 class Coordinator:
-    """Synchronous FedAvg rounds (protocol v1)."""
+    """Synchronous FedAvg rounds (protocol v1) or asynchronous FedBuff, over one MQTT connection."""
 
     def __init__(
         self, cfg: CoordinatorConfig, rebuild: Rebuild, on_round: Callable[[RoundSummary], None] | None = None
     ) -> None:
-        self.cfg, self.rebuild, self.on_round = cfg, rebuild, on_round
+        self.cfg, self.on_round = cfg, on_round
+        self._lock = lock_state(cfg.state_dir, "starting a coordinator")
+        self.engine = Engine(cfg, rebuild)
         self.topics = Topics(cfg.fleet, cfg.topic_root)
-        self.releases = cfg.state_dir / "releases"
-        self.state_file = cfg.state_dir / "state.json"
-        self.releases.mkdir(parents=True, exist_ok=True)
-        self.state = self._load_state()
-        self.spool = Spool(cfg.state_dir / "spool")
-        self.manifest = verify_bundle(self.releases / f"v{self.state['version']}")
-        self.weights = load_weights(self.releases / f"v{self.state['version']}")
-        self.accepted = {u.update_id: u for u in self.spool.updates(self.state["round"])}
-        self.rejected: Counter[str] = Counter()
-        self.duplicates = 0
-        self.round_started_s = time.monotonic()
+        self.metrics = Metrics()
+        self.metrics.version.set(self.engine.version)
+        self.metrics.dp_noise_multiplier.set(cfg.dp.noise_multiplier if cfg.dp else 0.0)
+        self.statuses: dict[str, dict] = {}
+        self.participants: list[str] | None = None
+        self.selected = cfg.target_participants is None  # no selection configured: any online device
+        self.connected_at: float | None = None
         self.rounds_done = 0
         self.events: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self.link = MqttLink(
             cfg.broker_url,
             f"edgelearn-{cfg.fleet}-coordinator",
-            [self.topics.all_devices("update")],
+            [self.topics.all_devices("update"), self.topics.all_devices("status")],
             on_message=lambda t, p: self.events.put((t, p)),
             will=(self.topics.coordinator_status, OFFLINE),
             mqtt_v311=cfg.mqtt_v311,
             on_connected=lambda: self.events.put(("", b"connected")),
         )
 
-    # ------------------------------------------------------------ state
-
-    def _load_state(self) -> dict:
-        try:
-            return json.loads(self.state_file.read_bytes())
-        except FileNotFoundError:
-            pass
-        manifest = verify_bundle(self.cfg.bundle_dir)
-        dest = self.releases / f"v{manifest.version}"
-        if not dest.exists():
-            tmp = self.releases / f".v{manifest.version}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(self.cfg.bundle_dir, tmp)
-            tmp.rename(dest)
-        state = {"version": manifest.version, "round": 1, "deadline": time.time() + self.cfg.round_timeout_s}
-        self._save_state(state)
-        log.info("fleet %s: starting from bundle %s (v%d)", self.cfg.fleet, self.cfg.bundle_dir, manifest.version)
-        return state
-
-    def _save_state(self, state: dict) -> None:
-        write_bytes(self.state_file, json.dumps(state).encode())
-
-    def rules(self) -> Rules:
-        shapes = {n: tuple(self.weights[n].shape) for n in self.manifest.trainable}
-        return Rules(
-            self.manifest.model_id, shapes, self.state["version"], self.state["round"], self.cfg.max_update_norm
-        )
-
-    def round_msg(self) -> RoundMsg:
-        return RoundMsg(
-            self.state["round"],
-            self.state["version"],
-            self.state["deadline"],
-            self.cfg.min_updates,
-            None,
-            self.cfg.local,
-        )
-
     # ------------------------------------------------------------ publishing
 
+    def round_msg(self) -> RoundMsg:
+        e = self.engine
+        return RoundMsg(e.round, e.version, e.deadline, self.cfg.min_updates, self.participants, self.cfg.local)
+
     def publish_all(self) -> None:
-        """(Re)publish coordinator status, the current release and the current round, all retained."""
-        v = self.state["version"]
-        self.link.publish(
-            self.topics.coordinator_status, encode_status("online", version=v, round=self.state["round"]), retain=True
+        """(Re)publish coordinator status, the current release and (sync mode) the current round, retained."""
+        e = self.engine
+        status = encode_status("online", version=e.version, round=e.round, mode=self.cfg.mode)
+        self.link.publish(self.topics.coordinator_status, status, retain=True)
+        self.link.publish(self.topics.model_latest, pack_release(e.release_dir(e.version)), retain=True)
+        self.publish_round()
+
+    def publish_round(self) -> None:
+        if self.cfg.mode == "sync" and self.selected:
+            self.engine.open_round(self.participants)
+            self.link.publish(self.topics.rounds_current, self.round_msg().encode(), retain=True)
+
+    def select_participants(self) -> None:
+        """Invite ⌈target·over_selection⌉ eligible online devices (reproducibly, seeded by the round)."""
+        candidates = eligible(self.statuses, self.cfg.eligibility)
+        self.participants = select(
+            candidates, self.cfg.target_participants or 0, self.cfg.over_selection, self.engine.round
         )
-        self.link.publish(self.topics.model_latest, pack_release(self.releases / f"v{v}"), retain=True)
-        self.link.publish(self.topics.rounds_current, self.round_msg().encode(), retain=True)
+        self.selected = True
+        log.info("round %d: selected %d of %d eligible devices", self.engine.round, len(self.participants),
+                 len(candidates))  # fmt: skip
 
-    # ------------------------------------------------------------ updates
+    # ------------------------------------------------------------ messages
 
-    def on_update(self, topic: str, payload: bytes) -> None:
-        parsed = self.topics.parse_device_topic(topic)
-        if parsed is None or parsed[1] != "update":
-            return
-        device_id = parsed[0]
-        verdict = check_update(device_id, payload, self.rules(), self.spool.accepted_ids)
-        if verdict.status == "accepted":
-            self.spool.put(self.state["round"], verdict.update_id, payload)  # fsync before the ack
-            self.accepted[verdict.update_id] = verdict.update
-            log.info(
-                "round %d: accepted %s from %s (%d/%d)",
-                self.state["round"],
-                verdict.update_id,
-                device_id,
-                len(self.accepted),
-                self.cfg.min_updates,
-            )
-        elif verdict.status == "duplicate":
-            self.duplicates += 1
-            log.info("duplicate update %s from %s", verdict.update_id, device_id)
-        else:
-            self.rejected[verdict.reason or "unknown"] += 1
-            log.warning("rejected update %s from %s: %s", verdict.update_id, device_id, verdict.reason)
-        ack = Ack(verdict.update_id, verdict.status, verdict.reason, self.state["version"])
-        self.link.publish(self.topics.device(device_id, "ack"), ack.encode())
-        if len(self.accepted) >= self.cfg.min_updates:
+    def on_statuses(self, messages: list[tuple[str, bytes]]) -> None:
+        """Remember each device's retained status (for selection, `fleet status` and the online gauge)."""
+        seen = []
+        for device_id, payload in messages:
+            try:
+                status = json.loads(payload)
+            except (ValueError, UnicodeDecodeError):
+                log.warning("unreadable status from %s ignored", device_id)
+                continue
+            if isinstance(status, dict):
+                self.statuses[device_id] = status
+                seen.append((device_id, status))
+        if seen:
+            self.engine.store.see_devices(seen)
+        self.metrics.devices_online.set(sum(s.get("state") != "offline" for s in self.statuses.values()))
+
+    def on_messages(self, messages: list[tuple[str, bytes]]) -> None:
+        """Statuses are recorded; updates are handled as one group-committed batch, then acked."""
+        statuses, updates = [], []
+        for topic, payload in messages:
+            parsed = self.topics.parse_device_topic(topic)
+            if parsed is not None and parsed[1] in ("status", "update"):
+                (statuses if parsed[1] == "status" else updates).append((parsed[0], payload))
+        self.on_statuses(statuses)
+        if updates:
+            self.on_updates(updates)
+
+    def on_updates(self, updates: list[tuple[str, bytes]]) -> None:
+        e = self.engine
+        verdicts = e.handle_batch(updates)  # accepted ones are fsynced and committed when this returns
+        for (device_id, _), verdict in zip(updates, verdicts, strict=True):
+            self.metrics.update(verdict.status, verdict.reason)
+            if verdict.status == "rejected":
+                log.warning("rejected update %s from %s: %s", verdict.update_id, device_id, verdict.reason)
+            else:
+                log.info("%s update %s from %s", verdict.status, verdict.update_id, device_id)
+            self.link.publish(self.topics.device(device_id, "ack"), Ack(*_ack_fields(verdict, e.version)).encode())
+        log.info("round %d: %d accepted so far", e.round, e.count)
+        self.metrics.round_accepted.set(e.count)
+        if self.ready():
             self.close_round()
 
+    def ready(self) -> bool:
+        """min_updates (sync) / K (async) accepted, or every invited participant has reported."""
+        e = self.engine
+        if e.ready():
+            return True
+        return bool(self.participants) and e.count > 0 and set(self.participants) <= set(e.devices)
+
     def close_round(self) -> None:
-        """FedAvg the round's spooled updates into release v+1, publish it and open the next round."""
         t0 = time.perf_counter()
-        rnd, v = self.state["round"], self.state["version"]
-        updates = self.spool.updates(rnd)
-        theta = aggregate(
-            self.weights, [u.deltas for u in updates], [u.num_samples for u in updates], self.cfg.max_samples_per_update
-        )
-        out = self.releases / f"v{v + 1}"
-        self.manifest = self.rebuild(self.releases / f"v{v}", theta, v + 1, out)
-        self.weights = load_weights(out)
-        summary = RoundSummary(
-            rnd,
-            v + 1,
-            tuple(sorted(u.device_id for u in updates)),
-            len(updates),
-            dict(self.rejected),
-            self.duplicates,
-            dict(self.manifest.metrics),
-            time.monotonic() - self.round_started_s,
-        )
-        self.state = {"version": v + 1, "round": rnd + 1, "deadline": time.time() + self.cfg.round_timeout_s}
-        self._save_state(self.state)
-        self.accepted, self.rejected, self.duplicates = {}, Counter(), 0
-        self.round_started_s = time.monotonic()
+        summary = self.engine.close()
+        self.metrics.aggregation_seconds.observe(time.perf_counter() - t0)
+        self.metrics.rounds.inc()
+        self.metrics.version.set(self.engine.version)
+        self.metrics.round_accepted.set(0)
         self.rounds_done += 1
-        log.info(
-            "round %d closed: %d updates → release v%d in %.2fs", rnd, len(updates), v + 1, time.perf_counter() - t0
-        )
+        if self.cfg.target_participants is not None:
+            self.select_participants()
         self.publish_all()
         if self.on_round:
             self.on_round(summary)
 
-    def check_deadline(self) -> None:
-        """At the deadline: close with ≥ min_updates, else re-announce the round with a new deadline."""
-        if time.time() < self.state["deadline"]:
+    def tick(self) -> None:
+        """Deadline handling (sync): close with ≥ min_updates, else re-select and re-announce."""
+        e = self.engine
+        waited_s = time.monotonic() - self.connected_at if self.connected_at else 0.0
+        if not self.selected and waited_s > self.cfg.selection_grace_s:
+            self.select_participants()
+            self.publish_round()
+        if self.cfg.mode != "sync" or time.time() < e.deadline:
             return
-        if len(self.accepted) >= self.cfg.min_updates:
+        if e.count >= self.cfg.min_updates:
             self.close_round()
             return
-        self.state = {**self.state, "deadline": time.time() + self.cfg.round_timeout_s}
-        self._save_state(self.state)
-        log.info(
-            "round %d: %d/%d updates at the deadline; re-announced",
-            self.state["round"],
-            len(self.accepted),
-            self.cfg.min_updates,
-        )
-        self.link.publish(self.topics.rounds_current, self.round_msg().encode(), retain=True)
+        e.extend_deadline()
+        log.info("round %d: %d/%d updates at the deadline; re-announced", e.round, e.count, self.cfg.min_updates)
+        if self.cfg.target_participants is not None:
+            self.select_participants()
+        self.publish_round()
 
     # ------------------------------------------------------------ loop
+
+    def next_batch(self, max_items: int = 256) -> list[tuple[str, bytes]]:
+        """Wait up to a tick for one event, then take whatever else is already queued (up to `max_items`)."""
+        try:
+            batch = [self.events.get(timeout=self.cfg.tick_s)]
+        except queue.Empty:
+            return []
+        while len(batch) < max_items:
+            try:
+                batch.append(self.events.get_nowait())
+            except queue.Empty:
+                break
+        return batch
 
     def done(self) -> bool:
         return self.cfg.max_rounds is not None and self.rounds_done >= self.cfg.max_rounds
 
     def run(self, stop: threading.Event) -> None:
         """Serve until `stop` is set or `max_rounds` rounds are aggregated."""
+        if self.cfg.metrics_port:
+            self.metrics.serve(self.cfg.metrics_port, self.cfg.metrics_addr)
         self.link.start(wait_s=0)
         try:
             while not stop.is_set() and not self.done():
-                try:
-                    topic, payload = self.events.get(timeout=self.cfg.tick_s)
-                except queue.Empty:
-                    pass
-                else:
-                    if topic == "":
-                        self.publish_all()
-                    else:
-                        self.on_update(topic, payload)
-                self.check_deadline()
+                batch = self.next_batch()
+                if ("", b"connected") in batch:
+                    self.connected_at = time.monotonic()
+                    self.publish_all()
+                self.on_messages([m for m in batch if m[0]])
+                self.tick()
         finally:
             self.link.stop((self.topics.coordinator_status, OFFLINE))
+            self.engine.store.close()
+            self._lock.close()
+
+
+def _ack_fields(verdict, version: int) -> tuple:
+    return verdict.update_id, verdict.status, verdict.reason, version

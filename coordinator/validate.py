@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Container
 from dataclasses import dataclass
 
 import numpy as np
 
-from edgelearn.protocol import ProtocolError, Update, decode_update, is_finite, l2_norm, read_metadata
+from edgelearn.protocol import ProtocolError, Update, decode_update, is_finite, read_metadata
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,7 @@ class Rules:
     base_version: int
     round: int | None  # None in asynchronous mode
     max_update_norm: float = 1e3
+    max_staleness: int = 0  # asynchronous mode: accept base versions in [base_version - max_staleness, base_version]
 
 
 @dataclass(frozen=True)
@@ -58,15 +60,49 @@ def check_shapes(u: Update, rules: Rules) -> str | None:
 
 
 def check_version(u: Update, rules: Rules) -> str | None:
+    if rules.round is None:  # asynchronous: staleness s = v - base_version must be in [0, max_staleness]
+        s = rules.base_version - u.base_version
+        return None if 0 <= s <= rules.max_staleness else "stale_base_version"
     if u.base_version != rules.base_version:
         return "stale_base_version"
-    if rules.round is not None and u.round != rules.round:
+    if u.round != rules.round:
         return "wrong_round"
     return None
 
 
-def check_update(topic_device_id: str, payload: bytes, rules: Rules, accepted_ids: set[str]) -> Verdict:
-    """Apply every rule of protocol v1 in order; the first broken one names the rejection."""
+def squared_norm(deltas: dict[str, np.ndarray]) -> float:
+    """‖Δ‖² = Σ_t Δ_t·Δ_t with float32 BLAS dots (one read of Δ; relative error ~1e-6 vs float64)."""
+    with np.errstate(over="ignore", invalid="ignore"):  # inf/NaN are the answer here, not an error
+        return sum(float(np.dot(d.ravel(), d.ravel())) for d in deltas.values())
+
+
+def check_values(deltas: dict[str, np.ndarray], max_norm: float) -> str | None:
+    """not_finite if any value is NaN/±inf, norm_too_large if ‖Δ‖₂ > max_norm; one pass in the common case.
+
+    A NaN or inf anywhere makes ‖Δ‖² non-finite, so the per-value scan runs only then (it also tells a
+    real inf from squares that overflow float32).
+    """
+    sq = squared_norm(deltas)
+    if not np.isfinite(sq):
+        return "not_finite" if not is_finite(deltas) else "norm_too_large"
+    return "norm_too_large" if sq > max_norm * max_norm else None
+
+
+HEADER_SLACK_BYTES = 64 * 1024
+
+
+def max_payload_bytes(shapes: dict[str, tuple[int, ...]]) -> int:
+    """The largest valid update: fp32 data Σ_t 4·numel(t) plus a safetensors header of at most 64 KiB."""
+    return sum(4 * int(np.prod(s, dtype=np.int64)) for s in shapes.values()) + HEADER_SLACK_BYTES
+
+
+def check_update(topic_device_id: str, payload: bytes, rules: Rules, accepted_ids: Container[str]) -> Verdict:
+    """Apply every rule of protocol v1 in order; the first broken one names the rejection.
+
+    A payload larger than any valid update is refused before it is parsed (`payload_too_large`).
+    """
+    if len(payload) > max_payload_bytes(rules.shapes):
+        return Verdict("rejected", None, "payload_too_large")
     try:
         u = decode_update(payload)
     except ProtocolError as e:
@@ -81,8 +117,7 @@ def check_update(topic_device_id: str, payload: bytes, rules: Rules, accepted_id
         reason = check(u, rules)
         if reason:
             return Verdict("rejected", u.update_id, reason)
-    if not is_finite(u.deltas):
-        return Verdict("rejected", u.update_id, "not_finite")
-    if l2_norm(u.deltas) > rules.max_update_norm:
-        return Verdict("rejected", u.update_id, "norm_too_large")
+    reason = check_values(u.deltas, rules.max_update_norm)
+    if reason:
+        return Verdict("rejected", u.update_id, reason)
     return Verdict("accepted", u.update_id, None, u)

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -36,24 +37,67 @@ def wait_port(port: int, timeout_s: float = 10.0) -> bool:
     return False
 
 
+MIB = 1024 * 1024
+MAX_PACKET_LIMIT_BYTES = 256 * MIB - 1  # paho rejects a CONNACK MaximumPacketSize >= 2^28
+
+
+@dataclass(frozen=True)
+class BrokerSizing:
+    max_queued_messages: int
+    max_packet_bytes: int
+    backlog_bytes: int  # memory the broker may need to hold an offline coordinator's full backlog
+
+
+def size_broker(devices: int, model_bytes: int, release_bytes: int | None = None) -> BrokerSizing:
+    """Limits for a fleet of `devices` and a model of `model_bytes` float32 weights (one fp32 update ≈ that).
+
+    max_packet_bytes = max(release, update) + 1 MiB of headroom, rounded up to a MiB (release defaults
+    to 4 × model: weights + two programs); max_queued_messages = max(10 000, 8 · devices): an offline
+    coordinator's queue must hold every device's update, its re-sends and its status changes (the
+    default 1000 silently drops the rest); backlog_bytes = 4 · devices · model_bytes.
+    """
+    if devices < 1 or model_bytes < 1:
+        raise ValueError("devices and model_bytes must be >= 1")
+    release = release_bytes if release_bytes is not None else 4 * model_bytes
+    packet = -(-(max(release, model_bytes) + MIB) // MIB) * MIB
+    if packet > MAX_PACKET_LIMIT_BYTES:
+        raise ValueError(
+            f"a {packet / MIB:.0f} MiB packet is above MQTT clients' 256 MiB limit: shrink the model or release"
+        )
+    return BrokerSizing(max(10_000, 8 * devices), packet, 4 * devices * model_bytes)
+
+
+DEFAULT_SIZING = size_broker(devices=1000, model_bytes=16 * MIB, release_bytes=100 * MIB)
+
+
 def mosquitto_config(
-    port: int, data_dir: Path, max_queued_messages: int = 10000, max_packet_bytes: int = 128 * 1024 * 1024
+    port: int,
+    data_dir: Path,
+    max_queued_messages: int = DEFAULT_SIZING.max_queued_messages,
+    max_packet_bytes: int = DEFAULT_SIZING.max_packet_bytes,
+    bind: str = "127.0.0.1",
 ) -> str:
-    """A mosquitto.conf for one loopback fleet broker: persistence on, queues sized above the default 1000.
+    """A mosquitto.conf for one fleet broker: persistence on, MQTT 5-capable listener, queues sized for the fleet.
 
     `max_packet_bytes` must stay below 256 MiB: mosquitto then announces it in CONNACK, and paho rejects
     a MaximumPacketSize of 2^28 or more as a malformed packet.
     """
+    if max_packet_bytes > MAX_PACKET_LIMIT_BYTES:
+        raise ValueError(f"max_packet_bytes {max_packet_bytes} must be < 256 MiB (paho rejects larger)")
     return "\n".join(
         [
-            f"listener {port} 127.0.0.1",
+            f"# edgelearn fleet broker (generated): persistence on, MQTT 5 clients on port {port}",
+            f"listener {port} {bind}",
+            "protocol mqtt",
             "allow_anonymous true",
             "persistence true",
             f"persistence_location {data_dir}/",
             "autosave_interval 1",
             f"max_queued_messages {max_queued_messages}",
+            "max_queued_bytes 0",
+            "max_inflight_messages 100",
             f"max_packet_size {max_packet_bytes}",
-            "persistent_client_expiration 1d",
+            "persistent_client_expiration 7d",
             f"log_dest file {data_dir}/mosquitto.log",
             "log_type error",
             "log_type warning",
@@ -65,7 +109,7 @@ def mosquitto_config(
 class Mosquitto:
     """A mosquitto process on a loopback port with a generated config; `stop()`/`kill()`/`start()` for tests."""
 
-    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+    def __init__(self, data_dir: Path, port: int | None = None, sizing: BrokerSizing = DEFAULT_SIZING) -> None:
         self.exe = shutil.which("mosquitto") or next(
             (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.path.exists(p)), None
         )
@@ -77,7 +121,7 @@ class Mosquitto:
         data_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(data_dir, 0o777)  # mosquitto drops privileges to user `mosquitto` when started as root
         self.conf = data_dir / "mosquitto.conf"
-        self.conf.write_text(mosquitto_config(self.port, data_dir))
+        self.conf.write_text(mosquitto_config(self.port, data_dir, sizing.max_queued_messages, sizing.max_packet_bytes))
 
     @property
     def url(self) -> str:

@@ -148,3 +148,22 @@ def test_wrong_round():
 def test_missing_update_id():
     v = verdict(with_metadata(update_id=None))
     assert (v.status, v.reason, v.update_id) == ("rejected", "bad_update_id", None)
+
+
+def test_overflowing_squares_are_too_large_not_infinite():
+    # 1e30² overflows float32, but every value is finite: the reason must be the norm
+    big = update(update_id="big", deltas={n: np.full(s, 1e30, np.float32) for n, s in SHAPES.items()})
+    v = verdict(encode_update(big))
+    assert (v.status, v.reason) == ("rejected", "norm_too_large")
+
+
+def test_norm_just_below_the_limit_is_accepted():
+    # ‖Δ‖ = sqrt(15)·c with 15 values; c chosen so that the norm is 9.99 < 10
+    c = np.float32(9.99 / np.sqrt(15))
+    v = verdict(encode_update(update(deltas={n: np.full(s, c, np.float32) for n, s in SHAPES.items()})))
+    assert v.status == "accepted"
+
+
+def test_payload_larger_than_any_valid_update_is_refused_unparsed():
+    v = verdict(b"\xff" * (4 * 15 + 64 * 1024 + 1))
+    assert (v.status, v.reason, v.update_id) == ("rejected", "payload_too_large", None)

@@ -1,0 +1,159 @@
+"""Aggregation math: streaming weighted sums, robust aggregators, clipping, central DP, staleness.
+
+Every aggregator has the same two-call interface: `add(deltas, weight)` for each accepted update,
+then `result()` for the aggregated delta Δ̄. `StreamingMean` keeps one running sum (memory O(model));
+`Median` and `TrimmedMean` must hold all K updates of a round (memory K × model).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+Tensors = dict[str, np.ndarray]
+
+# The fold reads views of received (immutable) bytes; torch warns on every such read-only view although it
+# only reads it. The filter matches that one message.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+
+
+def fold(acc: Tensors, delta: Tensors, weight: float) -> None:
+    """In place: acc_t ← acc_t + w · Δ_t for every tensor t (one pass over Δ, no temporaries)."""
+    for name, d in delta.items():
+        torch.from_numpy(acc[name]).add_(torch.from_numpy(np.ascontiguousarray(d)), alpha=weight)
+
+
+def l2_norm(delta: Tensors) -> float:
+    """‖Δ‖₂ = sqrt(Σ_t Σ_i Δ_{t,i}²), accumulated in float64."""
+    return math.sqrt(sum(float(np.dot(d.ravel().astype(np.float64), d.ravel())) for d in delta.values()))
+
+
+def clip_factor(norm: float, max_norm: float) -> float:
+    """min(1, C / ‖Δ‖): the scale that brings an update's norm down to at most C."""
+    return 1.0 if norm <= max_norm else max_norm / norm
+
+
+def clip(delta: Tensors, max_norm: float) -> Tensors:
+    """clip_C(Δ) = Δ · min(1, C / ‖Δ‖₂) (a new dict; Δ is untouched)."""
+    f = np.float32(clip_factor(l2_norm(delta), max_norm))
+    return delta if f == 1.0 else {n: d * f for n, d in delta.items()}
+
+
+def staleness_weight(staleness: int) -> float:
+    """FedBuff's discount of an update computed s versions ago: α(s) = 1 / sqrt(1 + s)."""
+    if staleness < 0:
+        raise ValueError(f"staleness {staleness} < 0")
+    return 1.0 / math.sqrt(1.0 + staleness)
+
+
+def sample_weight(num_samples: int, max_samples: int | None) -> float:
+    """n_k clipped to the coordinator's max_samples_per_update: min(n_k, n_max)."""
+    return float(min(num_samples, max_samples) if max_samples else num_samples)
+
+
+def gaussian_noise(shapes: dict[str, tuple[int, ...]], std: float, seed: int) -> Tensors:
+    """z_t ~ N(0, std²) i.i.d. per coordinate, from a seeded generator (reproducible after a restart)."""
+    rng = np.random.default_rng(seed)
+    return {n: rng.normal(0.0, std, size=s).astype(np.float32) for n, s in sorted(shapes.items())}
+
+
+class StreamingMean:
+    """Δ̄ = Σ_k w_k Δ_k / Σ_k w_k, folded one update at a time (memory: one model).
+
+    The running sum is one flat float32 buffer (names in sorted order); `sum[name]` are views into it,
+    so an update whose data is already flat in that order folds in a single pass (`add_flat`).
+    """
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        sizes = {n: int(np.prod(shapes[n], dtype=np.int64)) for n in sorted(shapes)}
+        self.flat = np.zeros(sum(sizes.values()), np.float32)
+        self._flat_t = torch.from_numpy(self.flat)
+        self.sum: Tensors = {}
+        offset = 0
+        for n, size in sizes.items():
+            self.sum[n] = self.flat[offset : offset + size].reshape(shapes[n])
+            offset += size
+        self.total_weight = 0.0
+        self.count = 0
+
+    def add(self, delta: Tensors, weight: float) -> None:
+        fold(self.sum, delta, weight)
+        self.total_weight += weight
+        self.count += 1
+
+    def add_flat(self, flat_delta: np.ndarray, weight: float) -> None:
+        """Same as `add` for Δ given as one float32 array in sorted-name order: S ← S + w·Δ in one pass."""
+        self._flat_t.add_(torch.from_numpy(flat_delta), alpha=weight)
+        self.total_weight += weight
+        self.count += 1
+
+    def result(self, denominator: float | None = None) -> Tensors:
+        """Σ_k w_k Δ_k / D with D = Σ_k w_k unless given (FedBuff divides by Σ n_k, DP by K)."""
+        d = self.total_weight if denominator is None else denominator
+        if self.count == 0 or d <= 0:
+            raise ValueError("no updates to aggregate")
+        return {n: s / np.float32(d) for n, s in self.sum.items()}
+
+
+class _Buffered:
+    """Holds every update of the round (memory: K models); subclasses reduce them coordinate-wise."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        self.shapes = shapes
+        self.deltas: list[Tensors] = []
+        self.count = 0
+
+    def add(self, delta: Tensors, weight: float) -> None:  # weights are ignored: robust rules are unweighted
+        self.deltas.append({n: np.array(delta[n], np.float32) for n in self.shapes})
+        self.count += 1
+
+    def result(self, denominator: float | None = None) -> Tensors:
+        if not self.deltas:
+            raise ValueError("no updates to aggregate")
+        return {n: self.reduce(np.stack([d[n] for d in self.deltas])) for n in self.shapes}
+
+    def reduce(self, stacked: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+class Median(_Buffered):
+    """Coordinate-wise median: Δ̄_i = median_k Δ_{k,i} (mean of the two middle values for even K)."""
+
+    def reduce(self, stacked: np.ndarray) -> np.ndarray:
+        return np.median(stacked, axis=0).astype(np.float32)
+
+
+class TrimmedMean(_Buffered):
+    """Coordinate-wise β-trimmed mean: drop the ⌊βK⌋ smallest and largest Δ_{k,i}, average the rest."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], trim_fraction: float = 0.1) -> None:
+        super().__init__(shapes)
+        if not 0.0 <= trim_fraction < 0.5:
+            raise ValueError(f"trim fraction {trim_fraction} must be in [0, 0.5)")
+        self.trim_fraction = trim_fraction
+
+    def reduce(self, stacked: np.ndarray) -> np.ndarray:
+        k = math.floor(self.trim_fraction * stacked.shape[0])
+        s = np.sort(stacked, axis=0)
+        return s[k : stacked.shape[0] - k].mean(axis=0).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class DpConfig:
+    """Central DP (DP-FedAvg): clip every update to C, add N(0, (σC)²) to the sum, divide by K."""
+
+    clip_norm: float  # C
+    noise_multiplier: float  # σ
+
+
+def dp_mean(sum_of_clipped: Tensors, count: int, dp: DpConfig, seed: int) -> Tensors:
+    """Δ̄ = (Σ_k clip_C(Δ_k) + z) / K with z ~ N(0, (σ·C)²·I): uniform weights, sensitivity C."""
+    if count == 0:
+        raise ValueError("no updates to aggregate")
+    shapes = {n: s.shape for n, s in sum_of_clipped.items()}
+    noise = gaussian_noise(shapes, dp.noise_multiplier * dp.clip_norm, seed)
+    return {n: (s + noise[n]) / np.float32(count) for n, s in sum_of_clipped.items()}

@@ -1,0 +1,58 @@
+"""Coordinator configuration (frozen): rounds, aggregation, privacy, retention, selection, metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from coordinator.aggregate import DpConfig
+from coordinator.optim import ServerOptConfig
+from coordinator.selection import Eligibility
+from edgelearn.protocol import LocalConfig
+
+MODES = ("sync", "async")
+AGGREGATORS = ("mean", "median", "trimmed_mean")
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    broker_url: str
+    fleet: str
+    bundle_dir: Path
+    state_dir: Path
+    topic_root: str = "edgelearn"
+    min_updates: int = 2
+    round_timeout_s: float = 60.0
+    local: LocalConfig = field(default_factory=LocalConfig)
+    max_update_norm: float = 1e3
+    max_samples_per_update: int | None = None
+    max_rounds: int | None = None  # stop after this many aggregations (None: run forever)
+    tick_s: float = 0.2
+    mqtt_v311: bool = False
+    mode: str = "sync"  # sync: rounds (protocol v1); async: FedBuff, no round published
+    buffer_size: int = 10  # async: aggregate every K accepted updates
+    max_staleness: int = 4  # async: reject updates more than this many versions old
+    aggregator: str = "mean"  # mean (streaming) | median | trimmed_mean (these hold all K updates)
+    trim_fraction: float = 0.1
+    clip_norm: float | None = None  # clip each update to this L2 norm before aggregating
+    dp: DpConfig | None = None  # central DP: clip to C, add N(0, (σC)²) to the sum
+    server_opt: ServerOptConfig = field(default_factory=ServerOptConfig)
+    keep_releases: int = 5
+    metrics_port: int | None = None  # Prometheus text format on this port
+    metrics_addr: str = "127.0.0.1"
+    target_participants: int | None = None  # sync: select this many (× over_selection) among online devices
+    over_selection: float = 1.3
+    eligibility: tuple[Eligibility, ...] = ()
+    selection_grace_s: float = 1.0  # wait for retained statuses before the first selection
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode {self.mode!r}: use one of {MODES}")
+        if self.aggregator not in AGGREGATORS:
+            raise ValueError(f"aggregator {self.aggregator!r}: use one of {AGGREGATORS}")
+        if self.dp is not None and self.aggregator != "mean":
+            raise ValueError("central DP needs the mean aggregator (its sensitivity bound is for a sum)")
+        if self.keep_releases < 1:
+            raise ValueError("keep_releases must be >= 1")
+        if self.min_updates < 1 or self.buffer_size < 1:
+            raise ValueError("min_updates and buffer_size must be >= 1")

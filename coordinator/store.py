@@ -1,0 +1,209 @@
+"""Durable coordinator state in SQLite (WAL, synchronous=FULL): round, version, accepted updates, releases.
+
+The spool holds the payloads; this database says which of them count. An update counts once its
+row is committed here (after its payload was fsynced to the spool, before its ack is published).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS updates (
+  update_id TEXT PRIMARY KEY, round INTEGER NOT NULL, seq INTEGER NOT NULL, device_id TEXT NOT NULL,
+  num_samples INTEGER NOT NULL, base_version INTEGER NOT NULL, weight REAL NOT NULL,
+  spool_offset INTEGER NOT NULL, spool_bytes INTEGER NOT NULL, received REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS updates_round ON updates(round, seq);
+CREATE TABLE IF NOT EXISTS rounds (
+  round INTEGER PRIMARY KEY, base_version INTEGER NOT NULL, opened REAL NOT NULL, closed REAL,
+  version_out INTEGER, participants TEXT, accepted INTEGER DEFAULT 0, rejected TEXT DEFAULT '{}',
+  duplicates INTEGER DEFAULT 0, metrics TEXT DEFAULT '{}', seconds REAL);
+CREATE TABLE IF NOT EXISTS releases (version INTEGER PRIMARY KEY, created REAL NOT NULL, note TEXT);
+CREATE TABLE IF NOT EXISTS devices (
+  device_id TEXT PRIMARY KEY, state TEXT, version INTEGER, last_seen REAL, status TEXT);
+"""
+
+
+@dataclass(frozen=True)
+class AcceptedRow:
+    update_id: str
+    round: int
+    seq: int
+    device_id: str
+    num_samples: int
+    base_version: int
+    weight: float
+    spool_offset: int
+    spool_bytes: int
+
+
+class _AcceptedIds:
+    """`update_id in store.accepted_ids`: a set-like view of the committed update ids."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __contains__(self, update_id: object) -> bool:
+        return self.db.execute("SELECT 1 FROM updates WHERE update_id=?", (update_id,)).fetchone() is not None
+
+
+class Store:
+    """One SQLite file; every method is one transaction."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.executescript(SCHEMA)
+        self.accepted_ids = _AcceptedIds(self.db)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # ------------------------------------------------------------ meta
+
+    def get(self, key: str, default: str | None = None) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else default
+
+    def set_many(self, values: dict[str, object]) -> None:
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            self._set(values)
+
+    def _set(self, values: dict[str, object]) -> None:
+        self.db.executemany(
+            "INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+            [(k, str(v)) for k, v in values.items()],
+        )
+
+    # ------------------------------------------------------------ updates
+
+    def accept(self, rows: list[AcceptedRow]) -> None:
+        """Commit a batch of accepted updates in one transaction (one fsync)."""
+        now = time.time()
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.executemany(
+                "INSERT INTO updates VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(*(getattr(r, f) for f in AcceptedRow.__dataclass_fields__), now) for r in rows],
+            )
+
+    def accepted(self, rnd: int) -> list[AcceptedRow]:
+        """The accepted updates of a round in arrival order (the order they were folded in)."""
+        rows = self.db.execute(
+            "SELECT update_id, round, seq, device_id, num_samples, base_version, weight, spool_offset, spool_bytes "
+            "FROM updates "
+            "WHERE round=? ORDER BY seq",
+            (rnd,),
+        ).fetchall()
+        return [AcceptedRow(*r) for r in rows]
+
+    def next_seq(self) -> int:
+        return int(self.db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM updates").fetchone()[0])
+
+    # ------------------------------------------------------------ rounds and releases
+
+    def open_round(self, rnd: int, base_version: int, participants: list[str] | None) -> None:
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute(
+                "INSERT INTO rounds(round, base_version, opened, participants) VALUES(?, ?, ?, ?) "
+                "ON CONFLICT(round) DO UPDATE SET participants=excluded.participants",
+                (rnd, base_version, time.time(), json.dumps(participants)),
+            )
+
+    def ensure_round(self, rnd: int, base_version: int) -> None:
+        with self.db:
+            self.db.execute(
+                "INSERT OR IGNORE INTO rounds(round, base_version, opened) VALUES(?, ?, ?)",
+                (rnd, base_version, time.time()),
+            )
+
+    def save_counts(self, rnd: int, rejected: dict[str, int], duplicates: int) -> None:
+        """The open round's rejection and duplicate counts (so they survive a restart)."""
+        with self.db:
+            self.db.execute(
+                "UPDATE rounds SET rejected=?, duplicates=? WHERE round=?", (json.dumps(rejected), duplicates, rnd)
+            )
+
+    def counts(self, rnd: int) -> tuple[dict[str, int], int]:
+        row = self.db.execute("SELECT rejected, duplicates FROM rounds WHERE round=?", (rnd,)).fetchone()
+        return (json.loads(row[0] or "{}"), int(row[1] or 0)) if row else ({}, 0)
+
+    def close_round(self, rnd: int, version_out: int, summary: dict, meta: dict[str, object]) -> None:
+        """Atomically: the round's outcome, release `version_out`, and the next state (`meta`)."""
+        now = time.time()
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute(
+                "UPDATE rounds SET closed=?, version_out=?, accepted=?, rejected=?, duplicates=?, metrics=?, "
+                "seconds=? WHERE round=?",
+                (
+                    now,
+                    version_out,
+                    summary["accepted"],
+                    json.dumps(summary["rejected"]),
+                    summary["duplicates"],
+                    json.dumps(summary["metrics"]),
+                    summary["seconds"],
+                    rnd,
+                ),
+            )
+            self.db.execute("INSERT OR REPLACE INTO releases VALUES(?, ?, ?)", (version_out, now, f"round {rnd}"))
+            self._set(meta)
+
+    def abandon_round(self, rnd: int, why: str) -> None:
+        with self.db:
+            self.db.execute(
+                "UPDATE rounds SET closed=?, metrics=? WHERE round=? AND closed IS NULL",
+                (time.time(), json.dumps({"abandoned": why}), rnd),
+            )
+
+    def add_release(self, version: int, note: str, meta: dict[str, object]) -> None:
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute("INSERT OR REPLACE INTO releases VALUES(?, ?, ?)", (version, time.time(), note))
+            self._set(meta)
+
+    def releases(self) -> list[tuple[int, float, str]]:
+        return self.db.execute("SELECT version, created, note FROM releases ORDER BY version").fetchall()
+
+    def drop_release(self, version: int) -> None:
+        with self.db:
+            self.db.execute("DELETE FROM releases WHERE version=?", (version,))
+
+    def rounds(self, limit: int = 50) -> list[dict]:
+        cur = self.db.execute(
+            "SELECT r.*, (SELECT COUNT(*) FROM updates u WHERE u.round = r.round) AS n_updates "
+            "FROM rounds r ORDER BY round DESC LIMIT ?",
+            (limit,),
+        )
+        cols = [c[0] for c in cur.description]
+        return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()][::-1]
+
+    # ------------------------------------------------------------ devices (from retained status topics)
+
+    def see_devices(self, statuses: list[tuple[str, dict]]) -> None:
+        """Record the latest status of each device, all in one transaction."""
+        now = time.time()
+        rows = []
+        for device_id, status in statuses:
+            version = status.get("version")
+            state = str(status.get("state", "?"))
+            rows.append((device_id, state, version if isinstance(version, int) else None, now, json.dumps(status)))
+        with self.db:
+            self.db.executemany("INSERT OR REPLACE INTO devices VALUES(?, ?, ?, ?, ?)", rows)
+
+    def devices(self) -> list[dict]:
+        cur = self.db.execute("SELECT device_id, state, version, last_seen, status FROM devices ORDER BY device_id")
+        return [
+            {"device_id": d, "state": s, "version": v, "last_seen": t, "status": json.loads(j)}
+            for d, s, v, t, j in cur.fetchall()
+        ]

@@ -1,0 +1,251 @@
+"""The coordinator's durable core (coordinator/engine.py) without MQTT: modes, aggregators, restarts, retention.
+
+Releases here are written by `weights_only_rebuild` (new weights, the previous programs copied) so
+that each test takes seconds; the real re-lowering runs in tests/test_e2e.py and the crash test.
+"""
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from coordinator import aggregate as agg
+from coordinator.config import CoordinatorConfig
+from coordinator.engine import Engine
+from coordinator.ops import OpsError, fleet_rounds_lines, rollback
+from coordinator.optim import ServerOptConfig
+from edgelearn.bundle import Manifest, dump_weights, load_weights, verify_bundle, write_bundle
+from edgelearn.protocol import Update, encode_update
+
+
+def weights_only_rebuild(prev_dir: Path, weights: dict, version: int, out: Path) -> Manifest:
+    prev = verify_bundle(prev_dir)
+    files = {name: (prev_dir / name).read_bytes() for name in prev.files}
+    files["weights.safetensors"] = dump_weights(weights)
+    return write_bundle(out, replace(prev, version=version, files={}, created=""), files)
+
+
+def make_cfg(bundle_dir: Path, state: Path, **kw) -> CoordinatorConfig:
+    return CoordinatorConfig("mqtt://127.0.0.1:1", "f", bundle_dir, state, min_updates=3, **kw)
+
+
+def upd(e: Engine, uid: str, n: int, seed: int, base: int | None = None, rnd: int | None = 0, dev: str = "") -> bytes:
+    rng = np.random.default_rng(seed)
+    deltas = {k: rng.normal(0, 0.01, s).astype(np.float32) for k, s in e.shapes.items()}
+    return encode_update(
+        Update(uid, dev or f"d{uid}", e.manifest.model_id, base or e.version, n, deltas, e.round if rnd == 0 else rnd)
+    )
+
+
+def decoded(payload: bytes):
+    from edgelearn.protocol import decode_update
+
+    return decode_update(payload)
+
+
+def test_sync_round_is_protocol_fedavg(bundle_dir, tmp_path):
+    # Prepare
+    e = Engine(make_cfg(bundle_dir, tmp_path), weights_only_rebuild)
+    theta = load_weights(e.release_dir(1))
+    payloads = [upd(e, f"u{k}", n, k) for k, n in enumerate((10, 30, 60))]
+    # Execute
+    verdicts = [e.handle(decoded(p).device_id, p) for p in payloads]
+    assert e.ready()
+    s = e.close()
+    # Assert: θ2 = θ1 + Σ n_k/Σn Δ_k, release v2 on disk, spool of round 1 gone
+    assert [v.status for v in verdicts] == ["accepted"] * 3 and (s.version, s.accepted) == (2, 3)
+    us = [decoded(p) for p in payloads]
+    new = load_weights(e.release_dir(2))
+    for name in e.shapes:
+        expected = theta[name] + sum(u.num_samples / 100 * u.deltas[name] for u in us)
+        np.testing.assert_allclose(new[name], expected, atol=1e-6)
+    assert not e.spool.log_path(1).exists() and (e.version, e.round) == (2, 2)
+
+
+def test_duplicate_counted_once_and_rejections_by_reason(bundle_dir, tmp_path):
+    e = Engine(make_cfg(bundle_dir, tmp_path), weights_only_rebuild)
+    p = upd(e, "u1", 5, 1)
+    bad_round = upd(e, "u2", 5, 2, rnd=9)
+    first, second = e.handle("du1", p), e.handle("du1", p)
+    e.handle("du2", bad_round)
+    e.handle("dx", b"\x00" * 100)
+    e.handle("du1", p[:-5])  # truncated
+    e.handle("du3", b"x" * (200 * 1024 * 1024))  # a 200 MB payload is refused before parsing
+    assert (first.status, second.status) == ("accepted", "duplicate")
+    assert e.count == 1 and e.duplicates == 1
+    assert e.rejected == {"wrong_round": 1, "not_safetensors": 2, "payload_too_large": 1}
+    e.store.close()
+    e2 = Engine(make_cfg(bundle_dir, tmp_path), weights_only_rebuild)  # counts survive a restart
+    assert (e2.count, e2.duplicates, e2.rejected) == (1, 1, e.rejected)
+
+
+def test_restart_mid_round_gives_identical_release(bundle_dir, tmp_path):
+    # Prepare: the same three updates for an uninterrupted engine and one restarted after two
+    e0 = Engine(make_cfg(bundle_dir, tmp_path / "a"), weights_only_rebuild)
+    payloads = [upd(e0, f"u{k}", 7 + k, k) for k in range(3)]
+    for p in payloads:
+        e0.handle(decoded(p).device_id, p)
+    e0.close()
+    e1 = Engine(make_cfg(bundle_dir, tmp_path / "b"), weights_only_rebuild)
+    for p in payloads[:2]:
+        e1.handle(decoded(p).device_id, p)
+    e1.store.close()  # the process dies here: nothing else is saved
+    # Execute
+    e2 = Engine(make_cfg(bundle_dir, tmp_path / "b"), weights_only_rebuild)
+    again = e2.handle(decoded(payloads[1]).device_id, payloads[1])
+    e2.handle(decoded(payloads[2]).device_id, payloads[2])
+    e2.close()
+    # Assert: recovered count, duplicate after restart, bit-identical release
+    assert again.status == "duplicate" and e2.version == 2
+    a, b = load_weights(e0.release_dir(2)), load_weights(e2.release_dir(2))
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_spooled_but_uncommitted_update_is_dropped_then_accepted_on_resend(bundle_dir, tmp_path):
+    e = Engine(make_cfg(bundle_dir, tmp_path), weights_only_rebuild)
+    p = upd(e, "u1", 5, 1)
+    e.spool.append(e.round, [p])  # crash between the spool fsync and the SQLite commit
+    e.store.close()
+    e2 = Engine(make_cfg(bundle_dir, tmp_path), weights_only_rebuild)
+    assert e2.count == 0 and e2.spool.log_path(1).stat().st_size == 0  # the uncommitted tail is cut
+    assert e2.handle("du1", p).status == "accepted" and e2.count == 1
+
+
+def test_async_fedbuff_staleness(bundle_dir, tmp_path):
+    # Prepare: release v1 → close once so that v2 is current; then updates on v2 (s=0) and v1 (s=1)
+    cfg = make_cfg(bundle_dir, tmp_path, mode="async", buffer_size=2, max_staleness=1)
+    e = Engine(cfg, weights_only_rebuild)
+    for k in range(2):
+        e.handle(f"du{k}", upd(e, f"u{k}", 4, k, rnd=None))
+    e.close()
+    theta = load_weights(e.release_dir(2))
+    fresh, stale = upd(e, "a", 10, 5, base=2, rnd=None), upd(e, "b", 30, 6, base=1, rnd=None)
+    too_old = upd(e, "c", 30, 7, base=1, rnd=None)
+    e.version = 3  # pretend v3 is current for the third one: staleness 2 > 1
+    assert e.handle("dc", too_old).reason == "stale_base_version"
+    e.version = 2
+    # Execute
+    e.handle("da", fresh), e.handle("db", stale)
+    e.close()
+    # Assert: θ3 = θ2 + (10·1·Δa + 30·(1/√2)·Δb) / 40
+    da, db = decoded(fresh).deltas, decoded(stale).deltas
+    new = load_weights(e.release_dir(3))
+    for n in e.shapes:
+        np.testing.assert_allclose(new[n], theta[n] + (10 * da[n] + 30 / np.sqrt(2) * db[n]) / 40, atol=1e-6)
+
+
+def test_batch_group_commit_detects_duplicates_within_the_batch(bundle_dir, tmp_path):
+    e = Engine(make_cfg(bundle_dir, tmp_path), weights_only_rebuild)
+    a, b = upd(e, "a", 5, 1), upd(e, "b", 7, 2)
+    verdicts = e.handle_batch([("da", a), ("db", b), ("da", a), ("dx", b"junk")])
+    assert [v.status for v in verdicts] == ["accepted", "accepted", "duplicate", "rejected"]
+    rows = e.store.accepted(1)
+    assert [(r.update_id, r.seq) for r in rows] == [("a", 1), ("b", 2)]
+    assert e.spool.read(1, rows[1].spool_offset, rows[1].spool_bytes) == b
+
+
+def test_median_and_dp_through_the_engine(bundle_dir, tmp_path):
+    e = Engine(make_cfg(bundle_dir, tmp_path / "m", aggregator="median"), weights_only_rebuild)
+    ps = [upd(e, f"u{k}", 1 + k, k) for k in range(3)]
+    for p in ps:
+        e.handle(decoded(p).device_id, p)
+    theta, delta = load_weights(e.release_dir(1)), e.aggregated_delta()
+    e.close()
+    n = next(iter(e.shapes))
+    np.testing.assert_allclose(delta[n], np.median([decoded(p).deltas[n] for p in ps], axis=0))
+    np.testing.assert_allclose(load_weights(e.release_dir(2))[n], theta[n] + delta[n], atol=1e-7)
+    dp = agg.DpConfig(clip_norm=0.01, noise_multiplier=0.0)
+    e2 = Engine(make_cfg(bundle_dir, tmp_path / "d", dp=dp), weights_only_rebuild)
+    for p in ps:
+        e2.handle(decoded(p).device_id, p)
+    clipped = [agg.clip(decoded(p).deltas, 0.01) for p in ps]  # σ=0: exactly the mean of the clipped updates
+    np.testing.assert_allclose(e2.aggregated_delta()[n], sum(c[n] for c in clipped) / 3, atol=1e-7)
+
+
+def test_momentum_state_survives_restart_and_releases_are_pruned(bundle_dir, tmp_path):
+    cfg = make_cfg(bundle_dir, tmp_path, server_opt=ServerOptConfig("fedavgm", 1.0, 0.5), keep_releases=2)
+    for r in range(3):
+        e = Engine(cfg, weights_only_rebuild)
+        for k in range(3):
+            e.handle(f"du{r}{k}", upd(e, f"u{r}{k}", 5, 10 * r + k))
+        prev_m = dict(e.opt_state)
+        delta = e.aggregated_delta()
+        e.close()
+        e.store.close()
+        if r > 0:  # m' = β m + Δ̄ with m loaded from disk by the new engine
+            n = next(iter(delta))
+            np.testing.assert_allclose(e.opt_state[f"m:{n}"], 0.5 * prev_m[f"m:{n}"] + delta[n], atol=1e-7)
+    kept = sorted(p.name for p in (tmp_path / "releases").glob("v*"))
+    assert kept == ["v3", "v4"]
+    lines = fleet_rounds_lines(tmp_path)
+    assert len(lines) == 1 + 4  # header, rounds 1-3 closed, round 4 open
+    assert lines[3].split()[:5] == ["3", "3", "4", "any", "3"]
+    assert lines[4].split()[:5] == ["4", "4", "open", "any", "0"]
+
+
+def test_rollback_publishes_old_weights_as_next_version(bundle_dir, tmp_path):
+    e = Engine(make_cfg(bundle_dir, tmp_path), weights_only_rebuild)
+    for k in range(3):
+        e.handle(f"du{k}", upd(e, f"u{k}", 5, k))
+    e.close()
+    e.store.close()
+    # Execute
+    m = rollback(tmp_path, 1, weights_only_rebuild)
+    with pytest.raises(OpsError, match="v9 is not kept"):
+        rollback(tmp_path, 9, weights_only_rebuild)
+    # Assert: v3 = weights of v1, and a restarted engine serves v3 in round 3
+    e2 = Engine(make_cfg(bundle_dir, tmp_path), weights_only_rebuild)
+    assert m.version == 3 and (e2.version, e2.round) == (3, 3)
+    w1, w3 = load_weights(tmp_path / "releases" / "v1"), load_weights(tmp_path / "releases" / "v3")
+    assert all(np.array_equal(w1[k], w3[k]) for k in w1)
+    assert "abandoned" in fleet_rounds_lines(tmp_path)[2]  # round 2 never closed into a release
+
+
+def test_crash_after_release_written_before_commit_redoes_the_close(bundle_dir, tmp_path):
+    # Prepare: three accepted updates, then a close that dies after writing v2 but before the commit
+    e = Engine(make_cfg(bundle_dir, tmp_path), weights_only_rebuild)
+    for k in range(3):
+        e.handle(f"du{k}", upd(e, f"u{k}", 5, k))
+    theta = e.aggregated_delta()
+    weights_only_rebuild(e.release_dir(1), {n: a + 1 for n, a in load_weights(e.release_dir(1)).items()}, 2,
+                         e.release_dir(2))  # fmt: skip
+    e.store.close()
+    # Execute: restart; the round is still open with its three updates, and closes again
+    e2 = Engine(make_cfg(bundle_dir, tmp_path), weights_only_rebuild)
+    assert (e2.version, e2.round, e2.count) == (1, 1, 3) and e2.ready()
+    e2.close()
+    # Assert: v2 now holds θ1 + Δ̄, not the half-finished attempt
+    w1, w2 = load_weights(e2.release_dir(1)), load_weights(e2.release_dir(2))
+    for n, d in theta.items():
+        np.testing.assert_allclose(w2[n], w1[n] + d, atol=1e-7)
+
+
+def test_rollback_cli_errors_are_one_line(bundle_dir, tmp_path, capsys):
+    from coordinator.server import lock_state
+    from edgelearn.cli import main
+
+    Engine(make_cfg(bundle_dir, tmp_path), weights_only_rebuild).store.close()
+    assert main(["coordinator", "rollback", "--to", "7", "--state", str(tmp_path)]) == 2
+    assert "release v7 is not kept (kept: v1)" in capsys.readouterr().err
+    lock = lock_state(tmp_path, "testing")  # a running coordinator holds the lock
+    try:
+        assert main(["coordinator", "rollback", "--to", "1", "--state", str(tmp_path)]) == 2
+        assert "in use by another process" in capsys.readouterr().err
+    finally:
+        lock.close()
+
+
+def test_round_closes_early_when_every_invited_device_reported(bundle_dir, tmp_path):
+    from coordinator.server import Coordinator
+
+    c = Coordinator(make_cfg(bundle_dir, tmp_path), weights_only_rebuild)  # not started: no broker needed
+    try:
+        c.participants = ["d1", "d2"]
+        c.engine.handle("d1", upd(c.engine, "u1", 5, 1, dev="d1"))
+        assert not c.ready()  # 1 of min_updates=3, d2 still missing
+        c.engine.handle("d2", upd(c.engine, "u2", 5, 2, dev="d2"))
+        assert c.ready()
+    finally:
+        c.engine.store.close()
+        c._lock.close()
