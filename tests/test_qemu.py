@@ -3,10 +3,12 @@
 import json
 import os
 import shutil
+import time
 
 import pytest
 
 from devices.flash import DeviceSettings, env_text, unit_text
+from devices.profiles import ProfileError, load_profile
 from devices.qemu.fakecpu import CPUS, cpuinfo_text, midr_el1, sys_files, write_fake_cpu
 from devices.qemu.guest import active_versions, exec_start_argv, read_env_file
 
@@ -66,17 +68,30 @@ def test_active_versions_reads_the_agent_state(tmp_path):
     assert active_versions(tmp_path) == (2, 1)
 
 
+def test_the_flashed_profile_file_alone_is_a_complete_profile(tmp_path):
+    # Prepare: profile.toml as flash writes it; the unit passes it as --profile-file without --profile
+    f = tmp_path / "profile.toml"
+    f.write_text(load_profile("rpi4").to_toml())
+    partial = tmp_path / "partial.toml"
+    partial.write_text("threads = 2\n")
+    # Execute / Assert (found by the arm64 rehearsal: the flashed agent crashed on start)
+    assert load_profile("", f) == load_profile("rpi4")
+    with pytest.raises(ProfileError, match="missing field"):
+        load_profile("", partial)
+
+
 @pytest.mark.qemu
-def test_flashed_agent_takes_part_in_a_round_as_arm64_code(bundle_dir, tmp_path):
+def test_flashed_agent_takes_part_in_a_round_as_arm64_code(bundle_dir):
     """`make qemu-test`: root, debootstrap, qemu-user-static; minutes from the cache, ~10+ from scratch."""
     from devices.qemu.harness import DEFAULT_CACHE, QemuConfig, rehearse
 
     # Prepare
     assert os.geteuid() == 0, "the qemu rehearsal needs root (debootstrap, chroot, mounts)"
-    cfg = QemuConfig(work_dir=tmp_path / "work", bundle_dir=bundle_dir)
+    work = DEFAULT_CACHE / "runs" / time.strftime("%Y%m%d-%H%M%S")  # kept for its logs (not the shared /tmp)
+    cfg = QemuConfig(work_dir=work, bundle_dir=bundle_dir)
     # Execute
-    doc = rehearse(cfg, tmp_path / "qemu-timings.json")
-    shutil.copyfile(tmp_path / "qemu-timings.json", DEFAULT_CACHE / "last-qemu-timings.json")
+    doc = rehearse(cfg, work / "qemu-timings.json")
+    shutil.copyfile(work / "qemu-timings.json", DEFAULT_CACHE / "last-qemu-timings.json")
     print(json.dumps(doc, indent=2))
     # Assert: really aarch64, one update for round 1 accepted, release 2 published and active on the device
     assert all(s["ok"] for s in doc["steps"]), doc["steps"]

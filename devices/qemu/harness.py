@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from devices.qemu.fakecpu import CPUS, write_fake_cpu
-from devices.qemu.guest import AgentRun, exec_start_argv, read_env_file, wait_for_round
+from devices.qemu.guest import AgentRun, RoundError, exec_start_argv, read_env_file, wait_for_round
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
@@ -190,6 +190,11 @@ def probe_guest(cfg: QemuConfig, t: Timings, logs: Path, fake: Path) -> dict[str
     return probe
 
 
+def log_tail(path: Path, lines: int = 3) -> str:
+    text = path.read_text(errors="replace").strip().splitlines() if path.exists() else ["(no log)"]
+    return " | ".join(text[-lines:])
+
+
 def start(cmd: list[str], log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=log_path.open("ab"), stderr=subprocess.STDOUT, env=env)
 
@@ -222,6 +227,9 @@ def one_round(cfg: QemuConfig, t: Timings, bundle: Path, fake: Path, broker_url:
             procs.append(start(guest_cmd(cfg, fake, *argv), cfg.work_dir / "agent.log", guest_env(cfg)))
             state = cfg.rootfs / "var/lib/edgelearn/state"
             return wait_for_round(broker_url, cfg.fleet, cfg.device_id, state, procs, cfg.round_timeout_s + 60)
+    except RoundError as e:
+        agent_log = cfg.work_dir / "agent.log"
+        raise QemuError(f"{e}; agent log {agent_log}: {log_tail(agent_log)}") from None
     finally:
         stop_all(procs)
 
