@@ -97,6 +97,7 @@ def test_flashed_agent_takes_part_in_a_round_as_arm64_code(bundle_dir):
     assert all(s["ok"] for s in doc["steps"]), doc["steps"]
     assert doc["guest"]["machine"] == "aarch64"
     assert doc["guest"]["torch"].startswith("2.13.0")
+    assert doc["guest"]["max_abs_logit_diff"] < 1e-4  # the same .pte gives the host's outputs under emulation
     r = doc["round"]
     assert (r["update_round"], r["ack_status"], r["latest_version"]) == (1, "accepted", 2)
     assert (r["active_version"], r["previous_version"]) == (2, 1)

@@ -11,8 +11,10 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -29,12 +31,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 DEFAULT_CACHE = Path(os.environ.get("EDGELEARN_QEMU_CACHE", "/var/cache/edgelearn-qemu"))
 SERVER_FRACTION = 0.05
-GUEST_PROBE = (
-    "import json, platform, time; t0 = time.monotonic(); import torch; t1 = time.monotonic();"
-    " import executorch.runtime; t2 = time.monotonic();"
-    " print(json.dumps({'machine': platform.machine(), 'torch': torch.__version__,"
-    " 'import_torch_s': round(t1 - t0, 2), 'import_executorch_runtime_s': round(t2 - t1, 2)}))"
-)
+MAX_LOGIT_DIFF = 1e-4  # guest vs host `infer.pte` logits; the feasibility run measured 1.5e-7
 
 
 class QemuError(RuntimeError):
@@ -179,14 +176,25 @@ def install_venv(cfg: QemuConfig, t: Timings, logs: Path, fake: Path, wheel: Pat
         run_logged(guest_cmd(cfg, fake, *pip, f"/tmp/{wheel.name}"), logs, "guest pip install", guest_env(cfg))
 
 
-def probe_guest(cfg: QemuConfig, t: Timings, logs: Path, fake: Path) -> dict[str, Any]:
-    """Emulated `import torch` / `import executorch.runtime`; proves the guest really is aarch64."""
-    with t.step("guest_imports"):
-        cmd = guest_cmd(cfg, fake, "/usr/bin/python3", "-c", GUEST_PROBE)
+def probe_guest(cfg: QemuConfig, t: Timings, logs: Path, fake: Path, shard: Path) -> dict[str, Any]:
+    """Emulated imports and inference of the flashed bundle; proves the guest is aarch64 and matches the host."""
+    from safetensors.numpy import load_file
+
+    from devices.qemu.probe import probe_logits
+
+    args = ["--bundle", "/opt/edgelearn/current/bundle", "--data", "/var/lib/edgelearn/data.safetensors"]
+    args += ["--out", "/tmp/edgelearn-probe.safetensors"]
+    with t.step("guest_probe"):
+        cmd = guest_cmd(cfg, fake, "/opt/edgelearn/venv/bin/python", "-m", "devices.qemu.probe", *args)
         out = run_logged(cmd, logs, "guest probe", guest_env(cfg))
-    probe = json.loads(out.strip().splitlines()[-1])
+    probe = json.loads([ln for ln in out.splitlines() if ln.startswith("{")][-1])
     if probe["machine"] != "aarch64":
         raise QemuError(f"the guest reports machine {probe['machine']!r}, not aarch64: binfmt/qemu is not in use")
+    guest = load_file(str(cfg.rootfs / "tmp/edgelearn-probe.safetensors"))["logits"]
+    host = probe_logits(cfg.rootfs / "opt/edgelearn/current/bundle", load_file(str(shard))["x"][: probe["rows"]])
+    probe["max_abs_logit_diff"] = float(abs(guest - host).max())
+    if not probe["max_abs_logit_diff"] <= MAX_LOGIT_DIFF:
+        raise QemuError(f"guest logits differ from the host's by {probe['max_abs_logit_diff']:.3g} > {MAX_LOGIT_DIFF}")
     return probe
 
 
@@ -239,6 +247,8 @@ def rehearse(cfg: QemuConfig, timings_path: Path) -> dict[str, Any]:
     from edgelearn.broker import Mosquitto
 
     cfg.work_dir.mkdir(parents=True, exist_ok=True)
+    if threading.current_thread() is threading.main_thread():  # SIGTERM unwinds too: no orphaned agent
+        signal.signal(signal.SIGTERM, _interrupt)
     t, logs = Timings(timings_path), cfg.work_dir / "steps.log"
     t.facts |= {"board": cfg.board, "qemu_cpu": CPUS[cfg.board].qemu_cpu, "cache_dir": str(cfg.cache_dir)}
     check_host(cfg)
@@ -250,13 +260,17 @@ def rehearse(cfg: QemuConfig, timings_path: Path) -> dict[str, Any]:
     try:
         flash_device(cfg, t, logs, bundle, shard, broker.url)
         install_venv(cfg, t, logs, fake, wheel)
-        t.facts["guest"] = probe_guest(cfg, t, logs, fake)
+        t.facts["guest"] = probe_guest(cfg, t, logs, fake, shard)
         t.facts["round"] = asdict(one_round(cfg, t, bundle, fake, broker.url))
     finally:
         broker.stop()
         t.facts["leftover_mounts"] = leftover_mounts(cfg.rootfs)
         t.write()
     return json.loads(timings_path.read_text())
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def leftover_mounts(rootfs: Path) -> list[str]:
