@@ -184,6 +184,7 @@ def probe_guest(cfg: QemuConfig, t: Timings, logs: Path, fake: Path, shard: Path
 
     args = ["--bundle", "/opt/edgelearn/current/bundle", "--data", "/var/lib/edgelearn/data.safetensors"]
     args += ["--out", "/tmp/edgelearn-probe.safetensors"]
+    (cfg.rootfs / "tmp/edgelearn-probe.safetensors").unlink(missing_ok=True)
     with t.step("guest_probe"):
         cmd = guest_cmd(cfg, fake, "/opt/edgelearn/venv/bin/python", "-m", "devices.qemu.probe", *args)
         out = run_logged(cmd, logs, "guest probe", guest_env(cfg))
