@@ -37,7 +37,7 @@ qemu-deps:
 			debootstrap qemu-user-static binfmt-support >/dev/null; fi
 
 qemu-test: $(STAMP) mosquitto qemu-deps
-	$(BIN)/python -m pytest -m qemu -s -p no:cacheprovider tests/test_qemu.py
+	$(BIN)/python -m pytest -m qemu -s -p no:cacheprovider --log-cli-level=INFO tests/test_qemu.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
