@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test check lint venv mosquitto clean
+.PHONY: demo test check lint venv mosquitto clean qemu-deps qemu-test
 
 $(STAMP): pyproject.toml
 	@command -v $(PY) >/dev/null || { echo "error: $(PY) not found (Python 3.11 is required)"; exit 1; }
@@ -27,6 +27,17 @@ mosquitto:
 
 test: $(STAMP) mosquitto
 	$(BIN)/python -m pytest -q
+
+# arm64 rehearsal under qemu-user (root; caches ~8 GB under /var/cache/edgelearn-qemu). Not part of `make test`.
+qemu-deps:
+	@if [ "$$(id -u)" != 0 ]; then echo "error: make qemu-test needs root (debootstrap, chroot, mounts)"; exit 1; fi
+	@for t in debootstrap qemu-aarch64-static update-binfmts; do command -v $$t >/dev/null || missing=1; done; \
+	if [ -n "$$missing" ]; then echo "installing debootstrap qemu-user-static binfmt-support (Debian packages)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			debootstrap qemu-user-static binfmt-support >/dev/null; fi
+
+qemu-test: $(STAMP) mosquitto qemu-deps
+	$(BIN)/python -m pytest -m qemu -s -p no:cacheprovider --log-cli-level=INFO tests/test_qemu.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -127,10 +127,13 @@ def _type_name(t: Any) -> str:
 def load_profile(name: str, override: Path | None = None) -> Profile:
     """The built-in profile `name` (or a TOML file path), with the fields of `override` applied on top.
 
-    An override file may name its base with `base = "rpi4"`; then `name` may be None-like ("").
+    An override file may name its base with `base = "rpi4"`; then `name` may be None-like (""). Without a base
+    and a name, the override file is read as a complete profile (the flashed `profile.toml`).
     """
     extra = _read_toml(override) if override else {}
     base_name = extra.pop("base", None) or name
+    if not base_name and override:  # a complete profile file (as flash writes it), no base to merge onto
+        return parse_profile(extra, str(override))
     path = Path(base_name) if base_name.endswith(".toml") else PROFILE_DIR / f"{base_name}.toml"
     if not path.exists():
         raise ProfileError(
