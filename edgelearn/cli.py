@@ -146,6 +146,7 @@ def cmd_coordinator(a: argparse.Namespace) -> int:
         return cmd_rollback(a)
     from coordinator.server import Coordinator, StateLockedError
     from edgelearn.bundle import BundleError, verify_bundle
+    from edgelearn.signing import ensure_signed, load_private, signing_rebuild
     from export.pipeline import rebuild_bundle
 
     missing = [f"--{n}" for n in ("broker", "fleet", "bundle", "state") if getattr(a, n) is None]
@@ -156,7 +157,10 @@ def cmd_coordinator(a: argparse.Namespace) -> int:
     try:
         verify_bundle(a.bundle)
         cfg = _coordinator_config(a)
-        coord = Coordinator(cfg, rebuild_bundle)
+        key = load_private(a.signing_key) if a.signing_key else None
+        coord = Coordinator(cfg, signing_rebuild(rebuild_bundle, key) if key else rebuild_bundle)
+        if key:  # release 1 (imported from --bundle) is signed too, before anything is published
+            ensure_signed(coord.engine.release_dir(coord.engine.version), key)
     except (BundleError, ValueError, StateLockedError) as e:
         print(f"edgelearn coordinator: error: {e}", file=sys.stderr)
         return 2
@@ -304,6 +308,9 @@ def _add_coordinator_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--max-update-norm", type=float, default=1e3, help="reject updates with a larger L2 norm")
     c.add_argument("--max-samples-per-update", type=int, default=None, help="clip n_k in FedAvg weights")
     c.add_argument("--max-rounds", type=int, default=None, help="exit after this many rounds (default: never)")
+    c.add_argument(
+        "--signing-key", type=Path, default=None, help="sign every release with this ed25519 key (edgelearn keys)"
+    )
     c.add_argument("--topic-root", default="edgelearn", help="first topic segment (default edgelearn)")
     c.add_argument("--mode", choices=("sync", "async"), default="sync", help="rounds (default) or FedBuff")
     c.add_argument("--buffer-size", type=int, default=10, help="async: aggregate every K updates (default 10)")

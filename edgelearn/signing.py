@@ -9,8 +9,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -82,3 +84,23 @@ def sign_bundle(bundle_dir: Path, private: Ed25519PrivateKey) -> Manifest:
     signed = sign(verify_bundle(bundle_dir), private)
     write_bytes(bundle_dir / MANIFEST, signed.to_json())
     return signed
+
+
+def ensure_signed(bundle_dir: Path, private: Ed25519PrivateKey) -> Manifest:
+    """Sign `bundle_dir` unless it already carries a valid signature by this key."""
+    manifest = verify_bundle(bundle_dir)
+    try:
+        verify(manifest, private.public_key())
+    except BundleError:
+        return sign_bundle(bundle_dir, private)
+    return manifest
+
+
+def signing_rebuild(rebuild: Callable[..., Manifest], private: Ed25519PrivateKey) -> Callable[..., Manifest]:
+    """Wrap a coordinator `rebuild(prev_dir, weights, version, out)` so that every new release is signed."""
+
+    def rebuild_and_sign(prev_dir: Path, weights: Any, version: int, out: Path) -> Manifest:
+        rebuild(prev_dir, weights, version, out)
+        return sign_bundle(out, private)
+
+    return rebuild_and_sign
