@@ -47,14 +47,22 @@ class TrainProgram:
     def state(self) -> dict[str, np.ndarray]:
         return {n: p.detach().numpy().copy() for n, p in self._params.items()}
 
+    @property
+    def params(self) -> dict[str, torch.Tensor]:
+        return self._params
+
+    def forward_backward(self, x: np.ndarray, y: np.ndarray) -> tuple[float, dict[str, torch.Tensor]]:
+        """ℓ(θ; x, y) and ∇ℓ by parameter name (gradient tensors alias program memory until the next call)."""
+        out = self._module.forward_backward("forward", _tensors(x, y))
+        return float(out[0]), {_strip(k): g for k, g in self._module.named_gradients().items()}
+
     def step(self, x: np.ndarray, y: np.ndarray, lr: float) -> float:
         """One SGD step θ ← θ − η∇ℓ(θ; x, y); returns ℓ before the step."""
-        out = self._module.forward_backward("forward", _tensors(x, y))
-        grads = {_strip(k): g for k, g in self._module.named_gradients().items()}
+        loss, grads = self.forward_backward(x, y)
         with torch.no_grad():
             for n, p in self._params.items():
                 p.sub_(grads[n], alpha=lr)
-        return float(out[0])
+        return loss
 
 
 def _strip(name: str) -> str:
@@ -62,7 +70,10 @@ def _strip(name: str) -> str:
 
 
 def _tensors(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.from_numpy(np.asarray(y, dtype=np.int64))
+    """x as float32 (or int64 token ids), y as int64 labels."""
+    x = np.asarray(x)
+    x = x.astype(np.int64) if np.issubdtype(x.dtype, np.integer) else x.astype(np.float32)
+    return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
 
 
 def local_train(

@@ -100,17 +100,109 @@ def cmd_coordinator(a: argparse.Namespace) -> int:
     return 0
 
 
+def _budget(a: argparse.Namespace):
+    from edge_runtime.budget import Budget
+
+    return Budget(
+        max_cpu_percent=a.max_cpu,
+        max_rss_mb=a.max_rss_mb,
+        min_available_mb=a.min_available_mb,
+        max_temperature_c=a.max_temp_c,
+        min_battery_percent=a.min_battery,
+        max_train_s_per_hour=a.max_train_s_per_hour,
+        threads=a.threads,
+        interval_s=a.monitor_interval,
+    )
+
+
 def cmd_device(a: argparse.Namespace) -> int:
     from edge_runtime.agent import DeviceAgent, DeviceConfig
     from edgelearn.demo import load_shard
 
+    x = y = None
+    if a.data is not None:
+        try:
+            shard = load_shard(a.data)
+        except (OSError, ValueError) as e:
+            print(f"edgelearn device: error: cannot read --data {a.data}: {e}", file=sys.stderr)
+            return 2
+        x, y = shard.x, shard.y
     try:
-        shard = load_shard(a.data)
-    except (OSError, ValueError) as e:
-        print(f"edgelearn device: error: cannot read --data {a.data}: {e}", file=sys.stderr)
+        budget = _budget(a)
+    except ValueError as e:
+        print(f"edgelearn device: error: {e}", file=sys.stderr)
         return 2
-    cfg = DeviceConfig(a.broker, a.fleet, a.id, a.state, a.topic_root, a.encoding, a.ack_timeout)
-    DeviceAgent(cfg, shard.x, shard.y).run(_stop_on_signals())
+    cfg = DeviceConfig(
+        a.broker,
+        a.fleet,
+        a.id,
+        a.state,
+        a.topic_root,
+        a.encoding,
+        a.ack_timeout,
+        budget=budget,
+        engine=a.engine,
+        samples=a.samples,
+        mu=a.mu,
+        replay_size=a.replay_size,
+        max_store_samples=a.max_store_samples,
+    )
+    DeviceAgent(cfg, x, y).run(_stop_on_signals())
+    return 0
+
+
+def _add_budget_options(v: argparse.ArgumentParser) -> None:
+    def limit(value: str) -> float | None:
+        return None if value.lower() == "off" else float(value)
+
+    g = v.add_argument_group("budget (a limit of 'off' disables it)")
+    g.add_argument("--max-cpu", type=limit, default=None, help="max CPU %% used by other processes (default off)")
+    g.add_argument("--max-rss-mb", type=limit, default=600.0, help="max RSS of this process in MB (default 600)")
+    g.add_argument("--min-available-mb", type=limit, default=200.0, help="min available memory in MB (default 200)")
+    g.add_argument("--max-temp-c", type=limit, default=75.0, help="max sensor temperature in °C (default 75)")
+    g.add_argument("--min-battery", type=limit, default=20.0, help="min battery %% unless charging (default 20)")
+    g.add_argument("--max-train-s-per-hour", type=limit, default=None, help="training seconds per hour (default off)")
+    g.add_argument("--threads", type=int, default=1, help="training threads (default 1)")
+    g.add_argument("--monitor-interval", type=float, default=0.5, help="seconds between readings (default 0.5)")
+
+
+def cmd_learn(a: argparse.Namespace) -> int:
+    import json
+
+    from edge_runtime.local import LocalConfig, LocalRun
+    from edgelearn.bundle import BundleError
+
+    try:
+        cfg = LocalConfig(
+            a.bundle,
+            a.state,
+            a.samples,
+            a.steps,
+            a.batch_size,
+            a.lr,
+            a.mu,
+            a.engine,
+            _budget(a),
+            checkpoint_every_s=a.checkpoint_every,
+        )
+        run = LocalRun(cfg)
+    except (BundleError, ValueError) as e:
+        print(f"edgelearn learn: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"event": "start", "resumed_at_step": run.resumed_at, "engine": run.engine.name}), flush=True)
+    job = run.run(_stop_on_signals())
+    print(
+        json.dumps(
+            {
+                "event": "end",
+                "steps_done": job.steps_done,
+                "loss": job.loss,
+                "malformed": run.ingest.malformed,
+                "stored": len(run.store),
+            }
+        ),
+        flush=True,
+    )
     return 0
 
 
@@ -194,11 +286,35 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--fleet", type=_fleet, required=True, help="fleet name")
     v.add_argument("--id", type=_device_id, required=True, help="device id ([A-Za-z0-9_-]{1,64})")
     v.add_argument("--state", type=Path, required=True, help="state directory (releases, outbox, progress)")
-    v.add_argument("--data", type=Path, required=True, help="local data: safetensors file with tensors x and y")
+    v.add_argument("--data", type=Path, default=None, help="fixed local data: safetensors file with tensors x and y")
+    v.add_argument("--samples", default=None, help="sample stream: JSON-lines file, folder of *.jsonl, or - (stdin)")
+    v.add_argument("--engine", choices=("eager", "executorch"), default=None, help="training engine (default: eager)")
+    v.add_argument("--mu", type=float, default=0.0, help="proximal term μ/2‖θ − θ_global‖² (default 0)")
+    v.add_argument("--replay-size", type=int, default=2000, help="replay buffer rows (default 2000)")
+    v.add_argument("--max-store-samples", type=int, default=20000, help="sample store bound (default 20000)")
+    _add_budget_options(v)
     v.add_argument("--encoding", choices=ENCODINGS, default="fp32", help="update encoding (default fp32)")
     v.add_argument("--ack-timeout", type=float, default=10.0, help="seconds before re-sending an unacked update")
     v.add_argument("--topic-root", default="edgelearn", help="first topic segment (default edgelearn)")
     v.set_defaults(func=cmd_device)
+
+    n = sub.add_parser(
+        "learn",
+        help="learn locally from a sample stream (no coordinator)",
+        description="Train a bundle's model on a JSON-lines sample stream within a resource budget, "
+        "checkpointing crash-safely; writes STATE/local-weights.safetensors when done.",
+    )
+    n.add_argument("--bundle", type=Path, required=True, help="bundle directory")
+    n.add_argument("--state", type=Path, required=True, help="state directory (sample store, checkpoint)")
+    n.add_argument("--samples", default=None, help="JSON-lines file, folder of *.jsonl, or - (stdin)")
+    n.add_argument("--steps", type=int, required=True, help="SGD steps to take")
+    n.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
+    n.add_argument("--lr", type=float, default=0.05, help="learning rate (default 0.05)")
+    n.add_argument("--mu", type=float, default=0.0, help="proximal term μ (default 0)")
+    n.add_argument("--engine", choices=("eager", "executorch"), default=None, help="training engine (default eager)")
+    n.add_argument("--checkpoint-every", type=float, default=5.0, help="seconds between checkpoints (default 5)")
+    _add_budget_options(n)
+    n.set_defaults(func=cmd_learn)
 
     m = sub.add_parser(
         "demo",

@@ -28,7 +28,7 @@ def release_with_version(bundle_dir, tmp_path, version: int) -> bytes:
 def test_release_activates_and_survives_restart(bundle_dir, tmp_path):
     a = agent(tmp_path)
     a.on_release(release_with_version(bundle_dir, tmp_path, 1))
-    assert a.version == 1 and a.active.train is not None
+    assert a.version == 1 and a.active.train_pte is not None and a.learner is not None
     assert agent(tmp_path).version == 1  # a restarted agent resumes the active release
 
 
