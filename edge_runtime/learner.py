@@ -85,6 +85,7 @@ class Learner:
     def start(self, job: Job, base: dict[str, np.ndarray]) -> None:
         """Begin `job` from θ_base (resumes instead if the checkpoint holds the same job)."""
         if self.job and (self.job.round, self.job.base_version) == (job.round, job.base_version):
+            self.job = replace(self.job, steps=job.steps)  # resumed from the checkpoint
             return
         self.engine.load(base)
         self.base = {n: np.asarray(base[n], np.float32).copy() for n in self.engine.state()}
