@@ -8,7 +8,6 @@ Hysteresis: a limit that paused training must fall below its resume level before
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import deque
 from collections.abc import Callable
@@ -79,8 +78,15 @@ def other_cpu_percent(system_percent: float, process_percent: float, n_cpus: int
     return max(0.0, system_percent - process_percent / max(1, n_cpus))
 
 
+def busy_percent(idle0: float, total0: float, idle1: float, total1: float) -> float:
+    """System CPU busy % between two cpu_times samples: 100 · (1 − Δidle / Δtotal)."""
+    d_total = total1 - total0
+    return 0.0 if d_total <= 0 else max(0.0, min(100.0, 100.0 * (1.0 - (idle1 - idle0) / d_total)))
+
+
 class PsutilSource:
-    """Real readings. CPU % is measured between consecutive calls (psutil's non-blocking mode)."""
+    """Real readings. CPU % is measured between consecutive calls from this instance's own cpu_times
+    samples (psutil.cpu_percent(None) keeps one module-wide baseline that every caller would share)."""
 
     def __init__(self) -> None:
         import psutil
@@ -88,12 +94,21 @@ class PsutilSource:
         self._psutil = psutil
         self._proc = psutil.Process()
         self._n_cpus = psutil.cpu_count() or 1
-        psutil.cpu_percent(None)
-        self._proc.cpu_percent(None)
+        self._last = self._cpu_sample()
+
+    def _cpu_sample(self) -> tuple[float, float, float, float]:
+        """(idle_s, total_s) of the system, this process's CPU seconds, and wall time."""
+        t = self._psutil.cpu_times()
+        idle = t.idle + getattr(t, "iowait", 0.0)
+        own = self._proc.cpu_times()
+        return idle, sum(t), own.user + own.system, time.monotonic()
 
     def __call__(self) -> Reading:
         ps = self._psutil
-        system, own = ps.cpu_percent(None), self._proc.cpu_percent(None)
+        now = self._cpu_sample()
+        (idle0, total0, own0, wall0), self._last = self._last, now
+        system = busy_percent(idle0, total0, now[0], now[1])
+        own = 100.0 * (now[2] - own0) / max(now[3] - wall0, 1e-6)  # % of one core
         temps = ps.sensors_temperatures() if hasattr(ps, "sensors_temperatures") else {}
         current = [t.current for entries in temps.values() for t in entries if t.current is not None]
         battery = ps.sensors_battery() if hasattr(ps, "sensors_battery") else None
@@ -184,9 +199,13 @@ class Governor:
             self.decision = new
         return self.decision
 
-    def record_training(self, start_s: float, end_s: float) -> None:
-        """Count a training span (clock seconds) against the hourly quota."""
-        self.spans.append((start_s, end_s))
+    def record_training(self, start_s: float, end_s: float, merge_gap_s: float = 1.0) -> None:
+        """Count a training span (clock seconds) against the hourly quota; a span starting within
+        `merge_gap_s` of the previous one extends it (the gap counts as training), so spans stay few."""
+        if self.spans and start_s - self.spans[-1][1] < merge_gap_s:
+            self.spans[-1] = (self.spans[-1][0], end_s)
+        else:
+            self.spans.append((start_s, end_s))
 
     def _prune(self, now_s: float) -> None:
         while self.spans and self.spans[0][1] <= now_s - QUOTA_WINDOW_S:
@@ -221,7 +240,3 @@ def apply_threads(n: int) -> None:
 
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
-
-
-def cpu_count() -> int:
-    return os.cpu_count() or 1

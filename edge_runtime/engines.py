@@ -33,15 +33,14 @@ class Engine(Protocol):
 
 
 def proximal_sgd_(
-    params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], anchor, lr: float, mu: float
+    params: list[torch.Tensor], grads: list[torch.Tensor], anchor: list[torch.Tensor], lr: float, mu: float
 ) -> None:
-    """In place: θ ← θ − η(g + μ(θ − θ_global)); the μ term is ∇ of μ/2‖θ − θ_global‖² (skipped when μ = 0)."""
+    """In place: θ ← θ − η(g + μ(θ − θ_global)); the μ term is ∇ of μ/2‖θ − θ_global‖² (skipped when μ = 0).
+    One fused multi-tensor call per update (torch._foreach_*), as torch.optim.SGD does."""
     with torch.no_grad():
-        for n, p in params.items():
-            g = grads[n]
-            if mu:
-                g = g + mu * (p - anchor[n])
-            p.sub_(g, alpha=lr)
+        if mu:
+            grads = torch._foreach_add(grads, torch._foreach_sub(params, anchor), alpha=mu)
+        torch._foreach_add_(params, grads, alpha=-lr)
 
 
 def _as_tensor(a: np.ndarray) -> torch.Tensor:
@@ -65,7 +64,8 @@ class EagerEngine:
         self._step_module = TrainStep(net)
         self._all = dict(net.named_parameters())
         self._params = {n: p for n, p in self._all.items() if n in names}
-        self._anchor: dict[str, torch.Tensor] = {}
+        self._plist = list(self._params.values())
+        self._anchor: list[torch.Tensor] = []
         self.load(weights)
 
     def load(self, weights: dict[str, np.ndarray]) -> None:
@@ -76,7 +76,7 @@ class EagerEngine:
                     p.copy_(torch.from_numpy(np.asarray(weights[n], dtype=np.float32)))
                 elif n in self._params:
                     raise ValueError(f"weights lack trainable parameter {n!r}")
-        self._anchor = {n: p.detach().clone() for n, p in self._params.items()}
+        self._anchor = [p.detach().clone() for p in self._plist]
 
     def load_trainable(self, weights: dict[str, np.ndarray]) -> None:
         """θ ← weights for the trainable parameters only; the anchor θ_global stays."""
@@ -89,8 +89,8 @@ class EagerEngine:
 
     def step(self, x: np.ndarray, y: np.ndarray, lr: float, mu: float = 0.0) -> float:
         loss = self._step_module(_as_tensor(x), _as_tensor(y))[0]
-        grads = torch.autograd.grad(loss, list(self._params.values()))
-        proximal_sgd_(self._params, dict(zip(self._params, grads, strict=True)), self._anchor, lr, mu)
+        grads = torch.autograd.grad(loss, self._plist)
+        proximal_sgd_(self._plist, list(grads), self._anchor, lr, mu)
         return float(loss.detach())
 
 
@@ -101,12 +101,14 @@ class ExecuTorchEngine:
 
     def __init__(self, pte: bytes, weights: dict[str, np.ndarray], example: tuple[np.ndarray, np.ndarray]) -> None:
         self.program = TrainProgram(pte, weights, example)
-        self._anchor: dict[str, torch.Tensor] = {}
+        self._names = self.program.names
+        self._plist = [self.program.params[n] for n in self._names]
+        self._anchor: list[torch.Tensor] = []
         self.load(weights)
 
     def load(self, weights: dict[str, np.ndarray]) -> None:
         self.program.load(weights)
-        self._anchor = {n: torch.from_numpy(np.asarray(weights[n], dtype=np.float32)) for n in self.program.names}
+        self._anchor = [torch.from_numpy(np.asarray(weights[n], dtype=np.float32)).clone() for n in self._names]
 
     def load_trainable(self, weights: dict[str, np.ndarray]) -> None:
         self.program.load(weights)
@@ -116,7 +118,7 @@ class ExecuTorchEngine:
 
     def step(self, x: np.ndarray, y: np.ndarray, lr: float, mu: float = 0.0) -> float:
         loss, grads = self.program.forward_backward(x, y)
-        proximal_sgd_(self.program.params, grads, self._anchor, lr, mu)
+        proximal_sgd_(self._plist, [grads[n] for n in self._names], self._anchor, lr, mu)
         return loss
 
 

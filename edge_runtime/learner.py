@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, replace
+from collections import deque
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,11 +29,13 @@ from edgelearn.atomic import write_bytes
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.safetensors"
+PLAN_STEPS = 8  # batches assembled at once
 
 
-@dataclass(frozen=True)
+@dataclass
 class Job:
-    """`steps` SGD steps from release `base_version`; `round` 0 = learning outside a FedAvg round."""
+    """`steps` SGD steps from release `base_version`; `round` 0 = learning outside a FedAvg round.
+    Mutable: the learner advances `steps_done`, `loss` and `train_s` in place (no copy per step)."""
 
     round: int
     base_version: int
@@ -79,17 +82,20 @@ class Learner:
         self.seen: set[int] = set()
         self.checkpoint_every_s = checkpoint_every_s
         self._last_ckpt_s = time.monotonic()
+        self._plan: deque = deque()
+        self._plan_batch_size = 0
 
     # ------------------------------------------------------------ jobs
 
     def start(self, job: Job, base: dict[str, np.ndarray]) -> None:
         """Begin `job` from θ_base (resumes instead if the checkpoint holds the same job)."""
         if self.job and (self.job.round, self.job.base_version) == (job.round, job.base_version):
-            self.job = replace(self.job, steps=job.steps)  # resumed from the checkpoint
+            self.job.steps = job.steps  # resumed from the checkpoint
             return
         self.engine.load(base)
         self.base = {n: np.asarray(base[n], np.float32).copy() for n in self.engine.state()}
         self.job, self.seen = job, set()
+        self._plan.clear()
 
     def step(self) -> str:
         """One training step if the budget allows: 'stepped', 'paused', 'no-data' or 'done'."""
@@ -111,27 +117,48 @@ class Learner:
         t1 = time.monotonic()
         if self.governor is not None:
             self.governor.record_training(t0, t1)
-        self.job = replace(job, steps_done=job.steps_done + 1, loss=loss, train_s=job.train_s + t1 - t0)
+        job.steps_done, job.loss, job.train_s = job.steps_done + 1, loss, job.train_s + t1 - t0
         if t1 - self._last_ckpt_s >= self.checkpoint_every_s:
             self.save()
         return "stepped"
 
     def _batch(self, batch_size: int) -> tuple[np.ndarray, np.ndarray] | None:
-        fresh = self.store.read(self.cursor, batch_size)
-        n_new, n_rep = mix_counts(batch_size, 0 if fresh is None else len(fresh[2]), len(self.replay))
-        parts = []
-        if n_new:
-            x, y, seq = (a[:n_new] for a in fresh)
-            self.cursor = int(seq[-1]) + 1
-            self.replay.offer(x, y, seq)
-            parts.append((x, y, seq))
-        if n_rep:
-            parts.append(self.replay.draw(n_rep))
-        if not parts:
+        """The next planned batch (a new plan when none is left or the batch size changed)."""
+        if not self._plan or self._plan_batch_size != batch_size:
+            self._plan, self._plan_batch_size = self._make_plan(batch_size, PLAN_STEPS), batch_size
+        if not self._plan:
             return None
-        for p in parts:
-            self.seen.update(int(s) for s in p[2])
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        x, y, seq, cursor = self._plan.popleft()
+        self.cursor = cursor
+        self.seen.update(seq.tolist())
+        return x, y
+
+    def _make_plan(self, batch_size: int, k: int) -> deque:
+        """Up to `k` batches from one store read, one reservoir offer and one replay draw (per-step overhead
+        matters for small models). The store position advances only as batches are used; a plan dropped
+        for a new batch size re-reads its samples (they are then offered to the reservoir twice)."""
+        fresh = self.store.read(self.cursor, batch_size * k)
+        n_fresh = 0 if fresh is None else len(fresh[2])
+        if n_fresh:
+            self.replay.offer(*fresh)
+        counts, left = [], n_fresh
+        for _ in range(k):
+            n_new, n_rep = mix_counts(batch_size, left, len(self.replay))
+            if n_new + n_rep == 0:
+                break
+            counts.append((n_new, n_rep))
+            left -= n_new
+        if not counts:
+            return deque()
+        rx, ry, rs = self.replay.draw(sum(c[1] for c in counts))
+        plan, i, j = deque(), 0, 0
+        for n_new, n_rep in counts:
+            parts = [(a[i : i + n_new] for a in fresh)] if n_new else []
+            parts.append((rx[j : j + n_rep], ry[j : j + n_rep], rs[j : j + n_rep]))
+            x, y, seq = (np.concatenate(t) for t in zip(*parts, strict=True))
+            i, j = i + n_new, j + n_rep
+            plan.append((x, y, seq, int(fresh[2][i - 1]) + 1 if i else self.cursor))
+        return plan
 
     def finish(self) -> JobResult:
         """Δ of the finished job; the job stays in the checkpoint until `clear()`."""

@@ -62,15 +62,6 @@ class SampleFormat:
         return ids[:-1], ids[1:]
 
 
-def reservoir_slot(n_seen: int, capacity: int, rng: np.random.Generator) -> int | None:
-    """Algorithm R: the `n_seen`-th item (0-based) fills slot n_seen while the buffer is not full, else replaces
-    a uniform slot with probability capacity/(n_seen+1); None = not kept. Every item stays with equal odds."""
-    if n_seen < capacity:
-        return n_seen
-    j = int(rng.integers(0, n_seen + 1))
-    return j if j < capacity else None
-
-
 class ReplayBuffer:
     """A uniform sample of every (x, y, seq) offered so far, `capacity` rows at most."""
 
@@ -86,16 +77,18 @@ class ReplayBuffer:
         return min(self.n_seen, self.capacity)
 
     def offer(self, x: np.ndarray, y: np.ndarray, seq: np.ndarray) -> None:
-        for i in range(len(seq)):
-            slot = reservoir_slot(self.n_seen, self.capacity, self.rng)
-            self.n_seen += 1
-            if slot is None:
-                continue
-            if self.x is None:
-                self.x = np.zeros((self.capacity, *x.shape[1:]), x.dtype)
-                self.y = np.zeros((self.capacity, *y.shape[1:]), y.dtype)
-                self.seq = np.full(self.capacity, -1, np.int64)
-            self.x[slot], self.y[slot], self.seq[slot] = x[i], y[i], seq[i]
+        """Algorithm R for a batch, vectorized: item number t (0-based, over all offers) fills slot t while
+        the buffer is not full, else replaces slot j ~ U{0..t} if j < capacity (if two items of one batch
+        draw the same slot, the later one wins, as in the sequential algorithm)."""
+        if self.x is None:
+            self.x = np.zeros((self.capacity, *x.shape[1:]), x.dtype)
+            self.y = np.zeros((self.capacity, *y.shape[1:]), y.dtype)
+            self.seq = np.full(self.capacity, -1, np.int64)
+        t = np.arange(self.n_seen, self.n_seen + len(seq))
+        slots = np.where(t < self.capacity, t, self.rng.integers(0, t + 1))
+        keep = np.flatnonzero(slots < self.capacity)
+        self.x[slots[keep]], self.y[slots[keep]], self.seq[slots[keep]] = x[keep], y[keep], seq[keep]
+        self.n_seen += len(seq)
 
     def draw(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         idx = self.rng.integers(0, len(self), size=min(k, len(self)))
