@@ -137,14 +137,18 @@ class DeviceAgent:
         self.store.flush({"shard": len(y)})
 
     def _restore_active(self) -> None:
-        found = self.releases.load_active()
+        """Serve the active release; if it is damaged or fails to load, roll back to the previous one."""
+        v = self.releases.active_version()
+        found = self.releases.load_version(v) if v else None
         if found:
             try:
                 self._activate(load_release(found[1], found[0]))
-                log.info("%s: resumed release v%d", self.cfg.device_id, found[0].version)
+                log.info("%s: resumed release v%d", self.cfg.device_id, v)
+                return
             except Exception as e:
-                log.error("%s: active release v%d fails to load: %s", self.cfg.device_id, found[0].version, e)
-                self._rollback(found[0].version)
+                log.error("%s: active release v%d fails to load: %s", self.cfg.device_id, v, e)
+        if v:
+            self._rollback(v)
 
     def _rollback(self, failed: int) -> None:
         """The active release fails: go back to the previous one if it is still installed and loads."""

@@ -83,3 +83,18 @@ def test_outbox_drops_oldest_when_full(tmp_path):
 @pytest.mark.parametrize(("attempt", "low", "high"), [(1, 8.0, 12.0), (2, 16.0, 24.0), (10, 240.0, 360.0)])
 def test_backoff_doubles_with_jitter_and_a_cap(attempt, low, high):
     assert low <= backoff_s(attempt, ack_timeout_s=10.0, max_s=300.0) <= high
+
+
+def test_damaged_active_release_rolls_back_to_the_previous_one_on_restart(bundle_dir, tmp_path, caplog):
+    # Prepare: v1 then v2 activated; then v2's program is damaged on disk
+    a = agent(tmp_path)
+    a.on_release(release_with_version(bundle_dir, tmp_path, 1))
+    a.on_release(release_with_version(bundle_dir, tmp_path, 2))
+    assert a.version == 2
+    pte = tmp_path / "state" / "releases" / "v2" / "infer.pte"
+    pte.write_bytes(b"\0" * len(pte.read_bytes()))
+    # Execute: restart
+    again = agent(tmp_path)
+    # Assert: the previous release serves, and is now the active one on disk
+    assert again.version == 1 and "rolled back from v2 to v1" in caplog.text
+    assert agent(tmp_path).version == 1
