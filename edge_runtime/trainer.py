@@ -23,10 +23,10 @@ class TrainProgram:
     """The `forward` method of a training program (returns loss first); parameters alias program memory."""
 
     def __init__(self, pte: bytes, weights: dict[str, np.ndarray], example: tuple[np.ndarray, np.ndarray]) -> None:
-        from executorch.extension.training import _load_for_executorch_for_training_from_buffer
+        from edge_runtime.et_import import runtime_modules
 
         self._pte = pte  # the loader keeps no reference: dropping the buffer segfaults forward_backward
-        self._module = _load_for_executorch_for_training_from_buffer(pte)
+        self._module = runtime_modules()[1]._load_for_executorch_for_training_from_buffer(pte)
         self._module.forward_backward("forward", _tensors(*example))  # must run once before named_parameters
         self._params = {_strip(k): v for k, v in self._module.named_parameters().items()}
         self.load(weights)

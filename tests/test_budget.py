@@ -148,3 +148,12 @@ def test_psutil_source_reads_this_machine():
 def test_bad_budget_is_refused_with_a_clear_error(bad):
     with pytest.raises(ValueError, match="budget"):
         Budget(**bad)
+
+
+def test_back_to_back_training_spans_merge_so_the_quota_stays_cheap():
+    s = Script([OK])
+    g = Governor(Budget(max_train_s_per_hour=100.0), s, s.clock)
+    for k in range(1000):
+        g.record_training(k * 0.01, k * 0.01 + 0.009)
+    g.record_training(20.0, 21.0)  # after a 10 s gap: a new span
+    assert len(g.spans) == 2 and used_train_s(g.spans, 30.0) == pytest.approx(9.999 + 1.0)
