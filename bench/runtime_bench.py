@@ -29,7 +29,7 @@ import torch
 
 from edge_runtime.agent import example_batch, load_release
 from edge_runtime.budget import Budget, Governor, PsutilSource
-from edge_runtime.engines import DEFAULT_ENGINE, make_engine
+from edge_runtime.engines import default_engine, make_engine
 from edge_runtime.learner import Job, Learner
 from edge_runtime.samples import SampleStore
 from edgelearn.bundle import TRAIN_PTE, load_weights, verify_bundle
@@ -128,7 +128,7 @@ def bench_bundle(bundle: Path, steps: int) -> dict:
         for kind in engines:
             n = steps if kind == "eager" else max(50, steps // 8)
             engines[kind] = max(engines[kind], learner_sps(bundle, manifest, weights, kind, xs, ys, n))
-    default = DEFAULT_ENGINE.get(manifest.task, "eager")
+    default = default_engine(manifest.model_id)
     return {
         "model_id": manifest.model_id,
         "target": manifest.target,

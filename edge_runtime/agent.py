@@ -45,7 +45,7 @@ class DeviceConfig:
     tick_s: float = 0.2
     mqtt_v311: bool = False  # only for brokers without MQTT 5 (the embedded demo broker)
     budget: Budget = field(default_factory=Budget)
-    engine: str | None = None  # None: the task's default (engines.DEFAULT_ENGINE)
+    engine: str | None = None  # None: the faster engine for the model (engines.DEFAULT_ENGINE)
     samples: str | None = None  # JSON-lines file, folder of *.jsonl, or "-" for stdin
     max_store_samples: int = 20000
     replay_size: int = 2000

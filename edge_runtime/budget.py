@@ -47,6 +47,16 @@ class Budget:
             raise ValueError("budget: interval_s must be > 0")
 
 
+PROFILES = {
+    # a shared host or laptop: no CPU limit (other work would starve training), battery-aware
+    "default": Budget(),
+    # a Raspberry Pi-class board in a drawer: mains power, throttles at ~80 °C, 1–4 GB RAM, yield to its main job
+    "pi": Budget(max_cpu_percent=70.0, max_rss_mb=500.0, min_available_mb=150.0, max_temperature_c=70.0),
+    # a phone-like device on battery: little training per hour, stop early on battery
+    "battery": Budget(min_battery_percent=40.0, max_train_s_per_hour=300.0, max_temperature_c=60.0),
+}
+
+
 @dataclass(frozen=True)
 class Reading:
     """One sample of the device. `other_cpu_percent` excludes this process (training must not pause itself)."""

@@ -19,8 +19,15 @@ from edge_runtime.trainer import TrainProgram
 
 log = logging.getLogger(__name__)
 ENGINES = ("eager", "executorch")
-# Measured by bench/runtime_bench.py (eager is ~8× faster on the MLP: ExecuTorch training runs portable kernels).
-DEFAULT_ENGINE = {"classify": "eager", "lm": "eager"}
+# The faster engine per model, measured by bench/runtime_bench.py. For the tiny digits student the ExecuTorch
+# program was as fast or faster in every run (portable kernels cost little at 64→32→10); for larger models
+# ExecuTorch training is 8–30× slower (portable kernels only, STACK-NOTES), so eager is the default otherwise.
+DEFAULT_ENGINE = {"digits-mlp": "executorch"}
+FALLBACK_ENGINE = "eager"
+
+
+def default_engine(model_id: str) -> str:
+    return DEFAULT_ENGINE.get(model_id, FALLBACK_ENGINE)
 
 
 class Engine(Protocol):
@@ -131,8 +138,11 @@ def make_engine(
     example: tuple[np.ndarray, np.ndarray],
     trainable: list[str] | None = None,
 ) -> Engine:
-    """`kind` or the task's default; eager falls back to ExecuTorch for a model this host cannot build."""
-    kind = kind or DEFAULT_ENGINE.get(task, "eager")
+    """`kind` or the model's default; eager falls back to ExecuTorch for a model this host cannot build,
+    and the ExecuTorch default falls back to eager for a bundle without train.pte."""
+    kind = kind or default_engine(model_id)
+    if kind == "executorch" and train_pte is None:
+        kind = FALLBACK_ENGINE
     if kind not in ENGINES:
         raise ValueError(f"unknown engine {kind!r}: choose one of {', '.join(ENGINES)}")
     if kind == "eager":

@@ -79,7 +79,7 @@ class Learner:
         self.cursor = 0  # next store seq to learn from
         self.job: Job | None = None
         self.base: dict[str, np.ndarray] = engine.state()
-        self.seen: set[int] = set()
+        self._seen: list[np.ndarray] = []  # seq ids of the job's batches, compacted now and then
         self.checkpoint_every_s = checkpoint_every_s
         self._last_ckpt_s = time.monotonic()
         self._plan: deque = deque()
@@ -94,7 +94,7 @@ class Learner:
             return
         self.engine.load(base)
         self.base = {n: np.asarray(base[n], np.float32).copy() for n in self.engine.state()}
-        self.job, self.seen = job, set()
+        self.job, self._seen = job, []
         self._plan.clear()
 
     def step(self) -> str:
@@ -130,7 +130,9 @@ class Learner:
             return None
         x, y, seq, cursor = self._plan.popleft()
         self.cursor = cursor
-        self.seen.update(seq.tolist())
+        self._seen.append(seq)
+        if len(self._seen) > 512:
+            self._seen = [self.seen_ids()]
         return x, y
 
     def _make_plan(self, batch_size: int, k: int) -> deque:
@@ -151,19 +153,22 @@ class Learner:
         if not counts:
             return deque()
         rx, ry, rs = self.replay.draw(sum(c[1] for c in counts))
-        plan, i, j = deque(), 0, 0
+        pool = [np.concatenate((f, r)) for f, r in zip(fresh, (rx, ry, rs), strict=True)] if n_fresh else [rx, ry, rs]
+        plan, i, j = deque(), 0, n_fresh  # pool rows: fresh first, then the replay draws
         for n_new, n_rep in counts:
-            parts = [(a[i : i + n_new] for a in fresh)] if n_new else []
-            parts.append((rx[j : j + n_rep], ry[j : j + n_rep], rs[j : j + n_rep]))
-            x, y, seq = (np.concatenate(t) for t in zip(*parts, strict=True))
+            idx = np.r_[i : i + n_new, j : j + n_rep]
             i, j = i + n_new, j + n_rep
-            plan.append((x, y, seq, int(fresh[2][i - 1]) + 1 if i else self.cursor))
+            plan.append((*(a[idx] for a in pool), int(fresh[2][i - 1]) + 1 if i else self.cursor))
         return plan
+
+    def seen_ids(self) -> np.ndarray:
+        """Distinct sample ids that went into the job's steps (num_samples of the update)."""
+        return np.unique(np.concatenate(self._seen)) if self._seen else np.zeros(0, np.int64)
 
     def finish(self) -> JobResult:
         """Δ of the finished job; the job stays in the checkpoint until `clear()`."""
         theta = self.engine.state()
-        return JobResult(self.job, {n: theta[n] - self.base[n] for n in theta}, max(1, len(self.seen)))
+        return JobResult(self.job, {n: theta[n] - self.base[n] for n in theta}, max(1, len(self.seen_ids())))
 
     def clear(self, pending: list[str] | None = None) -> None:
         self.job = None
@@ -176,7 +181,7 @@ class Learner:
         tensors = {f"w.{n}": v for n, v in self.engine.state().items()}
         tensors.update({f"base.{n}": v for n, v in self.base.items()})
         tensors.update(self.replay.tensors())
-        tensors["seen"] = np.array(sorted(self.seen), np.int64)
+        tensors["seen"] = self.seen_ids()
         meta = {
             "job": asdict(self.job) if self.job else None,
             "cursor": self.cursor,
@@ -201,7 +206,7 @@ class Learner:
             return False
         self.cursor = int(meta["cursor"])
         self.replay.restore(tensors, int(meta["replay_seen"]), meta["replay_rng"])
-        self.seen = {int(s) for s in tensors["seen"]}
+        self._seen = [tensors["seen"]]
         self.job = Job(**meta["job"]) if meta["job"] else None
         if self.job:
             self.base = {k[5:]: v for k, v in tensors.items() if k.startswith("base.")}

@@ -100,19 +100,26 @@ def cmd_coordinator(a: argparse.Namespace) -> int:
     return 0
 
 
-def _budget(a: argparse.Namespace):
-    from edge_runtime.budget import Budget
+BUDGET_OPTIONS = {  # CLI option dest -> Budget field
+    "max_cpu": "max_cpu_percent",
+    "max_rss_mb": "max_rss_mb",
+    "min_available_mb": "min_available_mb",
+    "max_temp_c": "max_temperature_c",
+    "min_battery": "min_battery_percent",
+    "max_train_s_per_hour": "max_train_s_per_hour",
+    "threads": "threads",
+    "monitor_interval": "interval_s",
+}
 
-    return Budget(
-        max_cpu_percent=a.max_cpu,
-        max_rss_mb=a.max_rss_mb,
-        min_available_mb=a.min_available_mb,
-        max_temperature_c=a.max_temp_c,
-        min_battery_percent=a.min_battery,
-        max_train_s_per_hour=a.max_train_s_per_hour,
-        threads=a.threads,
-        interval_s=a.monitor_interval,
-    )
+
+def _budget(a: argparse.Namespace):
+    """The profile's budget with every option the user gave on top ('off' disables a limit)."""
+    from dataclasses import replace
+
+    from edge_runtime.budget import PROFILES
+
+    given = {field: getattr(a, dest) for dest, field in BUDGET_OPTIONS.items() if getattr(a, dest) is not _UNSET}
+    return replace(PROFILES[a.budget_profile], **{k: None if v == "off" else v for k, v in given.items()})
 
 
 def cmd_device(a: argparse.Namespace) -> int:
@@ -151,19 +158,30 @@ def cmd_device(a: argparse.Namespace) -> int:
     return 0
 
 
-def _add_budget_options(v: argparse.ArgumentParser) -> None:
-    def limit(value: str) -> float | None:
-        return None if value.lower() == "off" else float(value)
+_UNSET = object()
 
-    g = v.add_argument_group("budget (a limit of 'off' disables it)")
-    g.add_argument("--max-cpu", type=limit, default=None, help="max CPU %% used by other processes (default off)")
-    g.add_argument("--max-rss-mb", type=limit, default=600.0, help="max RSS of this process in MB (default 600)")
-    g.add_argument("--min-available-mb", type=limit, default=200.0, help="min available memory in MB (default 200)")
-    g.add_argument("--max-temp-c", type=limit, default=75.0, help="max sensor temperature in °C (default 75)")
-    g.add_argument("--min-battery", type=limit, default=20.0, help="min battery %% unless charging (default 20)")
-    g.add_argument("--max-train-s-per-hour", type=limit, default=None, help="training seconds per hour (default off)")
-    g.add_argument("--threads", type=int, default=1, help="training threads (default 1)")
-    g.add_argument("--monitor-interval", type=float, default=0.5, help="seconds between readings (default 0.5)")
+
+def _add_budget_options(v: argparse.ArgumentParser) -> None:
+    from edge_runtime.budget import PROFILES
+
+    def limit(value: str) -> float | str:
+        if value.lower() == "off":
+            return "off"
+        try:
+            return float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number or 'off', got {value!r}") from None
+
+    g = v.add_argument_group("budget (defaults from --budget-profile; a limit of 'off' disables it)")
+    g.add_argument("--budget-profile", choices=sorted(PROFILES), default="default", help="base budget (default)")
+    g.add_argument("--max-cpu", type=limit, default=_UNSET, help="max CPU %% used by other processes")
+    g.add_argument("--max-rss-mb", type=limit, default=_UNSET, help="max RSS of this process in MB")
+    g.add_argument("--min-available-mb", type=limit, default=_UNSET, help="min available memory in MB")
+    g.add_argument("--max-temp-c", type=limit, default=_UNSET, help="max sensor temperature in °C")
+    g.add_argument("--min-battery", type=limit, default=_UNSET, help="min battery %% unless charging")
+    g.add_argument("--max-train-s-per-hour", type=limit, default=_UNSET, help="training seconds per hour")
+    g.add_argument("--threads", type=int, default=_UNSET, help="training threads")
+    g.add_argument("--monitor-interval", type=float, default=_UNSET, help="seconds between readings")
 
 
 def cmd_learn(a: argparse.Namespace) -> int:
@@ -288,7 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--state", type=Path, required=True, help="state directory (releases, outbox, progress)")
     v.add_argument("--data", type=Path, default=None, help="fixed local data: safetensors file with tensors x and y")
     v.add_argument("--samples", default=None, help="sample stream: JSON-lines file, folder of *.jsonl, or - (stdin)")
-    v.add_argument("--engine", choices=("eager", "executorch"), default=None, help="training engine (default: eager)")
+    v.add_argument(
+        "--engine",
+        choices=("eager", "executorch"),
+        default=None,
+        help="training engine (default: the faster one for the model)",
+    )
     v.add_argument("--mu", type=float, default=0.0, help="proximal term μ/2‖θ − θ_global‖² (default 0)")
     v.add_argument("--replay-size", type=int, default=2000, help="replay buffer rows (default 2000)")
     v.add_argument("--max-store-samples", type=int, default=20000, help="sample store bound (default 20000)")
@@ -311,7 +334,12 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
     n.add_argument("--lr", type=float, default=0.05, help="learning rate (default 0.05)")
     n.add_argument("--mu", type=float, default=0.0, help="proximal term μ (default 0)")
-    n.add_argument("--engine", choices=("eager", "executorch"), default=None, help="training engine (default eager)")
+    n.add_argument(
+        "--engine",
+        choices=("eager", "executorch"),
+        default=None,
+        help="training engine (default: the faster one for the model)",
+    )
     n.add_argument("--checkpoint-every", type=float, default=5.0, help="seconds between checkpoints (default 5)")
     _add_budget_options(n)
     n.set_defaults(func=cmd_learn)
