@@ -2,21 +2,10 @@
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
 WRAPPER_PREFIX = "net."  # export.models.TrainStep holds the model as `net`
-
-
-@dataclass(frozen=True)
-class LocalResult:
-    deltas: dict[str, np.ndarray]  # Δ = θ_local − θ_base per trainable parameter
-    num_samples: int  # distinct examples that produced Δ
-    loss: float  # mean training loss of the last step
-    train_seconds: float
 
 
 class TrainProgram:
@@ -74,25 +63,3 @@ def _tensors(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     x = np.asarray(x)
     x = x.astype(np.int64) if np.issubdtype(x.dtype, np.integer) else x.astype(np.float32)
     return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
-
-
-def local_train(
-    program: TrainProgram, x: np.ndarray, y: np.ndarray, steps: int, batch_size: int, lr: float, seed: int
-) -> LocalResult:
-    """`steps` SGD steps over shuffled passes of (x, y); Δ = θ_after − θ_before."""
-    t0 = time.perf_counter()
-    base = program.state()
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(y))
-    seen: set[int] = set()
-    pos, loss = 0, float("nan")
-    for _ in range(steps):
-        if pos + batch_size > len(order):
-            order, pos = rng.permutation(len(y)), 0
-        idx = order[pos : pos + batch_size]
-        pos += len(idx)
-        seen.update(int(i) for i in idx)
-        loss = program.step(x[idx], y[idx], lr)
-    after = program.state()
-    deltas = {n: after[n] - base[n] for n in base}
-    return LocalResult(deltas, len(seen), loss, time.perf_counter() - t0)
