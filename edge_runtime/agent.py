@@ -107,7 +107,8 @@ class DeviceAgent:
         self.governor = Governor(cfg.budget, source_reading or PsutilSource())
         self._import_shard(x, y)
         self._source = open_source(cfg.samples)
-        self._status_sent: tuple | None = None
+        self._status_sent: tuple | None = None  # (state, budget decision) last published
+        self.activation_s: float | None = None  # verify + load + smoke-test + activate of the last release
         self.events: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self.link = MqttLink(
             cfg.broker_url,
@@ -179,7 +180,8 @@ class DeviceAgent:
         if job and (job.base_version != m.version or job.round <= self.last_round):
             self.learner.job = None  # done already, or trained on an older release (Δ would not apply)
         if self.ingest is None:
-            self.ingest = Ingestor(self.store, SampleFormat(m.task, tuple(m.input["shape"][1:])), self._source)
+            fmt = SampleFormat(m.task, tuple(m.input["shape"][1:]))
+            self.ingest = Ingestor(self.store, fmt, self._source, poll_interval_s=self.cfg.tick_s)
         log.info("%s: serving v%d, training engine %s", self.cfg.device_id, m.version, engine.name)
 
     @property
@@ -204,7 +206,7 @@ class DeviceAgent:
 
     def publish_status(self, state: str) -> None:
         fields = self.status_fields()
-        self._status_sent = (state, fields["budget"]["decision"])
+        self._status_sent = (state, self.governor.decision)
         self.link.publish(self.topics.device(self.cfg.device_id, "status"), encode_status(state, **fields), retain=True)
 
     def _state(self) -> str:
@@ -348,7 +350,7 @@ class DeviceAgent:
         outcome = self.learner.step()
         if outcome == "done":
             self.finish_round()
-        elif self._status_sent != (self._state(), self.governor.telemetry()["decision"]):
+        elif self._status_sent != (self._state(), self.governor.decision):
             self.publish_status(self._state())  # a budget decision changed: report it
         return outcome == "stepped"
 

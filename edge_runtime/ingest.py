@@ -11,6 +11,7 @@ import logging
 import queue
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -75,8 +76,16 @@ class StdinLines:
 class Ingestor:
     """Moves lines from a source into the store; `add()` is the Python API for embedding."""
 
-    def __init__(self, store: SampleStore, fmt: SampleFormat, source: FileTail | StdinLines | None = None) -> None:
+    def __init__(
+        self,
+        store: SampleStore,
+        fmt: SampleFormat,
+        source: FileTail | StdinLines | None = None,
+        poll_interval_s: float = 0.0,
+    ) -> None:
         self.store, self.fmt, self.source = store, fmt, source
+        self.poll_interval_s = poll_interval_s  # the agent polls between training steps: not every step
+        self._next_poll_s = 0.0
         self.accepted = 0
         self.malformed = 0
 
@@ -98,8 +107,9 @@ class Ingestor:
 
     def poll(self, max_lines: int = 1000) -> int:
         """Read what the source has now, store it durably with the new read positions; lines read."""
-        if self.source is None:
+        if self.source is None or time.monotonic() < self._next_poll_s:
             return 0
+        self._next_poll_s = time.monotonic() + self.poll_interval_s
         lines, offsets = self.source.read(self.store.offsets, max_lines)
         for line in lines:
             self.add_line(line)

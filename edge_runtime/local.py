@@ -56,7 +56,7 @@ class LocalRun:
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         self.store = SampleStore(cfg.state_dir / "samples")
         fmt = SampleFormat(m.task, tuple(m.input["shape"][1:]))
-        self.ingest = Ingestor(self.store, fmt, open_source(cfg.samples))
+        self.ingest = Ingestor(self.store, fmt, open_source(cfg.samples), poll_interval_s=0.2)
         self.governor = Governor(cfg.budget, reading_source or PsutilSource())
         self.learner = Learner(
             self.engine, self.store, cfg.state_dir, self.governor, cfg.replay_size, cfg.checkpoint_every_s
