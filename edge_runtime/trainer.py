@@ -61,5 +61,5 @@ def _strip(name: str) -> str:
 def _tensors(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """x as float32 (or int64 token ids), y as int64 labels."""
     x = np.asarray(x)
-    x = x.astype(np.int64) if np.issubdtype(x.dtype, np.integer) else x.astype(np.float32)
+    x = x.astype(np.int64 if np.issubdtype(x.dtype, np.integer) else np.float32, copy=False)
     return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
