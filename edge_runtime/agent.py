@@ -172,6 +172,8 @@ class DeviceAgent:
             self.cfg.engine, m.model_id, m.task, active.weights, active.train_pte, example_batch(m), m.trainable
         )
         self.active = active
+        if self.learner is not None:  # keep the store position and replay buffer across releases
+            self.learner.save(list(self.outbox.pending))
         self.learner = Learner(
             engine, self.store, self.cfg.state_dir, self.governor, self.cfg.replay_size, self.cfg.checkpoint_every_s
         )

@@ -84,7 +84,8 @@ def test_updates_survive_broker_kill_and_offline_coordinator(bundle_dir, fleet, 
     status = Recorder(broker.url, [Topics(fleet).device("dev0", "status")])
     try:
         wait_for(lambda: all(a.learner and a.learner.job for a in agents), "round 1 to reach both devices")
-        wait_for(lambda: decode_status(status.next(60)[1])["state"] == "paused", "paused status")
+        seen = []
+        wait_for(lambda: seen.append(decode_status(status.next(60)[1])) or seen[-1]["state"] == "paused", "paused")
         status.close()
         base = latest_release(broker.url, fleet, 1)
         # Execute: coordinator dies; devices cool down, train and send; broker is killed and restarted
@@ -108,7 +109,10 @@ def test_updates_survive_broker_kill_and_offline_coordinator(bundle_dir, fleet, 
         coord.wait(timeout=30)
         broker.stop()
         log.close()
-    # Assert: one update per device, each counted once: θ₂ = θ₁ + Σ (n_k/Σn)·Δ_k
+    # Assert: the pause was reported with its reason and reading; one update per device, each counted
+    # once: θ₂ = θ₁ + Σ (n_k/Σn)·Δ_k
+    budget = seen[-1]["budget"]
+    assert budget["decision"]["reasons"] == ["temperature"] and budget["reading"]["temperature_c"] == 90.0
     assert sorted(u.device_id for u in sent.values()) == ["dev0", "dev1"]
     n = sum(u.num_samples for u in sent.values())
     for name in sent["dev0-r1-v1"].deltas:
