@@ -93,6 +93,7 @@ class DeviceAgent:
         source_reading: ReadingSource | None = None,
     ) -> None:
         self.cfg = cfg
+        self.x, self.y = x, y  # the fixed local data set, if any (it is also imported into the sample store)
         self.topics = Topics(cfg.fleet, cfg.topic_root)
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         self.releases = ReleaseStore(cfg.state_dir)
