@@ -154,11 +154,16 @@ class Learner:
             return deque()
         rx, ry, rs = self.replay.draw(sum(c[1] for c in counts))
         pool = [np.concatenate((f, r)) for f, r in zip(fresh, (rx, ry, rs), strict=True)] if n_fresh else [rx, ry, rs]
-        plan, i, j = deque(), 0, n_fresh  # pool rows: fresh first, then the replay draws
+        order, ends, i, j = [], [], 0, n_fresh  # pool rows: fresh first, then the replay draws
         for n_new, n_rep in counts:
-            idx = np.r_[i : i + n_new, j : j + n_rep]
+            order += [np.arange(i, i + n_new), np.arange(j, j + n_rep)]
             i, j = i + n_new, j + n_rep
-            plan.append((*(a[idx] for a in pool), int(fresh[2][i - 1]) + 1 if i else self.cursor))
+            ends.append((n_new + n_rep, int(fresh[2][i - 1]) + 1 if i else self.cursor))
+        px, py, ps = (a[np.concatenate(order)] for a in pool)  # one gather; each batch is then a view
+        plan, at = deque(), 0
+        for n, cursor in ends:
+            plan.append((px[at : at + n], py[at : at + n], ps[at : at + n], cursor))
+            at += n
         return plan
 
     def seen_ids(self) -> np.ndarray:
