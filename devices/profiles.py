@@ -170,3 +170,19 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     raise TypeError(f"cannot write {type(v).__name__} as TOML")
+
+
+def runtime_budget(profile: Profile) -> Any:
+    """The device agent's `edge_runtime.budget.Budget` for this profile (same limits, profile's threads)."""
+    from edge_runtime.budget import Budget
+
+    b = profile.budget
+    return Budget(
+        max_cpu_percent=b.max_cpu_percent,
+        max_rss_mb=float(b.max_rss_mb),
+        min_available_mb=float(b.min_available_mb),
+        max_temperature_c=b.max_temp_c,
+        min_battery_percent=b.min_battery_percent,
+        max_train_s_per_hour=float(b.max_train_s_per_hour),
+        threads=profile.threads,
+    )

@@ -11,15 +11,19 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from edge_runtime.budget import PAUSE, Budget, Governor, PsutilSource, ReadingSource
+from edge_runtime.engines import make_engine
 from edge_runtime.inference import InferenceProgram
+from edge_runtime.ingest import Ingestor, open_source
+from edge_runtime.learner import Job, Learner
 from edge_runtime.outbox import Outbox
 from edge_runtime.release import ReleaseStore
-from edge_runtime.trainer import TrainProgram, local_train
+from edge_runtime.samples import SampleFormat, SampleStore
 from edgelearn.atomic import write_bytes
 from edgelearn.bundle import INFER_PTE, TRAIN_PTE, BundleError, Manifest, load_weights, pack_release
 from edgelearn.mqtt import MqttLink
@@ -41,34 +45,56 @@ class DeviceConfig:
     tick_s: float = 0.2
     keepalive_s: int = 30
     mqtt_v311: bool = False  # only for brokers without MQTT 5 (the embedded demo broker)
+    budget: Budget = field(default_factory=Budget)
+    engine: str | None = None  # None: the faster engine for the model (engines.DEFAULT_ENGINE)
+    samples: str | None = None  # JSON-lines file, folder of *.jsonl, or "-" for stdin
+    max_store_samples: int = 20000
+    replay_size: int = 2000
+    mu: float = 0.0  # proximal term μ/2‖θ − θ_global‖²
+    checkpoint_every_s: float = 5.0
 
 
 @dataclass
 class Active:
     manifest: Manifest
     infer: InferenceProgram
-    train: TrainProgram | None
+    train_pte: bytes | None
     weights: dict[str, np.ndarray]
 
 
-def load_release(bundle_dir: Path, manifest: Manifest, example: tuple[np.ndarray, np.ndarray]) -> Active:
-    """Load both programs of a verified bundle and smoke-test inference; raises on any failure."""
+def example_batch(manifest: Manifest) -> tuple[np.ndarray, np.ndarray]:
+    """A zero batch of the program's input: x of `input.shape`/`input.dtype`; y one label per row
+    (classify) or one per token (lm)."""
+    shape = tuple(manifest.input["shape"])
+    x = np.zeros(shape, dtype=manifest.input.get("dtype", "float32"))
+    y = np.zeros(shape if manifest.task == "lm" else shape[:1], dtype=np.int64)
+    return x, y
+
+
+def load_release(bundle_dir: Path, manifest: Manifest) -> Active:
+    """Load a verified bundle's inference program and smoke-test it; raises on any failure."""
     weights = load_weights(bundle_dir)
     infer = InferenceProgram((bundle_dir / INFER_PTE).read_bytes())
-    out = infer.predict(np.zeros(manifest.input["shape"], dtype=np.float32))
+    out = infer.predict(example_batch(manifest)[0])
     if not np.isfinite(out).all():
         raise ValueError("smoke inference returned non-finite values")
-    train = None
-    if TRAIN_PTE in manifest.files:
-        train = TrainProgram((bundle_dir / TRAIN_PTE).read_bytes(), weights, example)
-    return Active(manifest, infer, train, weights)
+    train_pte = (bundle_dir / TRAIN_PTE).read_bytes() if TRAIN_PTE in manifest.files else None
+    return Active(manifest, infer, train_pte, weights)
 
 
 class DeviceAgent:
-    """Learns from local (x, y) when a round includes this device and sends the update until acked."""
+    """Serves inference, learns from its sample store when a round includes it and the budget allows,
+    and sends each update until acked."""
 
-    def __init__(self, cfg: DeviceConfig, x: np.ndarray, y: np.ndarray) -> None:
-        self.cfg, self.x, self.y = cfg, x, y
+    def __init__(
+        self,
+        cfg: DeviceConfig,
+        x: np.ndarray | None = None,
+        y: np.ndarray | None = None,
+        source_reading: ReadingSource | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.x, self.y = x, y  # the fixed local data set, if any (it is also imported into the sample store)
         self.topics = Topics(cfg.fleet, cfg.topic_root)
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         self.releases = ReleaseStore(cfg.state_dir)
@@ -77,6 +103,14 @@ class DeviceAgent:
         self.last_round = self._load_progress()
         self.pending_round: RoundMsg | None = None
         self.active: Active | None = None
+        self.learner: Learner | None = None
+        self.store = SampleStore(cfg.state_dir / "samples", cfg.max_store_samples)
+        self.ingest: Ingestor | None = None
+        self.governor = Governor(cfg.budget, source_reading or PsutilSource())
+        self._import_shard(x, y)
+        self._source = open_source(cfg.samples)
+        self._status_sent: tuple | None = None  # (state, budget decision) last published
+        self.activation_s: float | None = None  # verify + load + smoke-test + activate of the last release
         self.events: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self.link = MqttLink(
             cfg.broker_url,
@@ -97,34 +131,99 @@ class DeviceAgent:
         except (FileNotFoundError, ValueError, KeyError):
             return 0
 
-    def _example(self) -> tuple[np.ndarray, np.ndarray]:
-        return self.x[:1], self.y[:1]
+    def _import_shard(self, x: np.ndarray | None, y: np.ndarray | None) -> None:
+        """Put a fixed local data set into the sample store once (a marker offset makes it idempotent)."""
+        if x is None or y is None or self.store.offsets.get("shard"):
+            return
+        for i in range(len(y)):
+            self.store.add(x[i], y[i], flush_when_full=False)
+        self.store.flush({"shard": len(y)})
 
     def _restore_active(self) -> None:
-        found = self.releases.load_active()
+        """Serve the active release; if it is damaged or fails to load, roll back to the previous one."""
+        v = self.releases.active_version()
+        found = self.releases.load_version(v) if v else None
         if found:
             try:
-                self.active = load_release(found[1], found[0], self._example())
-                log.info("%s: resumed release v%d", self.cfg.device_id, found[0].version)
+                self._activate(load_release(found[1], found[0]))
+                log.info("%s: resumed release v%d", self.cfg.device_id, v)
+                return
             except Exception as e:
-                log.error("%s: active release v%d fails to load: %s", self.cfg.device_id, found[0].version, e)
+                log.error("%s: active release v%d fails to load: %s", self.cfg.device_id, v, e)
+        if v:
+            self._rollback(v)
+
+    def _rollback(self, failed: int) -> None:
+        """The active release fails: go back to the previous one if it is still installed and loads."""
+        previous = self.releases.previous_version()
+        found = self.releases.load_version(previous) if previous else None
+        if not found:
+            return
+        try:
+            self._activate(load_release(found[1], found[0]))
+        except Exception as e:
+            log.error("%s: previous release v%d fails too: %s", self.cfg.device_id, previous, e)
+            return
+        self.releases.activate(previous)
+        log.warning("%s: rolled back from v%d to v%d", self.cfg.device_id, failed, previous)
+
+    def _activate(self, active: Active) -> None:
+        """Serve `active` and give the learner an engine on its weights (resuming a checkpointed job)."""
+        m = active.manifest
+        engine = make_engine(
+            self.cfg.engine, m.model_id, m.task, active.weights, active.train_pte, example_batch(m), m.trainable
+        )
+        self.active = active
+        if self.learner is not None:  # keep the store position and replay buffer across releases
+            self.learner.save(list(self.outbox.pending))
+        self.learner = Learner(
+            engine, self.store, self.cfg.state_dir, self.governor, self.cfg.replay_size, self.cfg.checkpoint_every_s
+        )
+        self.learner.restore()
+        job = self.learner.job
+        if job and (job.base_version != m.version or job.round <= self.last_round):
+            self.learner.job = None  # done already, or trained on an older release (Δ would not apply)
+        if self.ingest is None:
+            fmt = SampleFormat(m.task, tuple(m.input["shape"][1:]))
+            self.ingest = Ingestor(self.store, fmt, self._source, poll_interval_s=self.cfg.tick_s)
+        log.info("%s: serving v%d, training engine %s", self.cfg.device_id, m.version, engine.name)
 
     @property
     def version(self) -> int:
         return self.active.manifest.version if self.active else 0
 
+    def status_fields(self) -> dict:
+        job = self.learner.job if self.learner else None
+        return {
+            "version": self.version,
+            "round": self.last_round,
+            "job": {"round": job.round, "steps_done": job.steps_done, "steps": job.steps} if job else None,
+            "budget": self.governor.telemetry(),
+            "samples": {
+                "stored": len(self.store),
+                "accepted": self.ingest.accepted if self.ingest else 0,
+                "malformed": self.ingest.malformed if self.ingest else 0,
+            },
+            "outbox": len(self.outbox.pending),
+            "ts": round(time.time(), 3),
+        }
+
     def publish_status(self, state: str) -> None:
-        self.link.publish(
-            self.topics.device(self.cfg.device_id, "status"),
-            encode_status(state, version=self.version, round=self.last_round, ts=round(time.time(), 3)),
-            retain=True,
-        )
+        fields = self.status_fields()
+        self._status_sent = (state, self.governor.decision)
+        self.link.publish(self.topics.device(self.cfg.device_id, "status"), encode_status(state, **fields), retain=True)
+
+    def _state(self) -> str:
+        if self.learner and self.learner.job:
+            d = self.governor.decision
+            return "paused" if d and d.action == PAUSE else "training"
+        return "idle"
 
     # ------------------------------------------------------------ events
 
     def handle(self, topic: str, payload: bytes) -> None:
         if topic == "":
-            self.publish_status("idle")
+            self.publish_status(self._state())
         elif topic == self.topics.model_latest:
             self.on_release(payload)
         elif topic == self.topics.rounds_current:
@@ -136,6 +235,7 @@ class DeviceAgent:
         """Verify, install, load and smoke-test a new release; activate it only if all of that works."""
         if not payload:
             return
+        t0 = time.monotonic()
         try:
             manifest = self.releases.install(payload)
         except BundleError as e:
@@ -144,7 +244,8 @@ class DeviceAgent:
         if manifest is None:
             return
         try:
-            active = load_release(self.releases.path(manifest.version), manifest, self._example())
+            active = load_release(self.releases.path(manifest.version), manifest)
+            self._activate(active)
         except Exception as e:
             log.error(
                 "%s: release v%d fails to load (%s); keeping v%d", self.cfg.device_id, manifest.version, e, self.version
@@ -152,12 +253,12 @@ class DeviceAgent:
             self.releases.discard(manifest.version)
             return
         self.releases.activate(manifest.version)
-        self.active = active
-        log.info("%s: activated release v%d", self.cfg.device_id, manifest.version)
-        self.publish_status("idle")
+        self.activation_s = time.monotonic() - t0
+        log.info("%s: activated release v%d in %.3fs", self.cfg.device_id, manifest.version, self.activation_s)
+        self.publish_status(self._state())
         if self.pending_round and self.pending_round.base_version == manifest.version:
             rnd, self.pending_round = self.pending_round, None
-            self.train_round(rnd)
+            self.start_round(rnd)
 
     def seed(self, bundle_dir: Path) -> None:
         """Install a local bundle (e.g. the one flashed with the device) as if it came from the broker."""
@@ -174,44 +275,44 @@ class DeviceAgent:
         if rnd.base_version > self.version:
             self.pending_round = rnd  # its release has not arrived yet
         elif rnd.base_version == self.version:
-            self.train_round(rnd)
+            self.start_round(rnd)
 
-    def train_round(self, rnd: RoundMsg) -> None:
-        """Train on local data, put the update in the outbox, then record the round as done."""
-        if self.active is None or self.active.train is None:
-            log.warning(
-                "%s: release v%d has no training program; skipping round %d",
-                self.cfg.device_id,
-                self.version,
-                rnd.round,
-            )
+    def start_round(self, rnd: RoundMsg) -> None:
+        """Queue the round's local steps; `run` does them one by one as the budget allows."""
+        if self.learner is None or self.active is None:
             return
+        job = Job(rnd.round, rnd.base_version, rnd.local.steps, rnd.local.batch_size, rnd.local.lr, self.cfg.mu)
+        self.learner.start(job, self.active.weights)
         self.publish_status("training")
-        prog = self.active.train
-        prog.load(self.active.weights)
-        res = local_train(prog, self.x, self.y, rnd.local.steps, rnd.local.batch_size, rnd.local.lr, seed=rnd.round)
+
+    def finish_round(self) -> None:
+        """Put the update in the outbox (fsync), then checkpoint the round as done."""
+        res = self.learner.finish()
+        job = res.job
         update = Update(
-            update_id=f"{self.cfg.device_id}-r{rnd.round}-v{rnd.base_version}",  # same id if retrained after a crash
+            update_id=f"{self.cfg.device_id}-r{job.round}-v{job.base_version}",  # same id if retrained after a crash
             device_id=self.cfg.device_id,
             model_id=self.active.manifest.model_id,
-            base_version=rnd.base_version,
+            base_version=job.base_version,
             num_samples=res.num_samples,
             deltas=res.deltas,
-            round=rnd.round,
+            round=job.round,
             encoding=self.cfg.encoding,
-            loss=res.loss,
-            train_seconds=res.train_seconds,
+            loss=job.loss,
+            train_seconds=job.train_s,
         )
         self.outbox.put(update.update_id, encode_update(update))
-        self.last_round = rnd.round
-        write_bytes(self.progress_file, json.dumps({"last_round": rnd.round}).encode())
+        self.last_round = job.round
+        write_bytes(self.progress_file, json.dumps({"last_round": job.round}).encode())
+        self.learner.clear(list(self.outbox.pending))
         log.info(
-            "%s: round %d trained on %d samples in %.2fs, loss %.3f",
+            "%s: round %d: %d steps on %d samples in %.2fs, loss %.3f",
             self.cfg.device_id,
-            rnd.round,
+            job.round,
+            job.steps,
             res.num_samples,
-            res.train_seconds,
-            res.loss,
+            job.train_s,
+            job.loss,
         )
         self.publish_status("idle")
         self.flush_outbox()
@@ -248,17 +349,34 @@ class DeviceAgent:
 
     # ------------------------------------------------------------ loop
 
+    def work(self) -> bool:
+        """Ingest new samples and do at most one training step; True if a step ran (more may follow)."""
+        if self.ingest is not None:
+            self.ingest.poll()
+        if self.learner is None or self.learner.job is None:
+            return False
+        outcome = self.learner.step()
+        if outcome == "done":
+            self.finish_round()
+        elif self._status_sent != (self._state(), self.governor.decision):
+            self.publish_status(self._state())  # a budget decision changed: report it
+        return outcome == "stepped"
+
     def run(self, stop: threading.Event) -> None:
-        """Serve until `stop` is set; then publish offline status and disconnect."""
+        """Serve until `stop` is set; then checkpoint, publish offline status and disconnect."""
         self.link.start(wait_s=0)
+        busy = False
         try:
             while not stop.is_set():
                 try:
-                    topic, payload = self.events.get(timeout=self.cfg.tick_s)
+                    topic, payload = self.events.get(timeout=0 if busy else self.cfg.tick_s)
                 except queue.Empty:
                     pass
                 else:
                     self.handle(topic, payload)
+                busy = self.work()
                 self.flush_outbox()
         finally:
+            if self.learner is not None:
+                self.learner.save(list(self.outbox.pending))
             self.link.stop((self.topics.device(self.cfg.device_id, "status"), OFFLINE))

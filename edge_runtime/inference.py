@@ -10,9 +10,9 @@ class InferenceProgram:
     """The `forward` method of an inference program, loaded from .pte bytes."""
 
     def __init__(self, pte: bytes) -> None:
-        from executorch.runtime import Runtime
+        from edge_runtime.et_import import runtime_modules
 
-        self._program = Runtime.get().load_program(pte)
+        self._program = runtime_modules()[0].Runtime.get().load_program(pte)
         self._forward = self._program.load_method("forward")
 
     def predict(self, x: np.ndarray) -> np.ndarray:

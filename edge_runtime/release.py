@@ -28,6 +28,12 @@ class ReleaseStore:
         except (FileNotFoundError, ValueError, KeyError):
             return 0
 
+    def previous_version(self) -> int:
+        try:
+            return int(json.loads(self.active_file.read_bytes()).get("previous") or 0)
+        except (FileNotFoundError, ValueError):
+            return 0
+
     def path(self, version: int) -> Path:
         return self.root / f"v{version}"
 
@@ -56,11 +62,14 @@ class ReleaseStore:
         shutil.rmtree(self.path(version), ignore_errors=True)
 
     def load_active(self) -> tuple[Manifest, Path] | None:
-        v = self.active_version()
+        return self.load_version(self.active_version())
+
+    def load_version(self, v: int) -> tuple[Manifest, Path] | None:
+        """The verified bundle of installed release `v`; None if absent or damaged (logged)."""
         if v == 0:
             return None
         try:
             return verify_bundle(self.path(v)), self.path(v)
         except BundleError as e:
-            log.error("active release v%d is damaged (%s); waiting for a new release", v, e)
+            log.error("release v%d is damaged (%s)", v, e)
             return None

@@ -2,31 +2,20 @@
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
 WRAPPER_PREFIX = "net."  # export.models.TrainStep holds the model as `net`
 
 
-@dataclass(frozen=True)
-class LocalResult:
-    deltas: dict[str, np.ndarray]  # Δ = θ_local − θ_base per trainable parameter
-    num_samples: int  # distinct examples that produced Δ
-    loss: float  # mean training loss of the last step
-    train_seconds: float
-
-
 class TrainProgram:
     """The `forward` method of a training program (returns loss first); parameters alias program memory."""
 
     def __init__(self, pte: bytes, weights: dict[str, np.ndarray], example: tuple[np.ndarray, np.ndarray]) -> None:
-        from executorch.extension.training import _load_for_executorch_for_training_from_buffer
+        from edge_runtime.et_import import runtime_modules
 
         self._pte = pte  # the loader keeps no reference: dropping the buffer segfaults forward_backward
-        self._module = _load_for_executorch_for_training_from_buffer(pte)
+        self._module = runtime_modules()[1]._load_for_executorch_for_training_from_buffer(pte)
         self._module.forward_backward("forward", _tensors(*example))  # must run once before named_parameters
         self._params = {_strip(k): v for k, v in self._module.named_parameters().items()}
         self.load(weights)
@@ -47,14 +36,22 @@ class TrainProgram:
     def state(self) -> dict[str, np.ndarray]:
         return {n: p.detach().numpy().copy() for n, p in self._params.items()}
 
+    @property
+    def params(self) -> dict[str, torch.Tensor]:
+        return self._params
+
+    def forward_backward(self, x: np.ndarray, y: np.ndarray) -> tuple[float, dict[str, torch.Tensor]]:
+        """ℓ(θ; x, y) and ∇ℓ by parameter name (gradient tensors alias program memory until the next call)."""
+        out = self._module.forward_backward("forward", _tensors(x, y))
+        return float(out[0]), {_strip(k): g for k, g in self._module.named_gradients().items()}
+
     def step(self, x: np.ndarray, y: np.ndarray, lr: float) -> float:
         """One SGD step θ ← θ − η∇ℓ(θ; x, y); returns ℓ before the step."""
-        out = self._module.forward_backward("forward", _tensors(x, y))
-        grads = {_strip(k): g for k, g in self._module.named_gradients().items()}
+        loss, grads = self.forward_backward(x, y)
         with torch.no_grad():
             for n, p in self._params.items():
                 p.sub_(grads[n], alpha=lr)
-        return float(out[0])
+        return loss
 
 
 def _strip(name: str) -> str:
@@ -62,26 +59,7 @@ def _strip(name: str) -> str:
 
 
 def _tensors(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.from_numpy(np.asarray(y, dtype=np.int64))
-
-
-def local_train(
-    program: TrainProgram, x: np.ndarray, y: np.ndarray, steps: int, batch_size: int, lr: float, seed: int
-) -> LocalResult:
-    """`steps` SGD steps over shuffled passes of (x, y); Δ = θ_after − θ_before."""
-    t0 = time.perf_counter()
-    base = program.state()
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(y))
-    seen: set[int] = set()
-    pos, loss = 0, float("nan")
-    for _ in range(steps):
-        if pos + batch_size > len(order):
-            order, pos = rng.permutation(len(y)), 0
-        idx = order[pos : pos + batch_size]
-        pos += len(idx)
-        seen.update(int(i) for i in idx)
-        loss = program.step(x[idx], y[idx], lr)
-    after = program.state()
-    deltas = {n: after[n] - base[n] for n in base}
-    return LocalResult(deltas, len(seen), loss, time.perf_counter() - t0)
+    """x as float32 (or int64 token ids), y as int64 labels."""
+    x = np.asarray(x)
+    x = x.astype(np.int64 if np.issubdtype(x.dtype, np.integer) else np.float32, copy=False)
+    return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))

@@ -28,7 +28,7 @@ def release_with_version(bundle_dir, tmp_path, version: int) -> bytes:
 def test_release_activates_and_survives_restart(bundle_dir, tmp_path):
     a = agent(tmp_path)
     a.on_release(release_with_version(bundle_dir, tmp_path, 1))
-    assert a.version == 1 and a.active.train is not None
+    assert a.version == 1 and a.active.train_pte is not None and a.learner is not None
     assert agent(tmp_path).version == 1  # a restarted agent resumes the active release
 
 
@@ -89,3 +89,18 @@ def test_seed_installs_a_local_bundle(bundle_dir, tmp_path):
     a = agent(tmp_path)
     a.seed(bundle_dir)
     assert a.version == 1 and (tmp_path / "state" / "releases" / "v1" / "infer.pte").exists()
+
+
+def test_damaged_active_release_rolls_back_to_the_previous_one_on_restart(bundle_dir, tmp_path, caplog):
+    # Prepare: v1 then v2 activated; then v2's program is damaged on disk
+    a = agent(tmp_path)
+    a.on_release(release_with_version(bundle_dir, tmp_path, 1))
+    a.on_release(release_with_version(bundle_dir, tmp_path, 2))
+    assert a.version == 2
+    pte = tmp_path / "state" / "releases" / "v2" / "infer.pte"
+    pte.write_bytes(b"\0" * len(pte.read_bytes()))
+    # Execute: restart
+    again = agent(tmp_path)
+    # Assert: the previous release serves, and is now the active one on disk
+    assert again.version == 1 and "rolled back from v2 to v1" in caplog.text
+    assert agent(tmp_path).version == 1

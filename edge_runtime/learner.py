@@ -1,0 +1,227 @@
+"""Incremental learning, one step at a time: new samples from the store mixed with reservoir replay,
+paced by the budget governor, checkpointed atomically so that `kill -9` at any moment loses at most
+the steps since the last checkpoint.
+
+Checkpoint (`checkpoint.safetensors`, temp → fsync → rename → fsync dir): θ_local per parameter, the
+replay buffer, the distinct sample ids of the job, and JSON metadata: job (round, base version, steps
+done/total, lr, μ), store position, replay RNG state and pending update ids. Plain SGD keeps no other
+optimizer state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+from edge_runtime.budget import PAUSE, Governor, apply_threads
+from edge_runtime.engines import Engine
+from edge_runtime.samples import ReplayBuffer, SampleStore
+from edgelearn.atomic import write_bytes
+
+log = logging.getLogger(__name__)
+CHECKPOINT = "checkpoint.safetensors"
+PLAN_STEPS = 8  # batches assembled at once
+
+
+@dataclass
+class Job:
+    """`steps` SGD steps from release `base_version`; `round` 0 = learning outside a FedAvg round.
+    Mutable: the learner advances `steps_done`, `loss` and `train_s` in place (no copy per step)."""
+
+    round: int
+    base_version: int
+    steps: int
+    batch_size: int
+    lr: float
+    mu: float = 0.0
+    steps_done: int = 0
+    loss: float = float("nan")
+    train_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class JobResult:
+    job: Job
+    deltas: dict[str, np.ndarray]  # Δ = θ_local − θ_base
+    num_samples: int
+
+
+def mix_counts(batch_size: int, n_new: int, n_replay: int) -> tuple[int, int]:
+    """(new, replay) rows of a batch: half new (all of it when replay is empty), the rest replay."""
+    new = min(n_new, batch_size if n_replay == 0 else max(1, batch_size // 2))
+    return new, min(n_replay, batch_size - new)
+
+
+class Learner:
+    def __init__(
+        self,
+        engine: Engine,
+        store: SampleStore,
+        state_dir: Path,
+        governor: Governor | None = None,
+        replay_size: int = 2000,
+        checkpoint_every_s: float = 5.0,
+    ) -> None:
+        self.engine, self.store, self.governor = engine, store, governor
+        self.path = state_dir / CHECKPOINT
+        for tmp in state_dir.glob(f".{CHECKPOINT}.*.tmp"):  # left by a crash while writing; never read
+            tmp.unlink(missing_ok=True)
+        self.replay = ReplayBuffer(replay_size)
+        self.cursor = 0  # next store seq to learn from
+        self.job: Job | None = None
+        self.base: dict[str, np.ndarray] = engine.state()
+        self._seen: list[np.ndarray] = []  # seq ids of the job's batches, compacted now and then
+        self.checkpoint_every_s = checkpoint_every_s
+        self._last_ckpt_s = time.monotonic()
+        self._plan: deque = deque()
+        self._plan_batch_size = 0
+
+    # ------------------------------------------------------------ jobs
+
+    def start(self, job: Job, base: dict[str, np.ndarray]) -> None:
+        """Begin `job` from θ_base (resumes instead if the checkpoint holds the same job)."""
+        if self.job and (self.job.round, self.job.base_version) == (job.round, job.base_version):
+            self.job.steps = job.steps  # resumed from the checkpoint
+            return
+        self.engine.load(base)
+        self.base = {n: np.asarray(base[n], np.float32).copy() for n in self.engine.state()}
+        self.job, self._seen = job, []
+        self._plan.clear()
+
+    def step(self) -> str:
+        """One training step if the budget allows: 'stepped', 'paused', 'no-data' or 'done'."""
+        job = self.job
+        if job is None or job.steps_done >= job.steps:
+            return "done"
+        batch_size = job.batch_size
+        if self.governor is not None:
+            d = self.governor.check()
+            if d.action == PAUSE:
+                return "paused"
+            batch_size = min(batch_size, d.batch_size)
+            apply_threads(d.threads)
+        batch = self._batch(batch_size)
+        if batch is None:
+            return "no-data"
+        t0 = time.monotonic()
+        loss = self.engine.step(batch[0], batch[1], job.lr, job.mu)
+        t1 = time.monotonic()
+        if self.governor is not None:
+            self.governor.record_training(t0, t1)
+        job.steps_done, job.loss, job.train_s = job.steps_done + 1, loss, job.train_s + t1 - t0
+        if t1 - self._last_ckpt_s >= self.checkpoint_every_s:
+            self.save()
+        return "stepped"
+
+    def _batch(self, batch_size: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """The next planned batch (a new plan when none is left or the batch size changed)."""
+        if not self._plan or self._plan_batch_size != batch_size:
+            self._plan, self._plan_batch_size = self._make_plan(batch_size, PLAN_STEPS), batch_size
+        if not self._plan:
+            return None
+        x, y, seq, cursor = self._plan.popleft()
+        self.cursor = cursor
+        self._seen.append(seq)
+        if len(self._seen) > 512:
+            self._seen = [self.seen_ids()]
+        return x, y
+
+    def _make_plan(self, batch_size: int, k: int) -> deque:
+        """Up to `k` batches from one store read, one reservoir offer and one replay draw (per-step overhead
+        matters for small models). The store position advances only as batches are used; a plan dropped
+        for a new batch size re-reads its samples (they are then offered to the reservoir twice)."""
+        fresh = self.store.read(self.cursor, batch_size * k)
+        n_fresh = 0 if fresh is None else len(fresh[2])
+        if n_fresh:
+            self.replay.offer(*fresh)
+        counts, left = [], n_fresh
+        for _ in range(k):
+            n_new, n_rep = mix_counts(batch_size, left, len(self.replay))
+            if n_new + n_rep == 0:
+                break
+            counts.append((n_new, n_rep))
+            left -= n_new
+        if not counts:
+            return deque()
+        rx, ry, rs = self.replay.draw(sum(c[1] for c in counts))
+        pool = [np.concatenate((f, r)) for f, r in zip(fresh, (rx, ry, rs), strict=True)] if n_fresh else [rx, ry, rs]
+        order, ends, i, j = [], [], 0, n_fresh  # pool rows: fresh first, then the replay draws
+        for n_new, n_rep in counts:
+            order += [np.arange(i, i + n_new), np.arange(j, j + n_rep)]
+            i, j = i + n_new, j + n_rep
+            ends.append((n_new + n_rep, int(fresh[2][i - 1]) + 1 if i else self.cursor))
+        px, py, ps = (a[np.concatenate(order)] for a in pool)  # one gather; each batch is then a view
+        plan, at = deque(), 0
+        for n, cursor in ends:
+            plan.append((px[at : at + n], py[at : at + n], ps[at : at + n], cursor))
+            at += n
+        return plan
+
+    def seen_ids(self) -> np.ndarray:
+        """Distinct sample ids that went into the job's steps (num_samples of the update)."""
+        return np.unique(np.concatenate(self._seen)) if self._seen else np.zeros(0, np.int64)
+
+    def finish(self) -> JobResult:
+        """Δ of the finished job; the job stays in the checkpoint until `clear()`."""
+        theta = self.engine.state()
+        return JobResult(self.job, {n: theta[n] - self.base[n] for n in theta}, max(1, len(self.seen_ids())))
+
+    def clear(self, pending: list[str] | None = None) -> None:
+        self.job = None
+        self.save(pending)
+
+    # ------------------------------------------------------------ checkpoint
+
+    def save(self, pending: list[str] | None = None) -> None:
+        """Atomic checkpoint of everything needed to resume (see module docstring)."""
+        tensors = {f"w.{n}": v for n, v in self.engine.state().items()}
+        tensors.update({f"base.{n}": v for n, v in self.base.items()})
+        tensors.update(self.replay.tensors())
+        tensors["seen"] = self.seen_ids()
+        meta = {
+            "job": asdict(self.job) if self.job else None,
+            "cursor": self.cursor,
+            "replay_seen": self.replay.n_seen,
+            "replay_rng": self.replay.rng.bit_generator.state,
+            "pending": pending or [],
+        }
+        write_bytes(self.path, st_save(tensors, metadata={"meta": json.dumps(meta)}))
+        self._last_ckpt_s = time.monotonic()
+
+    def restore(self) -> bool:
+        """Load the checkpoint if there is one; False if none. A damaged one is logged and ignored."""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return False
+        try:
+            tensors = st_load(data)
+            meta = json.loads(_metadata(data)["meta"])
+        except (SafetensorError, ValueError, KeyError) as e:
+            log.error("checkpoint %s unreadable (%s): starting from the release weights", self.path, e)
+            return False
+        self.cursor = int(meta["cursor"])
+        self.replay.restore(tensors, int(meta["replay_seen"]), meta["replay_rng"])
+        self._seen = [tensors["seen"]]
+        self.job = Job(**meta["job"]) if meta["job"] else None
+        if self.job:
+            self.base = {k[5:]: v for k, v in tensors.items() if k.startswith("base.")}
+            self.engine.load(self.base)  # anchor θ_global = θ_base
+            self.engine.load_trainable({k[2:]: v for k, v in tensors.items() if k.startswith("w.")})
+        log.info("resumed from checkpoint: job %s, store position %d", self.job, self.cursor)
+        return True
+
+
+def _metadata(data: bytes) -> dict[str, str]:
+    """The `__metadata__` of a safetensors payload (header = 8-byte little-endian length + JSON)."""
+    n = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + n]).get("__metadata__") or {}

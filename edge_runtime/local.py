@@ -1,0 +1,85 @@
+"""Learning without a coordinator: a bundle, a sample stream, a budget and a state folder (Python API + CLI).
+
+`LocalRun` is what the device agent does between rounds, without MQTT: ingest samples, take SGD steps when
+the budget allows, checkpoint; after a crash it resumes from the checkpoint. The result is θ_local written
+atomically to `state/local-weights.safetensors`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save as st_save
+
+from edge_runtime.agent import example_batch
+from edge_runtime.budget import Budget, Governor, PsutilSource, ReadingSource
+from edge_runtime.engines import make_engine
+from edge_runtime.ingest import Ingestor, open_source
+from edge_runtime.learner import Job, Learner
+from edge_runtime.samples import SampleFormat, SampleStore
+from edgelearn.atomic import write_bytes
+from edgelearn.bundle import TRAIN_PTE, load_weights, verify_bundle
+
+log = logging.getLogger(__name__)
+LOCAL_WEIGHTS = "local-weights.safetensors"
+
+
+@dataclass(frozen=True)
+class LocalConfig:
+    bundle_dir: Path
+    state_dir: Path
+    samples: str | None
+    steps: int
+    batch_size: int = 32
+    lr: float = 0.05
+    mu: float = 0.0
+    engine: str | None = None
+    budget: Budget = field(default_factory=Budget)
+    replay_size: int = 2000
+    checkpoint_every_s: float = 5.0
+    idle_s: float = 0.05
+
+
+class LocalRun:
+    def __init__(self, cfg: LocalConfig, reading_source: ReadingSource | None = None) -> None:
+        self.cfg = cfg
+        m = verify_bundle(cfg.bundle_dir)
+        self.manifest = m
+        weights = load_weights(cfg.bundle_dir)
+        train_pte = (cfg.bundle_dir / TRAIN_PTE).read_bytes() if TRAIN_PTE in m.files else None
+        self.engine = make_engine(cfg.engine, m.model_id, m.task, weights, train_pte, example_batch(m), m.trainable)
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        self.store = SampleStore(cfg.state_dir / "samples")
+        fmt = SampleFormat(m.task, tuple(m.input["shape"][1:]))
+        self.ingest = Ingestor(self.store, fmt, open_source(cfg.samples), poll_interval_s=0.2)
+        self.governor = Governor(cfg.budget, reading_source or PsutilSource())
+        self.learner = Learner(
+            self.engine, self.store, cfg.state_dir, self.governor, cfg.replay_size, cfg.checkpoint_every_s
+        )
+        self.resumed_at = self.learner.job.steps_done if self.learner.restore() and self.learner.job else 0
+        self.learner.start(Job(0, m.version, cfg.steps, cfg.batch_size, cfg.lr, cfg.mu), weights)
+
+    def run(self, stop: threading.Event | None = None, until_done: bool = True) -> Job:
+        """Ingest and step until the job is done (or `stop`); checkpoints on the way and at the end."""
+        stop = stop or threading.Event()
+        try:
+            while not stop.is_set():
+                self.ingest.poll()
+                outcome = self.learner.step()
+                if outcome == "done":
+                    self._write_result()
+                    break
+                if outcome != "stepped":
+                    time.sleep(self.cfg.idle_s)  # paused by the budget or waiting for samples
+        finally:
+            self.learner.save()
+        return self.learner.job
+
+    def _write_result(self) -> None:
+        theta = self.engine.state()
+        write_bytes(self.cfg.state_dir / LOCAL_WEIGHTS, st_save({n: np.ascontiguousarray(v) for n, v in theta.items()}))
