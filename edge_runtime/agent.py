@@ -52,6 +52,7 @@ class DeviceConfig:
     replay_size: int = 2000
     mu: float = 0.0  # proximal term μ/2‖θ − θ_global‖²
     checkpoint_every_s: float = 5.0
+    public_key_path: Path | None = None  # signed fleet: refuse releases not signed by this ed25519 key
 
 
 @dataclass
@@ -82,6 +83,14 @@ def load_release(bundle_dir: Path, manifest: Manifest) -> Active:
     return Active(manifest, infer, train_pte, weights)
 
 
+def _public_key(path: Path | None) -> object | None:
+    if path is None:
+        return None
+    from edgelearn.signing import load_public
+
+    return load_public(path)
+
+
 class DeviceAgent:
     """Serves inference, learns from its sample store when a round includes it and the budget allows,
     and sends each update until acked."""
@@ -97,7 +106,7 @@ class DeviceAgent:
         self.x, self.y = x, y  # the fixed local data set, if any (it is also imported into the sample store)
         self.topics = Topics(cfg.fleet, cfg.topic_root)
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
-        self.releases = ReleaseStore(cfg.state_dir)
+        self.releases = ReleaseStore(cfg.state_dir, _public_key(cfg.public_key_path))
         self.outbox = Outbox(cfg.state_dir / "outbox", cfg.max_outbox)
         self.progress_file = cfg.state_dir / "device.json"
         self.last_round = self._load_progress()

@@ -17,7 +17,8 @@ KEEP_RELEASES = 2
 class ReleaseStore:
     """`state/releases/v{N}/` bundles plus `state/active.json` naming the running version."""
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, public_key: object | None = None) -> None:
+        self.public_key = public_key  # an Ed25519PublicKey: this fleet accepts only releases signed by it
         self.root = state_dir / "releases"
         self.root.mkdir(parents=True, exist_ok=True)
         self.active_file = state_dir / "active.json"
@@ -34,16 +35,26 @@ class ReleaseStore:
         except (FileNotFoundError, ValueError):
             return 0
 
+    def _model_id(self, version: int) -> str | None:
+        try:
+            return str(json.loads((self.path(version) / "manifest.json").read_bytes())["model_id"])
+        except (FileNotFoundError, ValueError, KeyError):
+            return None
+
     def path(self, version: int) -> Path:
         return self.root / f"v{version}"
 
     def install(self, payload: bytes) -> Manifest | None:
         """Verify a release archive and install it (not yet active); None if not newer than the active one.
 
-        Raises BundleError for a corrupt or tampered archive; nothing is written then.
+        Raises BundleError for a corrupt, tampered, unsigned (in a signed fleet) or other-model
+        archive; nothing is written then.
         """
-        manifest, files = read_release(payload)
+        manifest, files = read_release(payload, self.public_key)
         current = self.active_version()
+        running = self._model_id(current)
+        if running is not None and manifest.model_id != running:
+            raise BundleError(f"release is for model {manifest.model_id!r}, this device runs {running!r}")
         if manifest.version <= current:
             log.info("release v%d ignored: not newer than active v%d", manifest.version, current)
             return None

@@ -228,6 +228,7 @@ def cmd_device(a: argparse.Namespace) -> int:
     from edge_runtime.agent import DeviceAgent, DeviceConfig
     from edgelearn.bundle import BundleError, verify_bundle
     from edgelearn.demo import load_shard
+    from edgelearn.signing import load_public
 
     x = y = None
     if a.data is not None:
@@ -242,6 +243,8 @@ def cmd_device(a: argparse.Namespace) -> int:
         budget = _budget(a, profile)
         if a.bundle:
             verify_bundle(a.bundle)
+        if a.public_key:
+            load_public(a.public_key)
     except (OSError, ValueError, ProfileError, BundleError) as e:
         print(f"edgelearn device: error: {e}", file=sys.stderr)
         return 2
@@ -259,6 +262,7 @@ def cmd_device(a: argparse.Namespace) -> int:
         mu=a.mu,
         replay_size=a.replay_size,
         max_store_samples=a.max_store_samples,
+        public_key_path=a.public_key,
     )
     if profile:
         cfg = replace(
@@ -559,6 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--bundle", type=Path, default=None, help="a local bundle to start from (e.g. the flashed one)")
     v.add_argument("--profile", default=None, help="device profile name (see `edgelearn profiles`)")
     v.add_argument("--profile-file", type=Path, default=None, help="TOML file overriding profile fields")
+    v.add_argument("--public-key", type=Path, default=None, help="signed fleet: refuse releases not signed by it")
     v.set_defaults(func=cmd_device)
 
     k = sub.add_parser(

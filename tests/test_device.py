@@ -104,3 +104,29 @@ def test_damaged_active_release_rolls_back_to_the_previous_one_on_restart(bundle
     # Assert: the previous release serves, and is now the active one on disk
     assert again.version == 1 and "rolled back from v2 to v1" in caplog.text
     assert agent(tmp_path).version == 1
+
+
+def test_release_of_another_model_is_refused(bundle_dir, tmp_path, caplog):
+    a = agent(tmp_path)
+    a.on_release(release_with_version(bundle_dir, tmp_path, 1))
+    m = verify_bundle(bundle_dir)
+    files = {name: (bundle_dir / name).read_bytes() for name in m.files}
+    write_bundle(tmp_path / "other", replace(m, model_id="other-model", version=2, files={}), files)
+    a.on_release(pack_release(tmp_path / "other"))
+    assert a.version == 1 and "release is for model 'other-model', this device runs 'digits-mlp'" in caplog.text
+
+
+def test_signed_fleet_refuses_unsigned_and_accepts_signed(bundle_dir, tmp_path, caplog):
+    from edgelearn.signing import generate_keys, load_private, sign_bundle
+
+    generate_keys(tmp_path / "k", tmp_path / "k.pub")
+    rng = np.random.default_rng(0)
+    x, y = rng.uniform(0, 1, (40, 64)).astype(np.float32), rng.integers(0, 10, 40)
+    cfg = DeviceConfig("mqtt://127.0.0.1:1", "f", "dev1", tmp_path / "state", public_key_path=tmp_path / "k.pub")
+    a = DeviceAgent(cfg, x, y)
+    a.on_release(release_with_version(bundle_dir, tmp_path, 1))
+    assert a.version == 0 and "release is not signed" in caplog.text
+    payload = release_with_version(bundle_dir, tmp_path, 2)  # writes the bundle v2-src, unsigned
+    sign_bundle(tmp_path / "v2-src", load_private(tmp_path / "k"))
+    a.on_release(pack_release(tmp_path / "v2-src"))
+    assert a.version == 2 and payload != pack_release(tmp_path / "v2-src")

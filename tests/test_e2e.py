@@ -1,4 +1,7 @@
-"""End to end through a real mosquitto: export → coordinator → 3 device processes → 2 FedAvg rounds."""
+"""End to end through a real mosquitto: export → coordinator → 3 device processes → 2 FedAvg rounds.
+
+The fleet is signed: the coordinator signs every release, devices accept only releases signed by its key.
+"""
 
 import subprocess
 import sys
@@ -9,6 +12,7 @@ import numpy as np
 from edgelearn.bundle import read_release
 from edgelearn.demo import write_shards
 from edgelearn.protocol import Topics, decode_update
+from edgelearn.signing import generate_keys, load_public
 from tests.conftest import SERVER_FRACTION
 
 N_DEVICES = 3
@@ -18,10 +22,10 @@ def spawn(*args: str, log) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "edgelearn.cli", *args], stdout=log, stderr=subprocess.STDOUT)
 
 
-def weights_of(payload: bytes) -> tuple[int, dict[str, np.ndarray]]:
+def weights_of(payload: bytes, public_key) -> tuple[int, dict[str, np.ndarray]]:
     from safetensors.numpy import load
 
-    manifest, files = read_release(payload)
+    manifest, files = read_release(payload, public_key)  # raises unless signed by the fleet key
     return manifest.version, load(files["weights.safetensors"])
 
 
@@ -30,6 +34,7 @@ def test_two_rounds_of_fedavg(mosquitto, bundle_dir, fleet, recorder, tmp_path):
     t = Topics(fleet)
     rec = recorder([t.model_latest, t.all_devices("update")])
     shards = write_shards(tmp_path / "data", N_DEVICES, SERVER_FRACTION)
+    generate_keys(tmp_path / "release.key", tmp_path / "release.pub")
     log = (tmp_path / "procs.log").open("wb")  # closed at the end of the test
     procs = [
         spawn(
@@ -50,6 +55,8 @@ def test_two_rounds_of_fedavg(mosquitto, bundle_dir, fleet, recorder, tmp_path):
             "10",
             "--lr",
             "0.1",
+            "--signing-key",
+            str(tmp_path / "release.key"),
             log=log,
         )
     ]
@@ -66,6 +73,8 @@ def test_two_rounds_of_fedavg(mosquitto, bundle_dir, fleet, recorder, tmp_path):
             str(tmp_path / f"dev{k}"),
             "--data",
             str(p),
+            "--public-key",
+            str(tmp_path / "release.pub"),
             log=log,
         )
         for k, p in enumerate(shards)
@@ -83,7 +92,7 @@ def test_two_rounds_of_fedavg(mosquitto, bundle_dir, fleet, recorder, tmp_path):
             except Exception:
                 continue
             if topic == t.model_latest:
-                v, w = weights_of(payload)
+                v, w = weights_of(payload, load_public(tmp_path / "release.pub"))
                 releases[v] = w
             else:
                 u = decode_update(payload)
