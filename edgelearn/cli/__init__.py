@@ -1,0 +1,44 @@
+"""`edgelearn` command line. One module per side of the data flow adds its subcommands:
+
+export_cmd (export, data) → device_cmd (device, learn) → coordinator_cmd (coordinator, fleet, broker),
+and tools_cmd (keys, profiles, flash, demo).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from edgelearn.cli import coordinator_cmd, device_cmd, export_cmd, tools_cmd
+from edgelearn.cli.device_cmd import _budget  # noqa: F401  (tests build budgets the way the CLI does)
+
+
+def _setup_logging(verbose: bool, quiet: bool = False) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("torch", "executorch", "torchao", "amqtt", "transitions"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="edgelearn",
+        description="On-device edge learning: export a model, run a "
+        "fleet of learning devices and a FedAvg coordinator over MQTT (protocol v1).",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for m in (export_cmd, coordinator_cmd, device_cmd, tools_cmd):
+        m.add_parsers(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose, quiet=args.command == "demo")
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,7 @@
+"""`python -m edgelearn.cli`."""
+
+import sys
+
+from edgelearn.cli import main
+
+sys.exit(main())

@@ -1,0 +1,194 @@
+"""Commands of the coordinator side: `coordinator` (and `coordinator rollback`), `fleet`, `broker`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from edgelearn.cli.common import broker_url, fleet_name, stop_on_signals
+from edgelearn.protocol import LocalConfig
+
+
+def _coordinator_config(a: argparse.Namespace):
+    from coordinator.aggregate import DpConfig
+    from coordinator.config import CoordinatorConfig
+    from coordinator.optim import ServerOptConfig
+    from coordinator.selection import Eligibility
+
+    return CoordinatorConfig(
+        a.broker,
+        a.fleet,
+        a.bundle,
+        a.state,
+        a.topic_root,
+        a.min_updates,
+        a.round_timeout,
+        LocalConfig(a.steps, a.batch_size, a.lr),
+        a.max_update_norm,
+        a.max_samples_per_update,
+        a.max_rounds,
+        mode=a.mode,
+        buffer_size=a.buffer_size,
+        max_staleness=a.max_staleness,
+        aggregator=a.aggregator,
+        trim_fraction=a.trim_fraction,
+        clip_norm=a.clip_norm,
+        dp=DpConfig(a.dp_clip, a.dp_noise) if a.dp_clip else None,
+        server_opt=ServerOptConfig(a.server_opt, a.server_lr, a.server_momentum),
+        keep_releases=a.keep_releases,
+        metrics_port=a.metrics_port,
+        metrics_addr=a.metrics_addr,
+        target_participants=a.participants,
+        over_selection=a.over_selection,
+        eligibility=tuple(Eligibility.parse(r) for r in a.eligible),
+    )
+
+
+def cmd_rollback(a: argparse.Namespace) -> int:
+    from coordinator.ops import OpsError, rollback
+    from coordinator.server import StateLockedError
+    from export.pipeline import rebuild_bundle
+
+    if a.state is None or a.to is None:
+        print("edgelearn coordinator rollback: error: --state and --to are required", file=sys.stderr)
+        return 2
+    try:
+        m = rollback(a.state, a.to, rebuild_bundle)
+    except (OpsError, StateLockedError) as e:
+        print(f"edgelearn coordinator rollback: error: {e}", file=sys.stderr)
+        return 2
+    print(f"release v{m.version} now carries the weights of v{a.to}; start the coordinator to publish it")
+    return 0
+
+
+def cmd_coordinator(a: argparse.Namespace) -> int:
+    if a.action == "rollback":
+        return cmd_rollback(a)
+    from coordinator.server import Coordinator, StateLockedError
+    from edgelearn.bundle import BundleError, verify_bundle
+    from edgelearn.signing import ensure_signed, load_private, signing_rebuild
+    from export.pipeline import rebuild_bundle
+
+    missing = [f"--{n}" for n in ("broker", "fleet", "bundle", "state") if getattr(a, n) is None]
+    if missing:
+        print(f"edgelearn coordinator: error: the following arguments are required: {', '.join(missing)}",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    try:
+        verify_bundle(a.bundle)
+        cfg = _coordinator_config(a)
+        key = load_private(a.signing_key) if a.signing_key else None
+        coord = Coordinator(cfg, signing_rebuild(rebuild_bundle, key) if key else rebuild_bundle)
+        if key:  # release 1 (imported from --bundle) is signed too, before anything is published
+            ensure_signed(coord.engine.release_dir(coord.engine.version), key)
+    except (BundleError, ValueError, StateLockedError) as e:
+        print(f"edgelearn coordinator: error: {e}", file=sys.stderr)
+        return 2
+    coord.run(stop_on_signals())
+    return 0
+
+
+def cmd_fleet(a: argparse.Namespace) -> int:
+    from coordinator.ops import OpsError, fleet_rounds_lines, fleet_status_lines
+
+    try:
+        lines = fleet_status_lines(a.state) if a.what == "status" else fleet_rounds_lines(a.state, a.limit)
+    except OpsError as e:
+        print(f"edgelearn fleet: error: {e}", file=sys.stderr)
+        return 2
+    print("\n".join(lines))
+    return 0
+
+
+def cmd_broker(a: argparse.Namespace) -> int:
+    from edgelearn.broker import mosquitto_config, size_broker
+
+    try:
+        sizing = size_broker(a.devices, a.model_bytes, a.release_bytes)
+    except ValueError as e:
+        print(f"edgelearn broker config: error: {e}", file=sys.stderr)
+        return 2
+    text = mosquitto_config(a.port, a.data_dir, sizing.max_queued_messages, sizing.max_packet_bytes, a.bind)
+    if a.out:
+        a.out.write_text(text)
+        backlog_mib = sizing.backlog_bytes / 2**20
+        print(
+            f"wrote {a.out}: max_queued_messages {sizing.max_queued_messages}, "
+            f"max_packet_size {sizing.max_packet_bytes}, backlog up to {backlog_mib:.0f} MiB"
+        )
+    else:
+        print(text, end="")
+    return 0
+
+
+def _add_coordinator_parser(sub: argparse._SubParsersAction) -> None:
+    c = sub.add_parser(
+        "coordinator",
+        help="run FedAvg rounds for a fleet (or: coordinator rollback --to V)",
+        description="Publish BUNDLE as release 1, announce rounds, validate and ack updates, "
+        "aggregate with FedAvg and publish each next release (protocol v1). "
+        "`edgelearn coordinator rollback --to V --state DIR` republishes kept release V as a new version.",
+    )
+    c.add_argument("action", nargs="?", choices=("run", "rollback"), default="run", help="run (default) or rollback")
+    c.add_argument("--to", type=int, default=None, help="rollback: the kept release version to return to")
+    c.add_argument("--broker", type=broker_url, default=None, help="mqtt://[user[:pass]@]host[:port] or mqtts://")
+    c.add_argument("--fleet", type=fleet_name, default=None, help="fleet name ([A-Za-z0-9_-]{1,64})")
+    c.add_argument("--bundle", type=Path, default=None, help="bundle directory of release 1")
+    c.add_argument("--state", type=Path, default=None, help="state directory (releases, spool, state.sqlite)")
+    c.add_argument("--min-updates", type=int, default=2, help="accepted updates that close a round (default 2)")
+    c.add_argument("--round-timeout", type=float, default=60.0, help="round deadline in seconds (default 60)")
+    c.add_argument("--steps", type=int, default=20, help="local SGD steps per round (default 20)")
+    c.add_argument("--batch-size", type=int, default=32, help="local batch size (default 32)")
+    c.add_argument("--lr", type=float, default=0.05, help="local learning rate (default 0.05)")
+    c.add_argument("--max-update-norm", type=float, default=1e3, help="reject updates with a larger L2 norm")
+    c.add_argument("--max-samples-per-update", type=int, default=None, help="clip n_k in FedAvg weights")
+    c.add_argument("--max-rounds", type=int, default=None, help="exit after this many rounds (default: never)")
+    c.add_argument(
+        "--signing-key", type=Path, default=None, help="sign every release with this ed25519 key (edgelearn keys)"
+    )
+    c.add_argument("--topic-root", default="edgelearn", help="first topic segment (default edgelearn)")
+    c.add_argument("--mode", choices=("sync", "async"), default="sync", help="rounds (default) or FedBuff")
+    c.add_argument("--buffer-size", type=int, default=10, help="async: aggregate every K updates (default 10)")
+    c.add_argument("--max-staleness", type=int, default=4, help="async: max versions behind (default 4)")
+    c.add_argument(
+        "--aggregator", choices=("mean", "median", "trimmed_mean"), default="mean", help="default: streaming mean"
+    )
+    c.add_argument("--trim-fraction", type=float, default=0.1, help="trimmed_mean: share cut at each end")
+    c.add_argument("--clip-norm", type=float, default=None, help="clip each update to this L2 norm")
+    c.add_argument("--dp-clip", type=float, default=None, help="central DP: clip norm C (enables DP)")
+    c.add_argument("--dp-noise", type=float, default=1.0, help="central DP: noise multiplier σ (default 1)")
+    c.add_argument("--server-opt", choices=("fedavg", "fedavgm", "fedadam"), default="fedavg")
+    c.add_argument("--server-lr", type=float, default=1.0, help="server learning rate η (default 1)")
+    c.add_argument("--server-momentum", type=float, default=0.9, help="fedavgm momentum β (default 0.9)")
+    c.add_argument("--keep-releases", type=int, default=5, help="release versions kept for rollback (default 5)")
+    c.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    c.add_argument("--metrics-addr", default="127.0.0.1", help="address for --metrics-port (default 127.0.0.1)")
+    c.add_argument("--participants", type=int, default=None, help="sync: invite this many online devices")
+    c.add_argument("--over-selection", type=float, default=1.3, help="invite ⌈participants × this⌉ (default 1.3)")
+    c.add_argument("--eligible", action="append", default=[], help="rule on device status, e.g. battery_percent>=20")
+    c.set_defaults(func=cmd_coordinator)
+
+
+def _add_ops_parsers(sub: argparse._SubParsersAction) -> None:
+    f = sub.add_parser("fleet", help="show devices or rounds from a coordinator's state directory")
+    f.add_argument("what", choices=("status", "rounds"), help="status: devices; rounds: per-round outcomes")
+    f.add_argument("--state", type=Path, required=True, help="the coordinator's state directory")
+    f.add_argument("--limit", type=int, default=20, help="rounds: how many recent rounds (default 20)")
+    f.set_defaults(func=cmd_fleet)
+
+    b = sub.add_parser("broker", help="write a mosquitto configuration sized for a fleet")
+    b.add_argument("what", choices=("config",), help="config: print or write mosquitto.conf")
+    b.add_argument("--devices", type=int, required=True, help="fleet size")
+    b.add_argument("--model-bytes", type=int, required=True, help="bytes of the model's float32 weights")
+    b.add_argument("--release-bytes", type=int, default=None, help="bytes of a release archive (default 4× model)")
+    b.add_argument("--port", type=int, default=1883, help="listener port (default 1883)")
+    b.add_argument("--bind", default="127.0.0.1", help="listener address (default 127.0.0.1; anonymous access)")
+    b.add_argument("--data-dir", type=Path, default=Path("/var/lib/mosquitto"), help="persistence folder")
+    b.add_argument("--out", type=Path, default=None, help="file to write (default: print)")
+    b.set_defaults(func=cmd_broker)
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    _add_coordinator_parser(sub)
+    _add_ops_parsers(sub)

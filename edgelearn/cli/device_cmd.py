@@ -1,0 +1,209 @@
+"""Commands of the device side: `device` (the agent) and `learn` (local learning, no coordinator)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from edgelearn.cli.common import broker_url, device_id, fleet_name, stop_on_signals
+from edgelearn.protocol import ENCODINGS
+
+BUDGET_OPTIONS = {  # CLI option dest -> Budget field
+    "max_cpu": "max_cpu_percent",
+    "max_rss_mb": "max_rss_mb",
+    "min_available_mb": "min_available_mb",
+    "max_temp_c": "max_temperature_c",
+    "min_battery": "min_battery_percent",
+    "max_train_s_per_hour": "max_train_s_per_hour",
+    "threads": "threads",
+    "monitor_interval": "interval_s",
+}
+
+
+def _budget(a: argparse.Namespace, profile: object | None = None):
+    """The device profile's (else --budget-profile's) budget, with every option given on top ('off' disables)."""
+    from devices.profiles import runtime_budget
+    from edge_runtime.budget import PROFILES
+
+    base = runtime_budget(profile) if profile is not None else PROFILES[a.budget_profile]  # type: ignore[arg-type]
+    given = {field: getattr(a, dest) for dest, field in BUDGET_OPTIONS.items() if getattr(a, dest) is not _UNSET}
+    return replace(base, **{k: None if v == "off" else v for k, v in given.items()})
+
+
+def cmd_device(a: argparse.Namespace) -> int:
+    from devices.profiles import ProfileError, load_profile
+    from edge_runtime.agent import DeviceAgent, DeviceConfig
+    from edgelearn.bundle import BundleError, verify_bundle
+    from edgelearn.demo import load_shard
+    from edgelearn.signing import load_public
+
+    x = y = None
+    if a.data is not None:
+        try:
+            shard = load_shard(a.data)
+        except (OSError, ValueError) as e:
+            print(f"edgelearn device: error: cannot read --data {a.data}: {e}", file=sys.stderr)
+            return 2
+        x, y = shard.x, shard.y
+    try:
+        profile = load_profile(a.profile, a.profile_file) if (a.profile or a.profile_file) else None
+        budget = _budget(a, profile)
+        if a.bundle:
+            verify_bundle(a.bundle)
+        if a.public_key:
+            load_public(a.public_key)
+    except (OSError, ValueError, ProfileError, BundleError) as e:
+        print(f"edgelearn device: error: {e}", file=sys.stderr)
+        return 2
+    cfg = DeviceConfig(
+        a.broker,
+        a.fleet,
+        a.id,
+        a.state,
+        a.topic_root,
+        a.encoding,
+        a.ack_timeout,
+        budget=budget,
+        engine=a.engine,
+        samples=a.samples,
+        mu=a.mu,
+        replay_size=a.replay_size,
+        max_store_samples=a.max_store_samples,
+        public_key_path=a.public_key,
+    )
+    if profile:
+        cfg = replace(
+            cfg,
+            ack_timeout_s=profile.outbox.ack_timeout_s,
+            max_outbox=profile.outbox.max_items,
+            keepalive_s=profile.mqtt.keepalive_s,
+        )
+    agent = DeviceAgent(cfg, x, y)
+    if a.bundle:
+        agent.seed(a.bundle)
+    agent.run(stop_on_signals())
+    return 0
+
+
+_UNSET = object()
+
+
+def _add_budget_options(v: argparse.ArgumentParser) -> None:
+    from edge_runtime.budget import PROFILES
+
+    def limit(value: str) -> float | str:
+        if value.lower() == "off":
+            return "off"
+        try:
+            return float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number or 'off', got {value!r}") from None
+
+    g = v.add_argument_group("budget (defaults from --budget-profile; a limit of 'off' disables it)")
+    g.add_argument("--budget-profile", choices=sorted(PROFILES), default="default", help="base budget (default)")
+    g.add_argument("--max-cpu", type=limit, default=_UNSET, help="max CPU %% used by other processes")
+    g.add_argument("--max-rss-mb", type=limit, default=_UNSET, help="max RSS of this process in MB")
+    g.add_argument("--min-available-mb", type=limit, default=_UNSET, help="min available memory in MB")
+    g.add_argument("--max-temp-c", type=limit, default=_UNSET, help="max sensor temperature in °C")
+    g.add_argument("--min-battery", type=limit, default=_UNSET, help="min battery %% unless charging")
+    g.add_argument("--max-train-s-per-hour", type=limit, default=_UNSET, help="training seconds per hour")
+    g.add_argument("--threads", type=int, default=_UNSET, help="training threads")
+    g.add_argument("--monitor-interval", type=float, default=_UNSET, help="seconds between readings")
+
+
+def cmd_learn(a: argparse.Namespace) -> int:
+    import json
+
+    from edge_runtime.local import LocalConfig, LocalRun
+    from edgelearn.bundle import BundleError
+
+    try:
+        cfg = LocalConfig(
+            a.bundle,
+            a.state,
+            a.samples,
+            a.steps,
+            a.batch_size,
+            a.lr,
+            a.mu,
+            a.engine,
+            _budget(a),
+            checkpoint_every_s=a.checkpoint_every,
+        )
+        run = LocalRun(cfg)
+    except (BundleError, ValueError) as e:
+        print(f"edgelearn learn: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"event": "start", "resumed_at_step": run.resumed_at, "engine": run.engine.name}), flush=True)
+    job = run.run(stop_on_signals())
+    print(
+        json.dumps(
+            {
+                "event": "end",
+                "steps_done": job.steps_done,
+                "loss": job.loss,
+                "malformed": run.ingest.malformed,
+                "stored": len(run.store),
+            }
+        ),
+        flush=True,
+    )
+    return 0
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    v = sub.add_parser(
+        "device",
+        help="run the device agent",
+        description="Verify and activate releases, serve inference with ExecuTorch, train on "
+        "local data when a round includes this device and send the update until acked.",
+    )
+    v.add_argument("--broker", type=broker_url, required=True, help="mqtt://[user[:pass]@]host[:port] or mqtts://")
+    v.add_argument("--fleet", type=fleet_name, required=True, help="fleet name")
+    v.add_argument("--id", type=device_id, required=True, help="device id ([A-Za-z0-9_-]{1,64})")
+    v.add_argument("--state", type=Path, required=True, help="state directory (releases, outbox, progress)")
+    v.add_argument("--data", type=Path, default=None, help="fixed local data: safetensors file with tensors x and y")
+    v.add_argument("--samples", default=None, help="sample stream: JSON-lines file, folder of *.jsonl, or - (stdin)")
+    v.add_argument(
+        "--engine",
+        choices=("eager", "executorch"),
+        default=None,
+        help="training engine (default: the faster one for the model)",
+    )
+    v.add_argument("--mu", type=float, default=0.0, help="proximal term μ/2‖θ − θ_global‖² (default 0)")
+    v.add_argument("--replay-size", type=int, default=2000, help="replay buffer rows (default 2000)")
+    v.add_argument("--max-store-samples", type=int, default=20000, help="sample store bound (default 20000)")
+    _add_budget_options(v)
+    v.add_argument("--encoding", choices=ENCODINGS, default="fp32", help="update encoding (default fp32)")
+    v.add_argument("--ack-timeout", type=float, default=10.0, help="seconds before re-sending an unacked update")
+    v.add_argument("--topic-root", default="edgelearn", help="first topic segment (default edgelearn)")
+    v.add_argument("--bundle", type=Path, default=None, help="a local bundle to start from (e.g. the flashed one)")
+    v.add_argument("--profile", default=None, help="device profile name (see `edgelearn profiles`)")
+    v.add_argument("--profile-file", type=Path, default=None, help="TOML file overriding profile fields")
+    v.add_argument("--public-key", type=Path, default=None, help="signed fleet: refuse releases not signed by it")
+    v.set_defaults(func=cmd_device)
+
+    n = sub.add_parser(
+        "learn",
+        help="learn locally from a sample stream (no coordinator)",
+        description="Train a bundle's model on a JSON-lines sample stream within a resource budget, "
+        "checkpointing crash-safely; writes STATE/local-weights.safetensors when done.",
+    )
+    n.add_argument("--bundle", type=Path, required=True, help="bundle directory")
+    n.add_argument("--state", type=Path, required=True, help="state directory (sample store, checkpoint)")
+    n.add_argument("--samples", default=None, help="JSON-lines file, folder of *.jsonl, or - (stdin)")
+    n.add_argument("--steps", type=int, required=True, help="SGD steps to take")
+    n.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
+    n.add_argument("--lr", type=float, default=0.05, help="learning rate (default 0.05)")
+    n.add_argument("--mu", type=float, default=0.0, help="proximal term μ (default 0)")
+    n.add_argument(
+        "--engine",
+        choices=("eager", "executorch"),
+        default=None,
+        help="training engine (default: the faster one for the model)",
+    )
+    n.add_argument("--checkpoint-every", type=float, default=5.0, help="seconds between checkpoints (default 5)")
+    _add_budget_options(n)
+    n.set_defaults(func=cmd_learn)

@@ -1,0 +1,120 @@
+"""Fleet tooling commands: `keys`, `profiles`, `flash`, `demo`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from edgelearn.cli.common import broker_url, device_id, fleet_name
+
+
+def cmd_keys(a: argparse.Namespace) -> int:
+    from edgelearn.signing import generate_keys
+
+    a.out.mkdir(parents=True, exist_ok=True)
+    private, public = a.out / "release.key", a.out / "release.pub"
+    if private.exists() and not a.force:
+        print(f"edgelearn keys: error: {private} exists (use --force to replace it)", file=sys.stderr)
+        return 2
+    kid = generate_keys(private, public)
+    print(f"key {kid}: private {private} (keep it on the coordinator), public {public} (give it to devices)")
+    return 0
+
+
+def cmd_profiles(a: argparse.Namespace) -> int:
+    from devices.profiles import ProfileError, list_profiles, load_profile
+
+    try:
+        profiles = [load_profile(a.show, a.file)] if (a.show or a.file) else list_profiles()
+    except ProfileError as e:
+        print(f"edgelearn profiles: error: {e}", file=sys.stderr)
+        return 2
+    if a.show or a.file:
+        print(profiles[0].to_toml(), end="")
+        return 0
+    head = ("profile", "target", "thr", "cpu%", "rss MB", "temp °C", "train s/h")
+    print("{:18} {:13} {:>3} {:>5} {:>7} {:>8} {:>9}  description".format(*head))
+    for p in profiles:
+        b = p.budget
+        print(
+            f"{p.name:18} {p.target:13} {p.threads:>3} {b.max_cpu_percent:>5.0f} {b.max_rss_mb:>7} "
+            f"{b.max_temp_c:>8.0f} {b.max_train_s_per_hour:>9}  {p.description}"
+        )
+    return 0
+
+
+def cmd_flash(a: argparse.Namespace) -> int:
+    from devices.flash import DeviceSettings, FlashError, flash
+    from devices.profiles import ProfileError, load_profile
+
+    try:
+        profile = load_profile(a.profile, a.profile_file)
+        pid = flash(a.bundle, profile, DeviceSettings(a.device_id, a.fleet, a.broker, a.data_path), a.to, a.wheels)
+    except (FlashError, ProfileError) as e:
+        print(f"edgelearn flash: error: {e}", file=sys.stderr)
+        return 2
+    print(f"installed package {pid} ({profile.name}, device {a.device_id}) into {a.to}")
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from edgelearn.demo import run_demo
+
+    summaries = run_demo(a.devices, a.rounds, a.broker, a.workdir)
+    return 0 if len(summaries) == a.rounds else 1
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    k = sub.add_parser(
+        "keys",
+        help="generate an ed25519 key pair for signed releases",
+        description="Write release.key (coordinator: signs releases) and release.pub (devices: "
+        "refuse releases not signed by it).",
+    )
+    k.add_argument("--out", type=Path, required=True, help="folder for release.key and release.pub")
+    k.add_argument("--force", action="store_true", help="replace an existing key pair")
+    k.set_defaults(func=cmd_keys)
+
+    pr = sub.add_parser(
+        "profiles",
+        help="list device profiles, or show one resolved",
+        description="Built-in profiles: devices/profiles/*.toml. A user file (--file) overrides "
+        "any field of its `base` profile.",
+    )
+    pr.add_argument("show", nargs="?", default=None, help="profile to print as TOML")
+    pr.add_argument("--file", type=Path, default=None, help='user profile file (with base = "NAME")')
+    pr.set_defaults(func=cmd_profiles)
+
+    f = sub.add_parser(
+        "flash",
+        help="build a deploy package and install it into a root folder or over ssh",
+        description="Package the bundle, device config, a systemd unit and install.sh; install it "
+        "into TARGET (a mounted SD-card root or any folder) or on user@host via rsync + ssh.",
+    )
+    f.add_argument("--profile", default="", help="device profile (rpi4, rpi5, jetson-orin-nano, ...)")
+    f.add_argument("--profile-file", type=Path, default=None, help="TOML file overriding profile fields")
+    f.add_argument("--bundle", type=Path, required=True, help="bundle directory to ship")
+    f.add_argument("--device-id", type=device_id, required=True, help="the device's id")
+    f.add_argument("--fleet", type=fleet_name, default="default", help="fleet name (default: default)")
+    f.add_argument("--broker", type=broker_url, required=True, help="broker URL the device connects to")
+    f.add_argument("--data-path", default="/var/lib/edgelearn/data.safetensors", help="local data file on device")
+    f.add_argument("--wheels", type=Path, default=None, help="folder of wheels to install edgelearn offline")
+    f.add_argument("--to", required=True, help="TARGET: a folder (root file system) or user@host")
+    f.set_defaults(func=cmd_flash)
+
+    m = sub.add_parser(
+        "demo",
+        help="run a whole fleet end to end on one machine",
+        description="Export the digits model, start a broker, a coordinator and N devices with "
+        "non-IID data, and run FedAvg rounds, printing accuracy per round.",
+    )
+    m.add_argument("--devices", type=int, default=4, help="number of devices (default 4)")
+    m.add_argument("--rounds", type=int, default=5, help="FedAvg rounds (default 5)")
+    m.add_argument(
+        "--broker",
+        choices=("embedded", "mosquitto"),
+        default="embedded",
+        help="embedded amqtt (MQTT 3.1.1, zero setup; default) or a local mosquitto (MQTT 5)",
+    )
+    m.add_argument("--workdir", type=Path, default=None, help="working folder (default: a new temp folder)")
+    m.set_defaults(func=cmd_demo)
