@@ -5,6 +5,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from dataclasses import replace
@@ -101,6 +102,26 @@ def test_sigkill_mid_round_loses_nothing_and_counts_nothing_twice(mosquitto, bun
     assert db.execute("SELECT accepted, duplicates FROM rounds WHERE round=1").fetchone() == (3, 1)  # the re-send
 
 
+def publish_raw(url: str, topic: str, payload: bytes) -> bool:
+    """Publish with a bare paho client (no size guard); True when the broker dropped the connection."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from edgelearn.protocol import parse_broker_url
+
+    b = parse_broker_url(url)
+    dropped = threading.Event()
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="huge-sender", protocol=mqtt.MQTTv5)
+    c.on_disconnect = lambda *args: dropped.set()
+    c.connect(b.host, b.port)
+    c.loop_start()
+    try:
+        c.publish(topic, payload, qos=1)
+        return dropped.wait(30)
+    finally:
+        c.loop_stop()
+
+
 def test_bad_input_is_counted_and_the_coordinator_keeps_serving(mosquitto, bundle_dir, fleet, recorder, tmp_path):
     # Prepare
     t = Topics(fleet)
@@ -119,6 +140,8 @@ def test_bad_input_is_counted_and_the_coordinator_keeps_serving(mosquitto, bundl
         rec.publish(t.device("devt", "update"), truncated)
         rec.publish(t.device("devm", "update"), encode_update(other_model))
         rec.publish(t.device("devs", "status"), encode_status("idle", version=1, battery_percent=77), retain=True)
+        rec.publish(t.device("devb", "update"), bytes(20 * 2**20))  # 20 MB: through the broker, refused unparsed
+        huge_sender_dropped = publish_raw(mosquitto.url, t.device("devh", "update"), bytes(200 * 2**20))
         rec.publish(t.device("devg", "update"), encode_update(good))
         _, p = wait_for(rec, ack_of(t, "ok"))
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
@@ -136,6 +159,8 @@ def test_bad_input_is_counted_and_the_coordinator_keeps_serving(mosquitto, bundl
     assert Ack.decode(p).status == "accepted" and proc.returncode == 0
     assert 'edgelearn_updates_total{reason="not_safetensors",status="rejected"} 2.0' in metrics
     assert 'edgelearn_updates_total{reason="model_id_mismatch",status="rejected"} 1.0' in metrics
+    assert 'edgelearn_updates_total{reason="payload_too_large",status="rejected"} 1.0' in metrics
+    assert huge_sender_dropped  # 200 MB is above the broker's packet limit: mosquitto drops that sender
     assert 'edgelearn_updates_total{reason="",status="accepted"} 1.0' in metrics
     assert "edgelearn_devices_online 1.0" in metrics
     line = next(x for x in status.stdout.splitlines() if x.startswith("devs"))
