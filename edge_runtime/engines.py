@@ -65,7 +65,7 @@ class EagerEngine:
 
         spec = get_spec(model_id)
         net = spec.make_student()
-        names = set(trainable or spec.trainable(net))
+        names = set(trainable or spec.trainable(net, "all"))
         for n, p in net.named_parameters():
             p.requires_grad_(n in names)
         self._step_module = TrainStep(net)

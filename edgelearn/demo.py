@@ -11,11 +11,14 @@ from pathlib import Path
 from safetensors.numpy import save_file
 
 from coordinator.server import Coordinator, CoordinatorConfig, RoundSummary
+from edge_runtime.budget import Budget
 from edgelearn.broker import EmbeddedBroker, Mosquitto
 from edgelearn.protocol import LocalConfig
 from export.data import Split, load_digits, shard_non_iid
 
 log = logging.getLogger(__name__)
+# The demo's devices share one process: a per-process RSS limit would measure the whole fleet, so it is off.
+SHARED_PROCESS_BUDGET = Budget(max_rss_mb=None)
 
 
 def write_shards(
@@ -90,7 +93,10 @@ def run_demo(
     coord = Coordinator(ccfg, rebuild_bundle, on_round)
     stop = threading.Event()
     agents = [
-        DeviceAgent(DeviceConfig(brk.url, "demo", f"dev{k}", work / f"dev{k}", mqtt_v311=v311), *_xy(load_shard(p)))
+        DeviceAgent(
+            DeviceConfig(brk.url, "demo", f"dev{k}", work / f"dev{k}", mqtt_v311=v311, budget=SHARED_PROCESS_BUDGET),
+            *_xy(load_shard(p)),
+        )
         for k, p in enumerate(shards)
     ]
     say(

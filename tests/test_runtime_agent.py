@@ -6,6 +6,7 @@ import time
 import numpy as np
 
 from edge_runtime.agent import DeviceAgent, DeviceConfig
+from edge_runtime.budget import Budget
 from edgelearn.protocol import LocalConfig, RoundMsg, decode_update
 from tests.test_device import release_with_version
 
@@ -18,7 +19,8 @@ def test_round_trained_from_a_stream_file_yields_an_update_in_the_outbox(bundle_
         json.dumps({"x": rng.uniform(0, 16, 64).round(2).tolist(), "y": int(rng.integers(10))}) for _ in range(100)
     ]
     stream.write_text("\n".join([*lines[:50], "oops", '{"y": 1}', '{"x": [1], "y": 2}', *lines[50:]]) + "\n")
-    cfg = DeviceConfig("mqtt://127.0.0.1:1", "f", "dev1", tmp_path / "state", samples=str(stream))
+    no_rss_limit = Budget(max_rss_mb=None)  # the test process holds torch and many programs: not what is tested
+    cfg = DeviceConfig("mqtt://127.0.0.1:1", "f", "dev1", tmp_path / "state", samples=str(stream), budget=no_rss_limit)
     agent = DeviceAgent(cfg)
     agent.on_release(release_with_version(bundle_dir, tmp_path, 1))
     # Execute: a round of 6 steps of 16
