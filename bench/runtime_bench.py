@@ -75,7 +75,8 @@ def learner_sps(bundle: Path, manifest, weights, kind: str, xs, ys, steps: int) 
         store.flush()
         train_pte = (bundle / TRAIN_PTE).read_bytes() if TRAIN_PTE in manifest.files else None
         engine = make_engine(kind, manifest.model_id, manifest.task, weights, train_pte, example_batch(manifest))
-        gov = Governor(Budget(interval_s=0.5), PsutilSource())
+        # every budget check runs as in the agent; no RSS cap: this process holds several models at once
+        gov = Governor(Budget(max_rss_mb=None, interval_s=0.5), PsutilSource())
         learner = Learner(engine, store, Path(tmp), gov, replay_size=2000, checkpoint_every_s=5.0)
         learner.start(Job(1, manifest.version, steps, BATCH, 0.01), weights)
         learner.step()  # warm-up (first reading)

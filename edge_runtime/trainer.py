@@ -15,6 +15,7 @@ class TrainProgram:
         from edge_runtime.et_import import runtime_modules
 
         self._pte = pte  # the loader keeps no reference: dropping the buffer segfaults forward_backward
+        self._x_dtype = np.asarray(example[0]).dtype  # the program's input dtype (the manifest's `input.dtype`)
         self._module = runtime_modules()[1]._load_for_executorch_for_training_from_buffer(pte)
         self._module.forward_backward("forward", _tensors(*example))  # must run once before named_parameters
         self._params = {_strip(k): v for k, v in self._module.named_parameters().items()}
@@ -42,7 +43,7 @@ class TrainProgram:
 
     def forward_backward(self, x: np.ndarray, y: np.ndarray) -> tuple[float, dict[str, torch.Tensor]]:
         """ℓ(θ; x, y) and ∇ℓ by parameter name (gradient tensors alias program memory until the next call)."""
-        out = self._module.forward_backward("forward", _tensors(x, y))
+        out = self._module.forward_backward("forward", _tensors(np.asarray(x).astype(self._x_dtype, copy=False), y))
         return float(out[0]), {_strip(k): g for k, g in self._module.named_gradients().items()}
 
     def step(self, x: np.ndarray, y: np.ndarray, lr: float) -> float:

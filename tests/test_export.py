@@ -107,3 +107,16 @@ def test_cli_reports_bad_target_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown target 'tpu'" in err[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_train_pte_takes_integer_inputs_in_its_declared_dtype(bundle_dir):
+    # Token ids (or pixel counts) arrive as integers; the program declares float32 inputs (manifest input.dtype)
+    from edge_runtime.trainer import TrainProgram
+
+    weights = load_weights(bundle_dir)
+    rng = np.random.default_rng(2)
+    x, y = rng.integers(0, 16, (8, 64)), rng.integers(0, 10, 8)
+    prog = TrainProgram((bundle_dir / TRAIN_PTE).read_bytes(), weights, (x[:1].astype(np.float32), y[:1]))
+    as_int = prog.forward_backward(x, y)[0]
+    as_float = prog.forward_backward(x.astype(np.float32), y)[0]
+    assert as_int == pytest.approx(as_float)
