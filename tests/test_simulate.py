@@ -10,7 +10,7 @@ import pytest
 from devices.simulate.data import device_shards
 from devices.simulate.fleet import Outage, assign_profiles, parse_mix
 from devices.simulate.run import SimConfig, simulate
-from devices.simulate.traces import TRACES, next_battery, next_temperature
+from devices.simulate.traces import TRACES, TraceSource, cool, next_battery
 from edgelearn.cli import main
 from edgelearn.protocol import LocalConfig
 from export.data import Split
@@ -52,23 +52,29 @@ def test_simulated_fleet_outage_and_hot_device(mosquitto, bundle_dir, fleet, tmp
         assert (cfg.out / name).read_bytes()[:8] == PNG
 
 
-def test_temperature_rises_while_training_and_cools_after() -> None:
+def test_temperature_rises_per_training_step_and_cools_after() -> None:
     # Prepare
     spec = TRACES["rpi4"]
-    # Execute
-    hot = next_temperature(spec.ambient_c, spec.ambient_c, True, spec.heat_c_per_s, spec.cool_per_s, 1.0)
-    cooled = next_temperature(hot, spec.ambient_c, False, spec.heat_c_per_s, spec.cool_per_s, 1.0)
+    clock = iter([0.0, 0.0, 1.0, 3.0]).__next__
+    trace = TraceSource(spec, clock=clock)
+    # Execute: ten steps, a reading at once, one a second later, one two seconds after that
+    for _ in range(10):
+        trace.on_step()
+    hot = trace().temperature_c
+    warm = trace().temperature_c
+    cooled = trace().temperature_c
     # Assert
-    assert hot == spec.ambient_c + spec.heat_c_per_s
-    assert spec.ambient_c < cooled < hot
+    assert hot == pytest.approx(spec.ambient_c + 10 * spec.heat_c_per_step)
+    assert spec.ambient_c < cooled < warm < hot
+    assert cool(hot, spec.ambient_c, spec.cool_per_s, 100.0) == spec.ambient_c
 
 
 def test_battery_drains_then_charges_from_ten_percent() -> None:
     # Prepare
     spec = TRACES["jetson-nano"]
     # Execute
-    low, charging = next_battery(11.0, False, True, spec, 4.0)
-    up, still = next_battery(low, charging, False, spec, 1.0)
+    low, charging = next_battery(11.0, False, 1.5, spec, 1.0)
+    up, still = next_battery(low, charging, 0.0, spec, 1.0)
     # Assert
     assert low <= 10.0 and charging
     assert up > low and still

@@ -62,7 +62,6 @@ class SimAgent(DeviceAgent):
         self.outage_after_update = False
         self.down = False
         self._pending_since: float | None = None
-        body.trace.training = lambda: self._state() == "training"
         publish = self.link.publish
 
         def counted(topic: str, payload: bytes, retain: bool = False) -> bool:
@@ -80,8 +79,10 @@ class SimAgent(DeviceAgent):
 
     def work(self) -> bool:
         stepped = super().work()
-        if stepped and self.body.step_s > 0:
-            time.sleep(self.body.step_s)
+        if stepped:
+            self.body.trace.on_step()
+            if self.body.step_s > 0:
+                time.sleep(self.body.step_s)
         return stepped
 
     def flush_outbox(self) -> None:

@@ -93,6 +93,7 @@ def plot(records: list[RoundRecord], out: Path) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rounds = [r.round for r in records]
     files = []
@@ -101,6 +102,7 @@ def plot(records: list[RoundRecord], out: Path) -> list[str]:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         draw(ax)
         ax.set(title=title, xlabel="round", ylabel=ylabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)

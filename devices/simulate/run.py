@@ -122,7 +122,8 @@ def simulate(cfg: SimConfig, say: Callable[[str], None] = print) -> dict:
         f"per round, quorum {cfg.quorum}, broker {url}")  # fmt: skip
     stop = threading.Event()
     records: list[RoundRecord] = []
-    driver = threading.Thread(target=_drive, args=(cfg, fleet, closed, records, stop, say), daemon=True)
+    progress = (lambda: coord.engine.count, say)  # accepted so far (an int read from the driver thread)
+    driver = threading.Thread(target=_drive, args=(cfg, fleet, closed, records, stop, progress), daemon=True)
     try:
         driver.start()
         coord.run(stop)
@@ -138,9 +139,9 @@ def simulate(cfg: SimConfig, say: Callable[[str], None] = print) -> dict:
 
 
 def _drive(cfg: SimConfig, fleet: Fleet, closed: queue.Queue, records: list, stop: threading.Event,
-           say: Callable[[str], None]) -> None:  # fmt: skip
+           progress: tuple[Callable[[], int], Callable[[str], None]]) -> None:  # fmt: skip
     """Per round: bring the cohort online, wait for the coordinator to close the round, take it offline."""
-    ids = sorted(fleet.devices)
+    ids, (accepted, say) = sorted(fleet.devices), progress
     scripted = tuple(sorted({o.device_id for o in cfg.outages} | set(cfg.hot)))
     rng = np.random.default_rng(cfg.seed + 2)
     for rnd in range(1, cfg.rounds + 1):
@@ -155,7 +156,8 @@ def _drive(cfg: SimConfig, fleet: Fleet, closed: queue.Queue, records: list, sto
         t0 = time.monotonic()
         for dev in cohort:
             fleet.start(dev, rnd)
-        summary = _wait(closed, stop, 3 * cfg.round_timeout_s)
+        tell = lambda s, r=rnd: say(f"[sim] round {r}: {accepted()}/{cfg.quorum} updates accepted ({s:.0f}s)")  # noqa: E731
+        summary = _wait(closed, stop, 3 * cfg.round_timeout_s, tell)
         if summary is None:
             say(f"[sim] round {rnd} did not close within {3 * cfg.round_timeout_s:.0f}s; stopping")
             stop.set()
@@ -167,14 +169,19 @@ def _drive(cfg: SimConfig, fleet: Fleet, closed: queue.Queue, records: list, sto
         say(rec.line())
 
 
-def _wait(closed: queue.Queue, stop: threading.Event, limit_s: float) -> RoundSummary | None:
-    """The next closed round, or None when stopped or after `limit_s` seconds."""
-    end = time.monotonic() + limit_s
-    while not stop.is_set() and time.monotonic() < end:
+def _wait(closed: queue.Queue, stop: threading.Event, limit_s: float, tell: Callable[[float], None],
+          every_s: float = 10.0) -> RoundSummary | None:  # fmt: skip
+    """The next closed round, or None when stopped or after `limit_s` seconds; `tell(elapsed_s)` every
+    `every_s` seconds meanwhile (the live progress line)."""
+    t0 = time.monotonic()
+    next_tell = t0 + every_s
+    while not stop.is_set() and time.monotonic() < t0 + limit_s:
         try:
             return closed.get(timeout=0.5)
         except queue.Empty:
-            continue
+            if time.monotonic() >= next_tell:
+                tell(time.monotonic() - t0)
+                next_tell += every_s
     return None
 
 

@@ -1,8 +1,9 @@
 """Resource traces for simulated devices: CPU load, temperature, memory and battery as `Reading`s.
 
 Each simulated device gets a `TraceSource`, the agent's injectable reading source. Time is
-compressed: the rates below are per wall-clock second of the simulation, chosen so that heating,
-cooling and battery cycles happen within a few rounds. The physics is in small pure functions.
+compressed: heating and battery use are per training step, cooling, CPU swing and charging per
+wall-clock second, chosen so that heating, cooling and battery cycles happen within a few rounds.
+The physics is in small pure functions.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ class TraceSpec:
     """How one kind of board behaves. `battery_percent` None means mains power (no battery sensor)."""
 
     ambient_c: float = 45.0  # idle SoC temperature in a case
-    heat_c_per_s: float = 4.0  # temperature rise per second of training (before cooling)
+    heat_c_per_step: float = 0.5  # temperature rise per training step (before cooling)
     cool_per_s: float = 0.15  # Newton cooling rate: fraction of (T − ambient) lost per second
     cpu_base_percent: float = 20.0  # the board's own job
     cpu_swing_percent: float = 15.0  # its daily-ish swing (sinusoid)
@@ -28,36 +29,33 @@ class TraceSpec:
     rss_mb: float = 380.0  # torch + executorch floor measured on x86-64 (devices/profiles/rpi4.toml)
     available_mb: float = 2500.0
     battery_percent: float | None = None
-    drain_percent_per_s: float = 0.5  # while training; a tenth of it while idle
+    drain_percent_per_step: float = 0.2  # per training step
+    idle_drain_percent_per_s: float = 0.05
     charge_percent_per_s: float = 2.0
 
 
 # Pis and Jetsons run on mains in the field; one may be given a battery (UPS HAT / robot pack) with `battery=True`.
 TRACES = {
-    "rpi4": TraceSpec(ambient_c=50.0, heat_c_per_s=4.0, available_mb=2500.0),
-    "rpi5": TraceSpec(ambient_c=45.0, heat_c_per_s=3.0, available_mb=5500.0),
-    "jetson-orin-nano": TraceSpec(ambient_c=40.0, heat_c_per_s=2.5, available_mb=5000.0, cpu_base_percent=30.0),
-    "jetson-nano": TraceSpec(ambient_c=45.0, heat_c_per_s=3.0, available_mb=2200.0, cpu_base_percent=30.0),
-    "x86-dev": TraceSpec(ambient_c=40.0, heat_c_per_s=1.0, available_mb=8000.0, cpu_base_percent=10.0),
+    "rpi4": TraceSpec(ambient_c=50.0, heat_c_per_step=0.5, available_mb=2500.0),
+    "rpi5": TraceSpec(ambient_c=45.0, heat_c_per_step=0.4, available_mb=5500.0),
+    "jetson-orin-nano": TraceSpec(ambient_c=40.0, heat_c_per_step=0.3, available_mb=5000.0, cpu_base_percent=30.0),
+    "jetson-nano": TraceSpec(ambient_c=45.0, heat_c_per_step=0.4, available_mb=2200.0, cpu_base_percent=30.0),
+    "x86-dev": TraceSpec(ambient_c=40.0, heat_c_per_step=0.1, available_mb=8000.0, cpu_base_percent=10.0),
 }
 
 
-def next_temperature(t_c: float, ambient_c: float, training: bool, heat_c_per_s: float, cool_per_s: float,
-                     dt_s: float) -> float:  # fmt: skip
-    """One Euler step of T' = heat·[training] − cool·(T − ambient), with cool·dt capped at 1."""
-    k = min(1.0, cool_per_s * dt_s)
-    return t_c + (heat_c_per_s * dt_s if training else 0.0) - k * (t_c - ambient_c)
+def cool(t_c: float, ambient_c: float, cool_per_s: float, dt_s: float) -> float:
+    """Newton cooling over dt: T − min(1, cool·dt)·(T − ambient)."""
+    return t_c - min(1.0, cool_per_s * dt_s) * (t_c - ambient_c)
 
 
-def next_battery(pct: float, charging: bool, training: bool, spec: TraceSpec, dt_s: float) -> tuple[float, bool]:
-    """Drain (training: full rate, idle: a tenth) or charge; start charging at 10 %, stop at 95 %.
-
-    pct' = pct + charge·dt while charging, else pct − drain·(1 if training else 0.1)·dt, clipped to [0, 100].
-    """
+def next_battery(pct: float, charging: bool, spent_percent: float, spec: TraceSpec, dt_s: float) -> tuple[float, bool]:
+    """Charge at `charge_percent_per_s`, or lose `spent_percent` (training steps) + idle drain·dt;
+    start charging at ≤ 10 %, stop at 95 %; clipped to [0, 100]."""
     if charging:
         pct = min(100.0, pct + spec.charge_percent_per_s * dt_s)
         return pct, pct < 95.0
-    pct = max(0.0, pct - spec.drain_percent_per_s * (1.0 if training else 0.1) * dt_s)
+    pct = max(0.0, pct - spent_percent - spec.idle_drain_percent_per_s * dt_s)
     return pct, pct <= 10.0
 
 
@@ -68,29 +66,35 @@ def cpu_load(spec: TraceSpec, t_s: float, phase: float) -> float:
 
 
 class TraceSource:
-    """A device's reading source. `training()` tells it whether the agent is training right now
-    (temperature and battery follow it: the interval since the last reading counts as training if the
-    agent was training at that reading); the state persists across agent restarts of the device."""
+    """A device's reading source. The agent calls `on_step()` after each training step (heat, battery);
+    between readings the board cools. The state persists across agent restarts of the device."""
 
     def __init__(self, spec: TraceSpec, phase: float = 0.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.spec, self.phase, self.clock = spec, phase, clock
         self.temperature_c = spec.ambient_c
         self.battery_percent = spec.battery_percent
         self.charging = False
-        self.training: Callable[[], bool] = lambda: False
         self._t0 = self._last = clock()
-        self._was_training = False
+        self._spent_percent = 0.0
         self.max_temperature_c = self.temperature_c
+
+    def on_step(self) -> None:
+        """One training step done: the SoC heats, the battery pays for it (counted per step, not per wall
+        second, so a busy simulation host does not make the simulated boards hotter)."""
+        self.temperature_c += self.spec.heat_c_per_step
+        self.max_temperature_c = max(self.max_temperature_c, self.temperature_c)
+        self._spent_percent += self.spec.drain_percent_per_step
 
     def __call__(self) -> Reading:
         now = self.clock()
         dt, self._last = now - self._last, now
-        s, busy = self.spec, self._was_training  # the state over [last sample, now] is the one seen at the last
-        self._was_training = self.training()
-        self.temperature_c = next_temperature(self.temperature_c, s.ambient_c, busy, s.heat_c_per_s, s.cool_per_s, dt)
-        self.max_temperature_c = max(self.max_temperature_c, self.temperature_c)
+        s = self.spec
+        self.temperature_c = cool(self.temperature_c, s.ambient_c, s.cool_per_s, dt)
         if self.battery_percent is not None:
-            self.battery_percent, self.charging = next_battery(self.battery_percent, self.charging, busy, s, dt)
+            self.battery_percent, self.charging = next_battery(
+                self.battery_percent, self.charging, self._spent_percent, s, dt
+            )
+        self._spent_percent = 0.0
         return Reading(
             other_cpu_percent=cpu_load(s, now - self._t0, self.phase),
             rss_mb=s.rss_mb,
