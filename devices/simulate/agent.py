@@ -17,6 +17,10 @@ import numpy as np
 from devices.simulate.traces import TraceSource
 from edge_runtime.agent import DeviceAgent, DeviceConfig
 
+# ExecuTorch's first load_method (XNNPACK/cpuinfo initialisation) deadlocked when two agent threads of one
+# process loaded programs at once (seen in a 1000-device run): program loading is serialised.
+LOAD_LOCK = threading.Lock()
+
 
 class Meter:
     """Thread-safe byte counters, keyed by (round, kind)."""
@@ -57,7 +61,8 @@ class SimAgent(DeviceAgent):
         self, cfg: DeviceConfig, x: np.ndarray, y: np.ndarray, body: Body, meter: Meter,
         went_down: Callable[[SimAgent], None] | None = None,
     ) -> None:  # fmt: skip
-        super().__init__(cfg, x, y, source_reading=body.trace)
+        with LOAD_LOCK:  # restores the active release (loads its programs)
+            super().__init__(cfg, x, y, source_reading=body.trace)
         self.body, self.meter, self.went_down = body, meter, went_down
         self.outage_after_update = False
         self.down = False
@@ -76,6 +81,10 @@ class SimAgent(DeviceAgent):
         if topic:
             self.meter.add("down_" + ("release" if topic == self.topics.model_latest else _kind(topic)), len(payload))
         super().handle(topic, payload)
+
+    def on_release(self, payload: bytes) -> None:
+        with LOAD_LOCK:
+            super().on_release(payload)
 
     def work(self) -> bool:
         stepped = super().work()
