@@ -91,7 +91,7 @@ class ReplayBuffer:
         self.n_seen += len(seq)
 
     def draw(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        idx = self.rng.integers(0, len(self), size=min(k, len(self)))
+        idx = self.rng.integers(0, len(self), size=k if len(self) else 0)  # with replacement: k may exceed len
         return self.x[idx], self.y[idx], self.seq[idx]
 
     def tensors(self) -> dict[str, np.ndarray]:

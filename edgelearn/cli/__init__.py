@@ -1,7 +1,7 @@
 """`edgelearn` command line. One module per side of the data flow adds its subcommands:
 
 export_cmd (export, data) → device_cmd (device, learn) → coordinator_cmd (coordinator, fleet, broker),
-and tools_cmd (keys, profiles, flash, demo).
+tools_cmd (keys, profiles, flash, demo) and simulate_cmd (simulate).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import argparse
 import logging
 import sys
 
-from edgelearn.cli import coordinator_cmd, device_cmd, export_cmd, tools_cmd
+from edgelearn.cli import coordinator_cmd, device_cmd, export_cmd, simulate_cmd, tools_cmd
 from edgelearn.cli.device_cmd import _budget  # noqa: F401  (tests build budgets the way the CLI does)
 
 
@@ -29,14 +29,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for m in (export_cmd, coordinator_cmd, device_cmd, tools_cmd):
+    for m in (export_cmd, coordinator_cmd, device_cmd, tools_cmd, simulate_cmd):
         m.add_parsers(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose, quiet=args.command == "demo")
+    _setup_logging(args.verbose, quiet=args.command in ("demo", "simulate"))
     return int(args.func(args))
 
 

@@ -1,0 +1,1 @@
+"""A simulated heterogeneous fleet on one machine: real agents, real coordinator, simulated bodies."""

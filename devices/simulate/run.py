@@ -1,0 +1,198 @@
+"""`edgelearn simulate`: one process runs a broker (or uses one), the coordinator and a simulated fleet."""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from coordinator.server import Coordinator, CoordinatorConfig, RoundSummary
+from devices.simulate.data import device_shards
+from devices.simulate.fleet import Fleet, Outage, make_devices
+from devices.simulate.report import RoundRecord, write_report
+from edgelearn.protocol import LocalConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    devices: int = 20
+    profiles: tuple[tuple[str, float], ...] = (("rpi4", 0.5), ("rpi5", 0.3), ("jetson-orin-nano", 0.2))
+    rounds: int = 5
+    broker: str = "embedded"  # embedded | mosquitto | mqtt://host:port
+    out: Path = Path("sim-out")
+    bundle: Path | None = None  # an exported digits-mlp bundle; None: export one into out/bundle
+    model: str = "digits-mlp"
+    participants: int | None = None  # online devices per round (None: all)
+    min_updates: int | None = None  # None: 60 % of the participants
+    alpha: float | None = None  # Dirichlet α of the class mix; None: label skew (4 classes per device)
+    samples_per_device: int | None = None  # None: pool / devices, at least 32
+    local: LocalConfig = field(default_factory=lambda: LocalConfig(steps=10, batch_size=16, lr=0.2))
+    round_timeout_s: float = 60.0
+    outages: tuple[Outage, ...] = ()
+    outage_rate: float = 0.02  # chance that a participant goes offline after queueing its update
+    outage_s: float = 3.0
+    hot: tuple[str, ...] = ()  # device ids in an enclosure hotter than their profile's limit
+    battery_fraction: float = 0.2
+    max_link_delay_s: float = 0.5
+    server_fraction: float = 0.05
+    fleet: str = "sim"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.model != "digits-mlp":
+            raise ValueError(f"model {self.model!r}: simulate supports digits-mlp")
+        if self.devices < 1 or self.rounds < 1:
+            raise ValueError("devices and rounds must be >= 1")
+        if self.participants is not None and not 1 <= self.participants <= self.devices:
+            raise ValueError(f"participants must be in [1, {self.devices}], got {self.participants}")
+
+    @property
+    def cohort(self) -> int:
+        return self.participants or self.devices
+
+    @property
+    def quorum(self) -> int:
+        """min_updates, default ⌈0.6 · cohort⌉."""
+        return self.min_updates or max(1, math.ceil(0.6 * self.cohort))
+
+
+def pick_cohort(ids: list[str], k: int, rnd: int, seed: int, always: tuple[str, ...] = ()) -> list[str]:
+    """k devices for round `rnd` (seeded by it), always including `always` (scripted devices)."""
+    rng = np.random.default_rng([seed, rnd])
+    rest = [i for i in ids if i not in always]
+    picked = list(rng.choice(rest, size=max(0, min(k - len(always), len(rest))), replace=False))
+    return sorted(set(always) | set(picked))
+
+
+def prepare(cfg: SimConfig, say: Callable[[str], None]) -> tuple[Path, list]:
+    """The bundle (exported unless given) and the devices (profiles, data shards, bodies)."""
+    from export.data import load_digits
+
+    bundle = cfg.bundle
+    if bundle is None:
+        from export.pipeline import ExportConfig, export_bundle
+
+        bundle = cfg.out / "bundle"
+        say("[sim] exporting digits-mlp (teacher → student → int8 XNNPACK .pte)")
+        export_bundle(ExportConfig(server_fraction=cfg.server_fraction, compare=False), bundle)
+    pool = load_digits(cfg.server_fraction, seed=cfg.seed).pool
+    m = cfg.samples_per_device or max(32, len(pool.y) // cfg.devices)
+    shards = device_shards(pool, cfg.devices, m, cfg.alpha, seed=cfg.seed)
+    devices = make_devices(shards, list(cfg.profiles), set(cfg.hot), cfg.battery_fraction, cfg.max_link_delay_s,
+                           cfg.seed)  # fmt: skip
+    return bundle, devices
+
+
+def _start_broker(kind: str, work: Path):
+    if "://" in kind:
+        return None, kind, False
+    from edgelearn.demo import _start_broker as start
+
+    brk, v311 = start(kind, work)
+    return brk, brk.url, v311
+
+
+def simulate(cfg: SimConfig, say: Callable[[str], None] = print) -> dict:
+    """Run the fleet for `cfg.rounds` rounds; write the report to `cfg.out`; return it."""
+    from export.pipeline import rebuild_bundle
+
+    t0 = time.monotonic()
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="state-", dir=cfg.out))
+    bundle, devices = prepare(cfg, say)
+    brk, url, v311 = _start_broker(cfg.broker, work)
+    fleet = Fleet(devices, url, cfg.fleet, work / "devices", v311)
+    closed: queue.Queue[RoundSummary] = queue.Queue()
+    ccfg = CoordinatorConfig(
+        url, cfg.fleet, bundle, work / "coordinator", min_updates=cfg.quorum, round_timeout_s=cfg.round_timeout_s,
+        local=cfg.local, max_rounds=cfg.rounds, mqtt_v311=v311,
+    )  # fmt: skip
+    coord = Coordinator(ccfg, rebuild_bundle, closed.put)
+    say(f"[sim] {cfg.devices} devices ({', '.join(f'{p}:{w:g}' for p, w in cfg.profiles)}), {cfg.cohort} online "
+        f"per round, quorum {cfg.quorum}, broker {url}")  # fmt: skip
+    stop = threading.Event()
+    records: list[RoundRecord] = []
+    progress = (lambda: coord.engine.count, say)  # accepted so far (an int read from the driver thread)
+    driver = threading.Thread(target=_drive, args=(cfg, fleet, closed, records, stop, progress), daemon=True)
+    try:
+        driver.start()
+        coord.run(stop)
+        driver.join(timeout=60)
+    finally:
+        stop.set()
+        fleet.close()
+        if brk is not None:
+            brk.stop()
+    report = write_report(cfg, records, fleet, time.monotonic() - t0)
+    say(f"[sim] {len(records)} rounds in {report['seconds']:.1f}s; report in {cfg.out}")
+    return report
+
+
+def _drive(cfg: SimConfig, fleet: Fleet, closed: queue.Queue, records: list, stop: threading.Event,
+           progress: tuple[Callable[[], int], Callable[[str], None]]) -> None:  # fmt: skip
+    """Per round: bring the cohort online, wait for the coordinator to close the round, take it offline."""
+    ids, (accepted, say) = sorted(fleet.devices), progress
+    scripted = tuple(sorted({o.device_id for o in cfg.outages} | set(cfg.hot)))
+    rng = np.random.default_rng(cfg.seed + 2)
+    for rnd in range(1, cfg.rounds + 1):
+        fleet.meter.round = rnd
+        cohort = pick_cohort(ids, cfg.cohort, rnd, cfg.seed, scripted)
+        for o in cfg.outages:
+            if o.round == rnd:
+                fleet.outages[(o.device_id, rnd)] = o
+        for dev in cohort:
+            if (dev, rnd) not in fleet.outages and rng.random() < cfg.outage_rate:
+                fleet.outages[(dev, rnd)] = Outage(dev, rnd, cfg.outage_s)
+        t0 = time.monotonic()
+        for dev in cohort:
+            fleet.start(dev, rnd)
+        tell = lambda s, r=rnd: say(f"[sim] round {r}: {accepted()}/{cfg.quorum} updates accepted ({s:.0f}s)")  # noqa: E731
+        summary = _wait(closed, stop, 3 * cfg.round_timeout_s, tell)
+        if summary is None:
+            say(f"[sim] round {rnd} did not close within {3 * cfg.round_timeout_s:.0f}s; stopping")
+            stop.set()
+            return
+        paused = _paused_now(fleet, cohort)
+        fleet.stop([d for d in cohort if (d, rnd) not in fleet.outages])  # outage devices come back on their own
+        rec = RoundRecord.of(summary, len(cohort), paused, fleet.meter.of_round(rnd), time.monotonic() - t0)
+        records.append(rec)
+        say(rec.line())
+
+
+def _wait(closed: queue.Queue, stop: threading.Event, limit_s: float, tell: Callable[[float], None],
+          every_s: float = 10.0) -> RoundSummary | None:  # fmt: skip
+    """The next closed round, or None when stopped or after `limit_s` seconds; `tell(elapsed_s)` every
+    `every_s` seconds meanwhile (the live progress line)."""
+    t0 = time.monotonic()
+    next_tell = t0 + every_s
+    while not stop.is_set() and time.monotonic() < t0 + limit_s:
+        try:
+            return closed.get(timeout=0.5)
+        except queue.Empty:
+            if time.monotonic() >= next_tell:
+                tell(time.monotonic() - t0)
+                next_tell += every_s
+    return None
+
+
+def _paused_now(fleet: Fleet, cohort: list[str]) -> dict[str, int]:
+    """Devices of the cohort whose governor paused training this round, counted by reason."""
+    out: dict[str, int] = {}
+    for dev in cohort:
+        live = fleet.live.get(dev)
+        if live is None:
+            continue
+        reasons = {r for h in live.agent.governor.history if h["action"] == "pause" for r in h["reasons"]}
+        for r in reasons:
+            out[r] = out.get(r, 0) + 1
+    return out

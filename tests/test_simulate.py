@@ -1,0 +1,122 @@
+"""Simulated fleet: 20 real agents through mosquitto, one scripted outage and one hot device."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from devices.simulate.data import device_shards
+from devices.simulate.fleet import Outage, assign_profiles, parse_mix
+from devices.simulate.run import SimConfig, simulate
+from devices.simulate.traces import TRACES, TraceSource, cool, next_battery
+from edgelearn.cli import main
+from edgelearn.protocol import LocalConfig
+from export.data import Split
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_simulated_fleet_outage_and_hot_device(mosquitto, bundle_dir, fleet, tmp_path) -> None:
+    # Prepare: 20 devices that stay within their budgets, except sim0005 (too hot); sim0003 drops its link
+    # right after queueing its round-1 update. The quorum (19) needs every device but the hot one.
+    cfg = SimConfig(
+        devices=20, profiles=(("rpi5", 0.5), ("x86-dev", 0.5)), rounds=2, broker=mosquitto.url, out=tmp_path / "out",
+        bundle=bundle_dir, min_updates=19, local=LocalConfig(steps=4, batch_size=16, lr=0.2), round_timeout_s=60,
+        outages=(Outage("sim0003", 1, 1.5),), outage_rate=0.0, hot=("sim0005",), battery_fraction=0.0,
+        max_link_delay_s=0.2, fleet=fleet,
+    )  # fmt: skip
+    # Execute
+    report = simulate(cfg, say=lambda s: None)
+    # Assert: rounds completed, each with the 19 cool devices
+    rounds = report["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2] and [r["version"] for r in rounds] == [2, 3]
+    assert all(r["accepted"] == 19 and "sim0005" not in r["participants"] for r in rounds)
+    assert all(0.0 < r["accuracy"] <= 1.0 for r in rounds)
+    # the hot device paused for temperature and never delivered
+    hot = report["devices"]["sim0005"]["events"]
+    assert any(e["event"] == "pause" and "temperature" in e["reasons"] for e in hot)
+    assert all(r["paused"].get("temperature", 0) >= 1 for r in rounds)
+    # the outage device went down holding its update, came back, and the update counted once
+    events = [e["event"] for e in report["devices"]["sim0003"]["events"]]
+    assert events[:2] == ["outage", "reconnect"]
+    assert report["devices"]["sim0003"]["events"][0]["outbox"] == 1
+    assert "sim0003" in rounds[0]["participants"] and report["totals"]["accepted"] == 38
+    assert report["totals"]["rejected"] == {}
+    # report files
+    saved = json.loads((cfg.out / "report.json").read_text())
+    assert saved["totals"] == report["totals"]
+    assert saved["totals"]["bytes"]["up_update"] > 0 and saved["totals"]["bytes"]["down_release"] > 0
+    for name in ("accuracy.png", "participation.png", "rejected.png", "bytes.png"):
+        assert (cfg.out / name).read_bytes()[:8] == PNG
+
+
+def test_temperature_rises_per_training_step_and_cools_after() -> None:
+    # Prepare
+    spec = TRACES["rpi4"]
+    clock = iter([0.0, 0.0, 1.0, 3.0]).__next__
+    trace = TraceSource(spec, clock=clock)
+    # Execute: ten steps, a reading at once, one a second later, one two seconds after that
+    for _ in range(10):
+        trace.on_step()
+    hot = trace().temperature_c
+    warm = trace().temperature_c
+    cooled = trace().temperature_c
+    # Assert
+    assert hot == pytest.approx(spec.ambient_c + 10 * spec.heat_c_per_step)
+    assert spec.ambient_c < cooled < warm < hot
+    assert cool(hot, spec.ambient_c, spec.cool_per_s, 100.0) == spec.ambient_c
+
+
+def test_battery_drains_then_charges_from_ten_percent() -> None:
+    # Prepare
+    spec = TRACES["jetson-nano"]
+    # Execute
+    low, charging = next_battery(11.0, False, 1.5, spec, 1.0)
+    up, still = next_battery(low, charging, 0.0, spec, 1.0)
+    # Assert
+    assert low <= 10.0 and charging
+    assert up > low and still
+
+
+def test_dirichlet_shards_are_skewed_and_sized() -> None:
+    # Prepare
+    pool = Split(np.arange(1000, dtype=np.float32).reshape(-1, 1), np.repeat(np.arange(10), 100))
+    # Execute
+    shards = device_shards(pool, 50, 40, alpha=0.1, seed=1)
+    # Assert: every device holds 40 examples, most of them from few classes
+    assert all(len(s.y) == 40 for s in shards)
+    top = [np.bincount(s.y, minlength=10).max() / 40 for s in shards]
+    assert np.mean(top) > 0.5
+
+
+def test_profile_mix_is_exact_and_bad_mix_is_an_error() -> None:
+    # Prepare
+    mix = parse_mix("rpi4:0.5,rpi5:0.3,jetson-orin-nano:0.2")
+    # Execute
+    names = assign_profiles(mix, 1000, np.random.default_rng(0))
+    # Assert
+    assert (names.count("rpi4"), names.count("rpi5"), names.count("jetson-orin-nano")) == (500, 300, 200)
+    with pytest.raises(ValueError, match="weight must be a number"):
+        parse_mix("rpi4:lots")
+
+
+def test_cli_rejects_unknown_profile(capsys) -> None:
+    # Execute
+    with pytest.raises(SystemExit):
+        main(["simulate", "--profiles", "rpi9:1", "--out", "unused"])
+    # Assert
+    assert "unknown profile 'rpi9'" in capsys.readouterr().err
+
+
+def test_replay_draw_returns_every_row_asked_for_from_a_small_buffer() -> None:
+    # Prepare: a device with fewer samples than one plan of batches (the simulate run found this)
+    from edge_runtime.samples import ReplayBuffer
+
+    r = ReplayBuffer(100, seed=0)
+    r.offer(np.zeros((10, 2), np.float32), np.zeros(10, np.int64), np.arange(10))
+    # Execute
+    x, y, seq = r.draw(64)
+    # Assert: drawn with replacement, so all 64 rows come back (the learner indexes them all)
+    assert len(x) == len(y) == len(seq) == 64
