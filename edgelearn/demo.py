@@ -6,6 +6,7 @@ import logging
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from safetensors.numpy import save_file
@@ -51,11 +52,10 @@ def run_demo(
     workdir: Path | None = None,
     server_fraction: float = 0.05,
     local: LocalConfig | None = None,
-    say: callable = print,
-) -> list[RoundSummary]:  # type: ignore[valid-type]
+    say: Callable[[str], None] = print,
+) -> list[RoundSummary]:
     """Run the whole fleet end to end and return one summary per round."""
-    from edge_runtime.agent import DeviceAgent, DeviceConfig
-    from export.pipeline import ExportConfig, export_bundle, rebuild_bundle
+    from export.pipeline import ExportConfig, export_bundle
 
     t0 = time.monotonic()
     work = workdir or Path(tempfile.mkdtemp(prefix="edgelearn-demo-"))
@@ -70,39 +70,52 @@ def run_demo(
     brk, v311 = _start_broker(broker, work)
     say(f"[demo] 2/4 broker: {brk.url} ({'embedded amqtt, MQTT 3.1.1' if v311 else 'mosquitto, MQTT 5'})")
     summaries: list[RoundSummary] = []
-
-    def on_round(s: RoundSummary) -> None:
-        summaries.append(s)
+    try:
+        ccfg = CoordinatorConfig(
+            brk.url, "demo", work / "bundle", work / "coordinator", min_updates=devices, round_timeout_s=120,
+            local=local or LocalConfig(steps=40, batch_size=32, lr=0.2), max_rounds=rounds, mqtt_v311=v311,
+        )  # fmt: skip
+        agents = _make_agents(brk.url, v311, work, shards)
         say(
-            f"[demo] round {s.round}: participants {', '.join(s.participants)} · accepted {s.accepted} · "
-            f"rejected {sum(s.rejected.values())} · release v{s.version} held-out accuracy "
-            f"{s.metrics.get('accuracy_pte', float('nan')):.3f} ({s.seconds:.1f}s)"
+            f"[demo] 3/4 fleet: coordinator + {devices} devices (non-IID shards of "
+            f"{', '.join(str(len(a.y)) for a in agents)} samples), {rounds} rounds"
         )
-
-    ccfg = CoordinatorConfig(
-        brk.url,
-        "demo",
-        work / "bundle",
-        work / "coordinator",
-        min_updates=devices,
-        round_timeout_s=120,
-        local=local or LocalConfig(steps=40, batch_size=32, lr=0.2),
-        max_rounds=rounds,
-        mqtt_v311=v311,
+        _run_fleet(ccfg, agents, lambda s: (summaries.append(s), say(round_line(s))))
+    finally:
+        brk.stop()
+    final = summaries[-1].metrics.get("accuracy_pte", float("nan")) if summaries else float("nan")
+    say(
+        f"[demo] 4/4 done: {len(summaries)} rounds in {time.monotonic() - t0:.1f}s, final held-out accuracy {final:.3f}"
     )
-    coord = Coordinator(ccfg, rebuild_bundle, on_round)
-    stop = threading.Event()
-    agents = [
+    return summaries
+
+
+def round_line(s: RoundSummary) -> str:
+    return (
+        f"[demo] round {s.round}: participants {', '.join(s.participants)} · accepted {s.accepted} · "
+        f"rejected {sum(s.rejected.values())} · release v{s.version} held-out accuracy "
+        f"{s.metrics.get('accuracy_pte', float('nan')):.3f} ({s.seconds:.1f}s)"
+    )
+
+
+def _make_agents(url: str, v311: bool, work: Path, shards: list[Path]) -> list:
+    from edge_runtime.agent import DeviceAgent, DeviceConfig
+
+    return [
         DeviceAgent(
-            DeviceConfig(brk.url, "demo", f"dev{k}", work / f"dev{k}", mqtt_v311=v311, budget=SHARED_PROCESS_BUDGET),
+            DeviceConfig(url, "demo", f"dev{k}", work / f"dev{k}", mqtt_v311=v311, budget=SHARED_PROCESS_BUDGET),
             *_xy(load_shard(p)),
         )
         for k, p in enumerate(shards)
     ]
-    say(
-        f"[demo] 3/4 fleet: coordinator + {devices} devices (non-IID shards of "
-        f"{', '.join(str(len(a.y)) for a in agents)} samples), {rounds} rounds"
-    )
+
+
+def _run_fleet(ccfg: CoordinatorConfig, agents: list, on_round: Callable[[RoundSummary], object]) -> None:
+    """Devices in threads, the coordinator on this thread until its last round; then everything stops."""
+    from export.pipeline import rebuild_bundle
+
+    coord = Coordinator(ccfg, rebuild_bundle, on_round)
+    stop = threading.Event()
     threads = [threading.Thread(target=a.run, args=(stop,), daemon=True) for a in agents]
     try:
         for t in threads:
@@ -112,14 +125,6 @@ def run_demo(
         stop.set()
         for t in threads:
             t.join(timeout=10)
-        brk.stop()
-    say(
-        f"[demo] 4/4 done: {len(summaries)} rounds in {time.monotonic() - t0:.1f}s, final held-out accuracy "
-        f"{summaries[-1].metrics.get('accuracy_pte', float('nan')):.3f}"
-        if summaries
-        else "[demo] no round closed"
-    )
-    return summaries
 
 
 def _xy(s: Split) -> tuple:
