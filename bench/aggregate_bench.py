@@ -82,6 +82,7 @@ def worker_ours(k_updates: int, params: int) -> dict:
         encode_update(Update(f"u{k}", "d", "m", 1, num_samples(k), dict(zip(shapes, tensors(k, params), strict=True))))
         for k in range(k_updates)
     ]
+
     def run(validate: bool) -> dict[str, np.ndarray]:
         """What the coordinator does per update: (validate,) view the fp32 data, fold it."""
         acc = StreamingMean(shapes)
