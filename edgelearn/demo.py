@@ -11,6 +11,7 @@ from pathlib import Path
 from safetensors.numpy import save_file
 
 from edgelearn.broker import EmbeddedBroker, Mosquitto
+from edgelearn.bundle import verify_bundle
 from edgelearn.protocol import LocalConfig
 from export.data import Split, load_digits, shard_non_iid
 
@@ -65,10 +66,10 @@ def run_demo(
         battery_fraction=0.0, ambient_spread_c=0.0, fleet="demo",
     )  # fmt: skip
     report = simulate(cfg, say=say)
-    accuracy = [r["accuracy"] for r in report["rounds"]]
-    final = f"{accuracy[-1]:.3f}" if accuracy and accuracy[-1] is not None else "n/a"
-    say(f"[demo] done: {len(accuracy)} rounds in {time.monotonic() - t0:.1f}s, final held-out accuracy {final}; "
-        f"report.json and plots in {work}")  # fmt: skip
+    first = verify_bundle(work / "bundle").metrics.get("accuracy_pte", float("nan"))
+    accuracy = [f"{r['accuracy']:.3f}" for r in report["rounds"] if r["accuracy"] is not None]
+    say(f"[demo] done: {len(report['rounds'])} rounds in {time.monotonic() - t0:.1f}s; held-out accuracy of the "
+        f"int8 .pte: v1 {first:.3f} → {' → '.join(accuracy)}; report.json and plots in {work}")  # fmt: skip
     return report
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import warnings
 from pathlib import Path
 
 
@@ -58,9 +57,8 @@ def cmd_simulate(a: argparse.Namespace) -> int:
         print(f"edgelearn simulate: error: {e}", file=sys.stderr)
         return 2
     if not a.verbose:  # budget pauses and late-update rejections are counted in the report, not logged
-        for name in ("edge_runtime", "coordinator", "edgelearn.mqtt", "torchao"):
+        for name in ("edge_runtime", "coordinator", "edgelearn.mqtt"):
             logging.getLogger(name).setLevel(logging.ERROR)
-        warnings.filterwarnings("ignore", category=FutureWarning)  # torch.export deprecations on each re-lowering
     report = simulate(cfg, say=lambda s: print(s, flush=True))
     return 0 if len(report["rounds"]) == a.rounds else 1
 
