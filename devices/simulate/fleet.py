@@ -147,6 +147,11 @@ class Fleet:
             g.thread.join(timeout=30)
             self._note_pauses(g.agent)
 
+    def connected(self) -> int:
+        """Live devices whose MQTT link is connected."""
+        with self.lock:
+            return sum(live.agent.link.connected.is_set() for live in self.live.values())
+
     def arm_outages(self, rnd: int) -> None:
         """Live devices with an outage planned for round `rnd` go down after queueing their next update."""
         with self.lock:

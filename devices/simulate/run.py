@@ -195,14 +195,21 @@ def _plan_outages(cfg: SimConfig, fleet: Fleet, cohort: list[str], rnd: int) -> 
             fleet.outages[(dev, rnd)] = Outage(dev, rnd, cfg.outage_s)
 
 
-def _start_all(fleet: Fleet, ids: list[str], say: Callable[[str], None]) -> None:
-    """Bring every device online (each loads the retained release as it arrives)."""
+def _start_all(fleet: Fleet, ids: list[str], say: Callable[[str], None], limit_s: float = 300.0) -> None:
+    """Bring every device online and wait until each is connected (its status is then retained), so the
+    coordinator's first selection sees the whole fleet."""
     t0 = time.monotonic()
     for k, dev in enumerate(ids, 1):
         fleet.start(dev, 1)
         if k % 200 == 0 and k < len(ids):
-            say(f"[sim] {k}/{len(ids)} devices online ({time.monotonic() - t0:.0f}s)")
-    say(f"[sim] {len(ids)} devices online ({time.monotonic() - t0:.0f}s)")
+            say(f"[sim] {k}/{len(ids)} devices started ({time.monotonic() - t0:.0f}s)")
+    next_say = time.monotonic() + 5.0
+    while (n := fleet.connected()) < len(ids) and time.monotonic() < t0 + limit_s:
+        if time.monotonic() >= next_say:
+            say(f"[sim] {n}/{len(ids)} devices connected ({time.monotonic() - t0:.0f}s)")
+            next_say += 5.0
+        time.sleep(0.2)
+    say(f"[sim] {fleet.connected()}/{len(ids)} devices online ({time.monotonic() - t0:.0f}s)")
 
 
 def _wait(closed: queue.Queue, stop: threading.Event, limit_s: float, tell: Callable[[float], None],
