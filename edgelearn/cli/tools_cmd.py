@@ -55,6 +55,7 @@ def cmd_flash(a: argparse.Namespace) -> int:
         print(f"edgelearn flash: error: {e}", file=sys.stderr)
         return 2
     print(f"installed package {pid} ({profile.name}, device {a.device_id}) into {a.to}")
+    return 0
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
