@@ -115,3 +115,28 @@ def test_ssh_target_uses_rsync_then_install(tmp_path):
         cmds[0][:3] == ["rsync", "-a", "--delete"] and cmds[0][-1] == "pi@raspberrypi.local:/tmp/edgelearn-package-abc/"
     )
     assert cmds[1] == ["ssh", "pi@raspberrypi.local", "sudo sh /tmp/edgelearn-package-abc/install.sh /"]
+
+
+def test_aarch64_lock_pins_every_distribution_the_device_agent_imports():
+    # Prepare: the distributions behind the modules that `edgelearn device` loads (in a fresh interpreter; a
+    # missing --data file stops the command right after its imports)
+    import re
+    import subprocess
+    import sys
+    from importlib.metadata import packages_distributions
+    from pathlib import Path
+
+    args = ["device", "--broker", "mqtt://127.0.0.1:1", "--fleet", "f", "--id", "d", "--state", "unused"]
+    args += ["--data", "/nonexistent"]
+    code = f"import sys; from edgelearn.cli import main; main({args!r}); "
+    code += "print(' '.join(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    loaded = out.split()
+    dists = packages_distributions()
+    norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()  # noqa: E731
+    needed = {norm(d) for m in loaded if "." not in m for d in dists.get(m, [])} - {"edgelearn"}
+    # Execute: what the qemu harness installs into the arm64 root
+    lock = Path("devices/qemu/requirements-aarch64.txt").read_text().splitlines()
+    pinned = {norm(line.split("==")[0]) for line in lock if "==" in line and not line.startswith("#")}
+    # Assert
+    assert needed - pinned == set()
