@@ -12,6 +12,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +120,9 @@ class PsutilSource:
         (idle0, total0, own0, wall0), self._last = self._last, now
         system = busy_percent(idle0, total0, now[0], now[1])
         own = 100.0 * (now[2] - own0) / max(now[3] - wall0, 1e-6)  # % of one core
-        temps = ps.sensors_temperatures() if hasattr(ps, "sensors_temperatures") else {}
+        temps = _sensor(ps, "sensors_temperatures") or {}
         current = [t.current for entries in temps.values() for t in entries if t.current is not None]
-        battery = ps.sensors_battery() if hasattr(ps, "sensors_battery") else None
+        battery = _sensor(ps, "sensors_battery")
         return Reading(
             other_cpu_percent=other_cpu_percent(system, own, self._n_cpus),
             rss_mb=self._proc.memory_info().rss / 2**20,
@@ -130,6 +131,19 @@ class PsutilSource:
             battery_percent=battery.percent if battery else None,
             charging=bool(battery.power_plugged) if battery else None,
         )
+
+
+def _sensor(ps: Any, name: str) -> Any:
+    """psutil's `name()` reading, or None where the platform lacks it or its /sys files are missing
+    (psutil raises FileNotFoundError when /sys/class/power_supply does not exist, e.g. in a container)."""
+    fn = getattr(ps, name, None)
+    if fn is None:
+        return None
+    try:
+        return fn()
+    except OSError as e:
+        log.debug("%s unavailable: %s", name, e)
+        return None
 
 
 def used_train_s(spans: deque[tuple[float, float]], now_s: float, window_s: float = QUOTA_WINDOW_S) -> float:

@@ -144,6 +144,26 @@ def test_psutil_source_reads_this_machine():
     assert reading.rss_mb > 10 and reading.available_mb > 0 and reading.other_cpu_percent >= 0
 
 
+def test_psutil_source_survives_missing_sensor_files():
+    # Prepare: psutil as in a container or chroot without /sys/class/power_supply (seen under qemu)
+    import types
+
+    import psutil
+
+    def no_power_supply():
+        raise FileNotFoundError(2, "No such file or directory", "/sys/class/power_supply")
+
+    source = PsutilSource()
+    source._psutil = types.SimpleNamespace(**{n: getattr(psutil, n) for n in dir(psutil) if not n.startswith("_")})
+    source._psutil.sensors_battery = no_power_supply
+    del source._psutil.sensors_temperatures  # a platform without temperature sensors
+    # Execute
+    reading = source()
+    # Assert: a reading without battery or temperature, not an exception
+    assert reading.battery_percent is None and reading.charging is None and reading.temperature_c is None
+    assert reading.rss_mb > 10
+
+
 @pytest.mark.parametrize("bad", [{"threads": 0}, {"batch_size": 0}, {"soft_fraction": 0}, {"interval_s": 0}])
 def test_bad_budget_is_refused_with_a_clear_error(bad):
     with pytest.raises(ValueError, match="budget"):
