@@ -162,13 +162,15 @@ def test_simulate_rejects_a_bundle_of_another_model(bundle_dir, tmp_path, capsys
     assert not (tmp_path / "o").exists()
 
 
-def test_text_is_for_char_lm_only(tmp_path) -> None:
+def test_text_is_for_char_lm_and_alpha_for_digits(tmp_path) -> None:
     # Prepare
     from devices.simulate.run import SimConfig
 
     # Execute / Assert
     with pytest.raises(ValueError, match="only char-lm trains on text"):
         SimConfig(text=tmp_path / "t.txt")
+    with pytest.raises(ValueError, match="alpha: char-lm devices hold one speaker each"):
+        SimConfig(model="char-lm", alpha=0.5)
     assert SimConfig(model="char-lm").local.lr == 0.1  # the char-lm local recipe when none is given
 
 

@@ -68,6 +68,8 @@ class SimConfig:
             raise ValueError(f"participants must be in [1, {self.devices}], got {self.participants}")
         if self.text is not None and self.model != "char-lm":
             raise ValueError(f"text {self.text}: only char-lm trains on text (model is {self.model})")
+        if self.alpha is not None and self.model == "char-lm":
+            raise ValueError("alpha: char-lm devices hold one speaker each, there is no class mix to draw")
         if self.bundle is not None:
             from edgelearn.bundle import verify_bundle
 
