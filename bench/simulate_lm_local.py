@@ -96,7 +96,9 @@ def main() -> None:
     }  # fmt: skip
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "simulate_lm_local.json").write_text(json.dumps(result, indent=1))
-    lines = ["| steps | batch | lr | " + " | ".join(f"round {r + 1} acc / ppl" for r in range(a.rounds)) + " |"]
+    lines = [f"FedAvg of {a.devices} char-lm speaker shards from release 1 ({a.bundle.name}), {a.rounds} rounds, "
+             "eager student on the held-out windows: next-token accuracy / perplexity.", ""]  # fmt: skip
+    lines += ["| steps | batch | lr | " + " | ".join(f"round {r + 1} acc / ppl" for r in range(a.rounds)) + " |"]
     lines.append("|---" * (3 + a.rounds) + "|")
     for r in rows:
         cells = " | ".join(f"{q['accuracy']:.3f} / {q['perplexity']:.2f}" for q in r["rounds"])

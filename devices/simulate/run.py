@@ -23,8 +23,8 @@ from edgelearn.protocol import LocalConfig
 log = logging.getLogger(__name__)
 
 
-# Local recipe per model when none is given. char-lm: plain SGD on the transformer diverged at lr ≥ 0.5
-# (batch 16–32) and lr 0.1 kept next-token accuracy steady (README, "Rehearsing a fleet").
+# Local recipe per model when none is given. char-lm: plain SGD at lr 0.5 made the held-out perplexity
+# worse, lr 0.1–0.2 lowered it slightly (bench/simulate_lm_local.py; README, "Rehearsing a fleet").
 LOCAL_DEFAULTS = {
     "digits-mlp": LocalConfig(steps=10, batch_size=16, lr=0.2),
     "char-lm": LocalConfig(steps=20, batch_size=16, lr=0.1),
