@@ -15,6 +15,7 @@ from devices.simulate.speakers import (
     assign_speakers,
     check_text,
     cut_parts,
+    head_bytes,
     shard_windows,
     speaker_blocks,
     speaker_texts,
@@ -53,6 +54,7 @@ def test_speaker_blocks_run_from_a_name_line_to_the_next() -> None:
     assert texts["ALICE"] == b"ALICE:\nHello there.\nHow are you?\n\nALICE:\nGood to hear.\n\n"
     assert texts["First Citizen"] == b"First Citizen:\nSpeak, speak.\n"
     assert b"stage direction" not in b"".join(texts.values())
+    assert [b[0] for b in speaker_blocks(b"BOB:\nsays:\n\n    Args:\nx\n\nEVE:\nhi\n")] == ["BOB", "EVE"]
 
 
 def test_speaker_texts_keep_only_blocks_inside_the_range() -> None:
@@ -76,6 +78,13 @@ def test_export_text_is_head_plus_tail_and_the_exporter_tests_on_the_tail(held_o
     assert parts.server == text[: parts.lo] + text[parts.hi :] and len(text) - parts.hi == held_out
     tail = np.frombuffer(text[parts.hi :], np.uint8).astype(np.int64)
     assert np.array_equal(test.x, windows(tail, 16, 8).x)
+
+
+def test_head_is_where_the_exporter_cuts_for_every_held_out_size() -> None:
+    # Execute
+    heads = {h: head_bytes(h) for h in range(1, 20_000)}
+    # Assert: text_splits cuts H + h bytes at ⌊0.9 (H + h)⌋ = H, with H within a byte of 9h
+    assert all(int((hd + h) * 0.9) == hd and 9 * h - 1 <= hd <= 9 * h for h, hd in heads.items())
 
 
 def test_text_too_short_for_head_devices_and_tail_is_an_error() -> None:

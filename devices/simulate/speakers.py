@@ -34,7 +34,7 @@ TEST_FRACTION = 0.1  # export.text.text_splits' default: the test part is the la
 HELD_OUT_BYTES = 200 * 32 + 64 + 1  # 200 windows at stride 32 (= char-lm CONTEXT // 2) of 64 + 1 bytes
 EXPORT_TEXT = "export-text.txt"  # head + tail, in the simulation's out folder (the bundle's export.json names it)
 SHARDS_JSON = "speakers.json"  # device k (sim{k:04d}) ← speaker, bytes, windows
-HEADER = re.compile(rb"(?:\A|\n\n)([^\n:]{1,64}):\n")  # a speaker line at the start or after a blank line
+HEADER = re.compile(rb"(?:\A|\n\n)([^\s:][^\n:]{0,63}):\n")  # a speaker line at the start or after a blank line
 
 
 @dataclass(frozen=True)
@@ -50,13 +50,20 @@ class SpeakerShard:
     text: bytes
 
 
-def cut_parts(text: bytes, held_out_bytes: int = HELD_OUT_BYTES) -> TextParts:
-    """Head text[:H], tail text[L−h:], device part text[H:L−h], with H the cut text_splits makes in
-    head + tail: H = ⌊(H + h)·(1 − TEST_FRACTION)⌋, starting from H = 9·h."""
+def head_bytes(held_out_bytes: int) -> int:
+    """H such that text_splits' cut of H + h bytes is H: ⌊(H + h)·(1 − TEST_FRACTION)⌋ = H, h = held-out bytes.
+    9·h, or 9·h − 1 when float rounding puts 0.9 · 10h just below 9h."""
     h = held_out_bytes
     head = 9 * h
-    while int((head + h) * (1.0 - TEST_FRACTION)) != head:  # float rounding of 0.9 · 10h
-        head += 1
+    while int((head + h) * (1.0 - TEST_FRACTION)) < head:
+        head -= 1
+    return head
+
+
+def cut_parts(text: bytes, held_out_bytes: int = HELD_OUT_BYTES) -> TextParts:
+    """Head text[:H] (H = `head_bytes(h)`), tail text[L−h:], device part text[H:L−h]."""
+    h = held_out_bytes
+    head = head_bytes(h)
     if len(text) < head + 2 * h:
         raise ValueError(f"text has {len(text)} bytes; simulating char-lm needs more than {head + 2 * h}")
     return TextParts(text[:head] + text[len(text) - h :], head, len(text) - h)
