@@ -20,6 +20,7 @@ import heapq
 import json
 import logging
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,7 +101,7 @@ def split_point(piece: bytes, min_bytes: int) -> int:
 def assign_speakers(speakers: dict[str, bytes], n_devices: int, min_bytes: int) -> list[SpeakerShard]:
     """`n_devices` shards: speakers with < min_bytes dropped, the largest first; with more devices than
     speakers the largest piece is halved (`split_point`) until there are n_devices pieces."""
-    kept = sorted((len(t), name, t) for name, t in speakers.items() if len(t) >= min_bytes)
+    kept = [(len(t), name, t) for name, t in speakers.items() if len(t) >= min_bytes]
     kept.sort(key=lambda s: (-s[0], s[1]))
     if n_devices <= len(kept):
         return [SpeakerShard(name, t) for _, name, t in kept[:n_devices]]
@@ -119,7 +120,7 @@ def assign_speakers(speakers: dict[str, bytes], n_devices: int, min_bytes: int) 
     if not heap:
         raise ValueError(f"no speaker has {min_bytes} bytes of text (one window); is the text NAME:/lines blocks?")
     pieces = sorted(heap, key=lambda p: (p[0], p[1], p[2]))
-    counts = {name: sum(p[1] == name for p in pieces) for _, name, _, _ in pieces}
+    counts = Counter(p[1] for p in pieces)
     return [SpeakerShard(name if counts[name] == 1 else f"{name}#{at}", t) for _, name, at, t in pieces]
 
 
