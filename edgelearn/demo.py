@@ -4,22 +4,18 @@ from __future__ import annotations
 
 import logging
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from safetensors.numpy import save_file
 
-from coordinator.server import Coordinator, CoordinatorConfig, RoundSummary
-from edge_runtime.budget import Budget
 from edgelearn.broker import EmbeddedBroker, Mosquitto
+from edgelearn.bundle import verify_bundle
 from edgelearn.protocol import LocalConfig
 from export.data import Split, load_digits, shard_non_iid
 
 log = logging.getLogger(__name__)
-# The demo's devices share one process: a per-process RSS limit would measure the whole fleet, so it is off.
-SHARED_PROCESS_BUDGET = Budget(max_rss_mb=None)
 
 
 def write_shards(
@@ -45,90 +41,36 @@ def load_shard(path: Path) -> Split:
     return Split(t["x"].astype("float32"), t["y"].astype("int64"))
 
 
+DEMO_PROFILES = (("rpi5", 0.5), ("jetson-orin-nano", 0.5))
+
+
 def run_demo(
     devices: int = 4,
     rounds: int = 5,
     broker: str = "embedded",
     workdir: Path | None = None,
-    server_fraction: float = 0.05,
-    local: LocalConfig | None = None,
     say: Callable[[str], None] = print,
-) -> list[RoundSummary]:
-    """Run the whole fleet end to end and return one summary per round."""
-    from export.pipeline import ExportConfig, export_bundle
+) -> dict:
+    """A short `edgelearn simulate` run: export, broker, coordinator, N simulated boards with non-IID data
+    (label skew), R FedAvg rounds; every device in every round. Returns the simulation report."""
+    from devices.simulate.run import SimConfig, simulate
 
     t0 = time.monotonic()
     work = workdir or Path(tempfile.mkdtemp(prefix="edgelearn-demo-"))
-    say(f"[demo] working in {work}")
-    say("[demo] 1/4 export: teacher → distilled student → int8 XNNPACK infer.pte + train.pte")
-    manifest = export_bundle(ExportConfig(server_fraction=server_fraction, compare=False), work / "bundle")
-    say(
-        f"[demo]     release v1: student {manifest.metrics['student_params']} params, held-out accuracy "
-        f"{manifest.metrics['accuracy_pte']:.3f} (.pte)"
-    )
-    shards = write_shards(work / "data", devices, server_fraction)
-    brk, v311 = _start_broker(broker, work)
-    say(f"[demo] 2/4 broker: {brk.url} ({'embedded amqtt, MQTT 3.1.1' if v311 else 'mosquitto, MQTT 5'})")
-    summaries: list[RoundSummary] = []
-    try:
-        ccfg = CoordinatorConfig(
-            brk.url, "demo", work / "bundle", work / "coordinator", min_updates=devices, round_timeout_s=120,
-            local=local or LocalConfig(steps=40, batch_size=32, lr=0.2), max_rounds=rounds, mqtt_v311=v311,
-        )  # fmt: skip
-        agents = _make_agents(brk.url, v311, work, shards)
-        say(
-            f"[demo] 3/4 fleet: coordinator + {devices} devices (non-IID shards of "
-            f"{', '.join(str(len(a.y)) for a in agents)} samples), {rounds} rounds"
-        )
-        _run_fleet(ccfg, agents, lambda s: (summaries.append(s), say(round_line(s))))
-    finally:
-        brk.stop()
-    final = summaries[-1].metrics.get("accuracy_pte", float("nan")) if summaries else float("nan")
-    say(
-        f"[demo] 4/4 done: {len(summaries)} rounds in {time.monotonic() - t0:.1f}s, final held-out accuracy {final:.3f}"
-    )
-    return summaries
-
-
-def round_line(s: RoundSummary) -> str:
-    return (
-        f"[demo] round {s.round}: participants {', '.join(s.participants)} · accepted {s.accepted} · "
-        f"rejected {sum(s.rejected.values())} · release v{s.version} held-out accuracy "
-        f"{s.metrics.get('accuracy_pte', float('nan')):.3f} ({s.seconds:.1f}s)"
-    )
-
-
-def _make_agents(url: str, v311: bool, work: Path, shards: list[Path]) -> list:
-    from edge_runtime.agent import DeviceAgent, DeviceConfig
-
-    return [
-        DeviceAgent(
-            DeviceConfig(url, "demo", f"dev{k}", work / f"dev{k}", mqtt_v311=v311, budget=SHARED_PROCESS_BUDGET),
-            *_xy(load_shard(p)),
-        )
-        for k, p in enumerate(shards)
-    ]
-
-
-def _run_fleet(ccfg: CoordinatorConfig, agents: list, on_round: Callable[[RoundSummary], object]) -> None:
-    """Devices in threads, the coordinator on this thread until its last round; then everything stops."""
-    from export.pipeline import rebuild_bundle
-
-    coord = Coordinator(ccfg, rebuild_bundle, on_round)
-    stop = threading.Event()
-    threads = [threading.Thread(target=a.run, args=(stop,), daemon=True) for a in agents]
-    try:
-        for t in threads:
-            t.start()
-        coord.run(stop)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=10)
-
-
-def _xy(s: Split) -> tuple:
-    return s.x, s.y
+    say(f"[demo] a short `edgelearn simulate` run in {work}: export → broker → coordinator + {devices} devices "
+        f"({', '.join(p for p, _ in DEMO_PROFILES)}) → {rounds} FedAvg rounds")  # fmt: skip
+    say("[demo] broker: " + ("embedded amqtt (MQTT 3.1.1, zero setup)" if broker == "embedded" else broker))
+    cfg = SimConfig(
+        devices=devices, profiles=DEMO_PROFILES, rounds=rounds, broker=broker, out=work, min_updates=devices,
+        local=LocalConfig(steps=40, batch_size=32, lr=0.2), round_timeout_s=120, outage_rate=0.0,
+        battery_fraction=0.0, ambient_spread_c=0.0, fleet="demo",
+    )  # fmt: skip
+    report = simulate(cfg, say=say)
+    first = verify_bundle(work / "bundle").metrics.get("accuracy_pte", float("nan"))
+    accuracy = [f"{r['accuracy']:.3f}" for r in report["rounds"] if r["accuracy"] is not None]
+    say(f"[demo] done: {len(report['rounds'])} rounds in {time.monotonic() - t0:.1f}s; held-out accuracy of the "
+        f"int8 .pte: v1 {first:.3f} → {' → '.join(accuracy)}; report.json and plots in {work}")  # fmt: skip
+    return report
 
 
 def _start_broker(kind: str, work: Path) -> tuple[EmbeddedBroker | Mosquitto, bool]:

@@ -16,10 +16,20 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from edgelearn import netloop
+from edgelearn.netloop import NetLoop
 from edgelearn.protocol import QOS, parse_broker_url
 
 log = logging.getLogger(__name__)
 DEFAULT_SESSION_EXPIRY_S = 7 * 24 * 3600
+_shared_loop = False
+
+
+def use_shared_loop() -> None:
+    """Links started after this call (in this process) share one epoll network thread (`edgelearn.netloop`)
+    instead of a paho thread each: needed beyond a few hundred links, where paho's select() fails."""
+    global _shared_loop
+    _shared_loop = True
 
 
 class MqttLink:
@@ -36,6 +46,7 @@ class MqttLink:
         mqtt_v311: bool = False,
         keepalive_s: int = 30,
         on_connected: Callable[[], None] | None = None,
+        net: NetLoop | None = None,
     ) -> None:
         self.broker = parse_broker_url(url)
         self.subscriptions = subscriptions
@@ -45,6 +56,7 @@ class MqttLink:
         self.keepalive_s = keepalive_s
         self.v5 = not mqtt_v311
         self.connected = threading.Event()
+        self.net = net  # None: paho's own thread (or the shared NetLoop after `use_shared_loop()`)
         self.max_packet_bytes: int | None = None
         proto = mqtt.MQTTv5 if self.v5 else mqtt.MQTTv311
         kwargs = {} if self.v5 else {"clean_session": False}
@@ -94,7 +106,12 @@ class MqttLink:
             )
         else:
             self.client.connect_async(self.broker.host, self.broker.port, self.keepalive_s)
-        self.client.loop_start()
+        if self.net is None and _shared_loop:
+            self.net = netloop.shared()
+        if self.net is not None:
+            self.net.add(self.client)
+        else:
+            self.client.loop_start()
         return self.connected.wait(wait_s)
 
     def publish(self, topic: str, payload: bytes, retain: bool = False) -> bool:
@@ -116,5 +133,9 @@ class MqttLink:
             info = self.client.publish(final_status[0], final_status[1], qos=QOS, retain=True)
             with contextlib.suppress(RuntimeError):
                 info.wait_for_publish(timeout=2.0)
+        if self.net is not None:
+            self.net.remove(self.client)  # the loop thread still sends DISCONNECT, then paho closes the socket
+            self.client.disconnect()
+            return
         self.client.disconnect()
         self.client.loop_stop()

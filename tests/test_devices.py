@@ -7,6 +7,7 @@ import pytest
 
 from devices.flash import DeviceSettings, FlashError, build_package, flash, ssh_commands
 from devices.profiles import ProfileError, builtin_names, list_profiles, load_profile
+from edgelearn.cli import main
 
 SETTINGS = DeviceSettings("pi-kitchen", "home", "mqtt://broker.local:1883")
 
@@ -61,6 +62,19 @@ def test_flash_to_a_root_folder(bundle_dir, tmp_path):
     assert "Restart=on-failure" in unit and "/opt/edgelearn/current/bundle" in unit
     wants = root / "etc/systemd/system/multi-user.target.wants/edgelearn-device.service"
     assert os.readlink(wants) == "../edgelearn-device.service"
+
+
+def test_flash_command_exits_zero_and_says_what_it_installed(bundle_dir, tmp_path, capsys):
+    # Prepare
+    root = tmp_path / "sdcard"
+    args = ["flash", "--profile", "rpi5", "--bundle", str(bundle_dir), "--device-id", "pi-hall"]
+    args += ["--broker", "mqtt://fleet.local:1883", "--to", str(root)]
+    # Execute
+    rc = main(args)
+    # Assert
+    assert rc == 0
+    assert "(rpi5, device pi-hall)" in capsys.readouterr().out
+    assert "EDGELEARN_DEVICE_ID=pi-hall" in (root / "opt/edgelearn/current/device.env").read_text()
 
 
 def test_reinstall_is_harmless_and_newer_replaces(bundle_dir, tmp_path):

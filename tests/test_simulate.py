@@ -120,3 +120,31 @@ def test_replay_draw_returns_every_row_asked_for_from_a_small_buffer() -> None:
     x, y, seq = r.draw(64)
     # Assert: drawn with replacement, so all 64 rows come back (the learner indexes them all)
     assert len(x) == len(y) == len(seq) == 64
+
+
+def test_label_skew_partitions_the_pool_when_it_suffices() -> None:
+    # Prepare: 400 examples of 10 classes
+    rng = np.random.default_rng(0)
+    pool = Split(rng.normal(size=(400, 3)).astype(np.float32), np.arange(400) % 10)
+    # Execute: 4 devices (≥ 32 examples each possible) and 20 devices (not: drawn, 32 each)
+    parts = device_shards(pool, 4, None)
+    drawn = device_shards(pool, 20, None)
+    # Assert: every example on exactly one device; device k only holds its own 4 classes
+    assert sum(len(p.y) for p in parts) == 400
+    assert {int(c) for c in parts[1].y} <= {4, 5, 6, 7}
+    assert [len(p.y) for p in drawn] == [32] * 20
+
+
+def test_cohort_mode_with_coordinator_selection(mosquitto, bundle_dir, fleet, tmp_path) -> None:
+    # Prepare: 6 devices, 4 online per round (a cohort), the coordinator invites ⌈1.3·2⌉ = 3 of them
+    cfg = SimConfig(
+        devices=6, profiles=(("x86-dev", 1.0),), rounds=2, broker=mosquitto.url, out=tmp_path / "out",
+        bundle=bundle_dir, online=4, participants=2, local=LocalConfig(steps=3, batch_size=8, lr=0.2),
+        round_timeout_s=60, outage_rate=0.0, battery_fraction=0.0, ambient_spread_c=0.0, fleet=fleet + "-cohort",
+    )  # fmt: skip
+    # Execute
+    report = simulate(cfg, say=lambda s: None)
+    # Assert: two rounds; 4 devices online each; the quorum (⌈0.6·2⌉ = 2) met by invited devices only
+    rounds = report["rounds"]
+    assert [r["version"] for r in rounds] == [2, 3]
+    assert all(r["online"] == 4 and 2 <= r["accepted"] <= 3 for r in rounds)

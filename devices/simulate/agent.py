@@ -6,10 +6,11 @@ governor, outbox and checkpoints are the real `edge_runtime.agent.DeviceAgent`.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,8 +19,22 @@ from devices.simulate.traces import TraceSource
 from edge_runtime.agent import DeviceAgent, DeviceConfig
 
 # ExecuTorch's first load_method (XNNPACK/cpuinfo initialisation) deadlocked when two agent threads of one
-# process loaded programs at once (seen in a 1000-device run): program loading is serialised.
+# process loaded programs at once (seen in a 1000-device run): until one load has finished, loading is
+# serialised; after that, agents load in parallel.
 LOAD_LOCK = threading.Lock()
+WARM = threading.Event()
+
+
+@contextlib.contextmanager
+def first_load(agent: DeviceAgent | None = None) -> Iterator[None]:
+    """Holds LOAD_LOCK while no agent of this process has loaded a program yet (then WARM is set)."""
+    if WARM.is_set():
+        yield
+        return
+    with LOAD_LOCK:
+        yield
+        if agent is not None and getattr(agent, "active", None) is not None:
+            WARM.set()
 
 
 class Meter:
@@ -61,7 +76,7 @@ class SimAgent(DeviceAgent):
         self, cfg: DeviceConfig, x: np.ndarray, y: np.ndarray, body: Body, meter: Meter,
         went_down: Callable[[SimAgent], None] | None = None,
     ) -> None:  # fmt: skip
-        with LOAD_LOCK:  # restores the active release (loads its programs)
+        with first_load(self):  # restores the active release (loads its programs)
             super().__init__(cfg, x, y, source_reading=body.trace)
         self.body, self.meter, self.went_down = body, meter, went_down
         self.outage_after_update = False
@@ -83,7 +98,7 @@ class SimAgent(DeviceAgent):
         super().handle(topic, payload)
 
     def on_release(self, payload: bytes) -> None:
-        with LOAD_LOCK:
+        with first_load(self):
             super().on_release(payload)
 
     def work(self) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from export.data import Split
+from export.data import Split, shard_non_iid
 
 
 def class_mix(
@@ -20,16 +20,24 @@ def class_mix(
 
 
 def device_shards(
-    pool: Split, n_devices: int, samples_per_device: int, alpha: float | None = None,
+    pool: Split, n_devices: int, samples_per_device: int | None, alpha: float | None = None,
     classes_per_device: int = 4, seed: int = 0,
 ) -> list[Split]:  # fmt: skip
     """`samples_per_device` examples per device, class counts ~ Multinomial(m, mix_k).
+
+    Label skew without `samples_per_device` partitions the pool instead (`export.data.shard_non_iid`:
+    every example on exactly one of the devices that own its class) while that leaves each device at
+    least 32 examples; past that, examples are drawn as above with m = 32.
 
     Within a device examples of a class are distinct while the class has enough; across devices they
     may repeat once n_devices · m exceeds the pool (the digits pool has ~1,350 images).
     """
     if alpha is not None and alpha <= 0:
         raise ValueError(f"alpha must be > 0, got {alpha}")
+    if samples_per_device is None:
+        if alpha is None and len(pool.y) >= 32 * n_devices:
+            return shard_non_iid(pool, n_devices, classes_per_device, seed)
+        samples_per_device = max(32, len(pool.y) // n_devices)
     rng = np.random.default_rng(seed)
     n_classes = int(pool.y.max()) + 1
     by_class = [np.flatnonzero(pool.y == c) for c in range(n_classes)]

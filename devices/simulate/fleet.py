@@ -1,9 +1,9 @@
-"""The simulated fleet: N devices with profiles, data and traces; per round only an online cohort runs.
+"""The simulated fleet: N devices with profiles, data and traces, each a live agent while it is online.
 
-A device that is not in the round's cohort is offline: its state (release, samples, outbox,
-checkpoint) stays on disk and nothing of it runs. So N can be large while K live agents (one
-MQTT client and thread each) do the work of a round, as in cross-device FL where a few percent
-of devices are available at a time.
+Either every device stays online for the whole run (the coordinator selects each round's participants
+among them), or only a cohort per round is online: a device outside it is offline, its state (release,
+samples, outbox, checkpoint) stays on disk and nothing of it runs, as in cross-device FL where a few
+percent of devices are available at a time.
 """
 
 from __future__ import annotations
@@ -82,10 +82,10 @@ def assign_profiles(mix: list[tuple[str, float]], n: int, rng: np.random.Generat
 
 def make_devices(
     shards: list[Split], mix: list[tuple[str, float]], hot: set[str], battery_fraction: float,
-    max_link_delay_s: float, seed: int,
+    max_link_delay_s: float, seed: int, ambient_spread_c: float = 28.0,
 ) -> list[Device]:  # fmt: skip
     """Devices with a profile each, a budget from it, and a body: ambient temperature spread over
-    [ambient, ambient + 28 °C] (some enclosures are hot), CPU phase, battery for a fraction, link delay."""
+    [ambient, ambient + spread] (some enclosures are hot), CPU phase, battery for a fraction, link delay."""
     rng = np.random.default_rng(seed + 1)
     names = assign_profiles(mix, len(shards), rng)
     profiles = {n: load_profile(n) for n in set(names)}
@@ -93,7 +93,7 @@ def make_devices(
     for k, (shard, name) in enumerate(zip(shards, names, strict=True)):
         dev_id, p = f"sim{k:04d}", profiles[name]
         spec = TRACES.get(name, TRACES["x86-dev"])
-        ambient = p.budget.max_temp_c + 5.0 if dev_id in hot else spec.ambient_c + rng.uniform(0.0, 28.0)
+        ambient = p.budget.max_temp_c + 5.0 if dev_id in hot else spec.ambient_c + rng.uniform(0.0, ambient_spread_c)
         battery = float(rng.uniform(20.0, 100.0)) if rng.random() < battery_fraction else None
         spec = replace(spec, ambient_c=ambient, battery_percent=battery,
                        cpu_base_percent=float(rng.uniform(0.0, spec.cpu_base_percent * 2.5)))  # fmt: skip
@@ -117,9 +117,11 @@ class Fleet:
         self.timers: list[threading.Thread] = []
 
     def config(self, d: Device) -> DeviceConfig:
+        """tick_s 0.5: an idle agent wakes twice a second (messages wake it at once), so 1000 idle agents
+        cost little CPU."""
         return DeviceConfig(
             self.broker_url, self.fleet, d.device_id, self.state_dir / d.device_id, mqtt_v311=self.v311,
-            budget=d.budget, ack_timeout_s=5.0, checkpoint_every_s=60.0,
+            budget=d.budget, ack_timeout_s=5.0, checkpoint_every_s=60.0, tick_s=0.5,
         )  # fmt: skip
 
     def start(self, device_id: str, rnd: int) -> None:
@@ -144,6 +146,31 @@ class Fleet:
         for g in gone:
             g.thread.join(timeout=30)
             self._note_pauses(g.agent)
+
+    def connected(self) -> int:
+        """Live devices whose MQTT link is connected."""
+        with self.lock:
+            return sum(live.agent.link.connected.is_set() for live in self.live.values())
+
+    def arm_outages(self, rnd: int) -> None:
+        """Live devices with an outage planned for round `rnd` go down after queueing their next update."""
+        with self.lock:
+            for dev, live in self.live.items():
+                live.agent.outage_after_update = (dev, rnd) in self.outages
+
+    def paused_since(self, t0_s: float) -> dict[str, int]:
+        """Live devices whose governor paused training at any time since monotonic time `t0_s` (a pause
+        decided before and still in force counts), counted by reason."""
+        out: dict[str, int] = {}
+        with self.lock:
+            agents = [live.agent for live in self.live.values()]
+        for agent in agents:
+            history = list(agent.governor.history)
+            before = [h for h in history if h["t"] < t0_s - 1e-3][-1:]
+            recent = before + [h for h in history if h["t"] >= t0_s - 1e-3]
+            for r in {r for h in recent if h["action"] == "pause" for r in h["reasons"]}:
+                out[r] = out.get(r, 0) + 1
+        return out
 
     def _note_pauses(self, agent: SimAgent) -> None:
         d = self.devices[agent.cfg.device_id]

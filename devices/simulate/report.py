@@ -48,8 +48,9 @@ class RoundRecord:
         acc = "n/a" if self.accuracy is None else f"{self.accuracy:.3f}"
         acc += "" if self.perplexity is None else f", perplexity {self.perplexity:.2f}"
         up = self.bytes.get("up_update", 0) / 1e6
+        who = f" ({', '.join(self.participants)})" if len(self.participants) <= 8 else ""
         return (
-            f"[sim] round {self.round}: online {self.online} · accepted {self.accepted} · rejected {rej} · "
+            f"[sim] round {self.round}: online {self.online} · accepted {self.accepted}{who} · rejected {rej} · "
             f"paused {paused} · updates {up:.2f} MB · release v{self.version} held-out {self.metric} {acc} "
             f"({self.seconds:.1f}s)"
         )

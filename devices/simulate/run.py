@@ -14,10 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
+from coordinator.selection import Eligibility
 from coordinator.server import Coordinator, CoordinatorConfig, RoundSummary
 from devices.simulate.data import device_shards
 from devices.simulate.fleet import Fleet, Outage, make_devices
 from devices.simulate.report import RoundRecord, write_report
+from edgelearn.mqtt import use_shared_loop
 from edgelearn.protocol import LocalConfig
 
 log = logging.getLogger(__name__)
@@ -41,10 +43,13 @@ class SimConfig:
     bundle: Path | None = None  # an exported bundle of `model`; None: export one into out/bundle
     model: str = "digits-mlp"  # digits-mlp | char-lm
     text: Path | None = None  # char-lm: NAME:/lines blocks (Tiny Shakespeare format); None: the shipped corpus
-    participants: int | None = None  # online devices per round (None: all)
-    min_updates: int | None = None  # None: 60 % of the participants
+    online: int | None = None  # devices online per round, a seeded random cohort (None: all, for the whole run)
+    participants: int | None = None  # the coordinator invites ⌈1.3·K⌉ eligible online devices (None: all online)
+    eligibility: tuple[Eligibility, ...] = ()  # coordinator rules on device status, e.g. temp_c<75
+    min_updates: int | None = None  # None: 60 % of the participants (or of the online devices)
     alpha: float | None = None  # Dirichlet α of the class mix; None: label skew (4 classes per device)
-    samples_per_device: int | None = None  # digits: None → pool / devices, at least 32; char-lm: None → all windows
+    samples_per_device: int | None = None  # digits: None → label skew partitions the pool (see device_shards);
+    # char-lm: at most this many windows per device (None: all of its speaker's)
     local: LocalConfig | None = None  # None: LOCAL_DEFAULTS[model]
     round_timeout_s: float = 60.0
     outages: tuple[Outage, ...] = ()
@@ -53,6 +58,7 @@ class SimConfig:
     hot: tuple[str, ...] = ()  # device ids in an enclosure hotter than their profile's limit
     battery_fraction: float = 0.2
     max_link_delay_s: float = 0.5
+    ambient_spread_c: float = 28.0  # enclosures are 0 … this much warmer than the board's usual ambient
     server_fraction: float = 0.05  # digits-mlp only (char-lm: see devices/simulate/speakers.py)
     fleet: str = "sim"
     seed: int = 0
@@ -64,8 +70,10 @@ class SimConfig:
             object.__setattr__(self, "local", LOCAL_DEFAULTS[self.model])
         if self.devices < 1 or self.rounds < 1:
             raise ValueError("devices and rounds must be >= 1")
-        if self.participants is not None and not 1 <= self.participants <= self.devices:
-            raise ValueError(f"participants must be in [1, {self.devices}], got {self.participants}")
+        if self.online is not None and not 1 <= self.online <= self.devices:
+            raise ValueError(f"online must be in [1, {self.devices}], got {self.online}")
+        if self.participants is not None and not 1 <= self.participants <= self.cohort:
+            raise ValueError(f"participants must be in [1, {self.cohort}] (online devices), got {self.participants}")
         if self.text is not None and self.model != "char-lm":
             raise ValueError(f"text {self.text}: only char-lm trains on text (model is {self.model})")
         if self.alpha is not None and self.model == "char-lm":
@@ -83,12 +91,13 @@ class SimConfig:
 
     @property
     def cohort(self) -> int:
-        return self.participants or self.devices
+        """Devices online per round."""
+        return self.online or self.devices
 
     @property
     def quorum(self) -> int:
-        """min_updates, default ⌈0.6 · cohort⌉."""
-        return self.min_updates or max(1, math.ceil(0.6 * self.cohort))
+        """min_updates, default ⌈0.6 · participants⌉ (participants default: the online devices)."""
+        return self.min_updates or max(1, math.ceil(0.6 * (self.participants or self.cohort)))
 
 
 def pick_cohort(ids: list[str], k: int, rnd: int, seed: int, always: tuple[str, ...] = ()) -> list[str]:
@@ -114,14 +123,13 @@ def prepare(cfg: SimConfig, say: Callable[[str], None]) -> tuple[Path, list]:
         from export.data import load_digits
 
         pool = load_digits(cfg.server_fraction, seed=cfg.seed).pool
-        m = cfg.samples_per_device or max(32, len(pool.y) // cfg.devices)
-        shards = device_shards(pool, cfg.devices, m, cfg.alpha, seed=cfg.seed)
+        shards = device_shards(pool, cfg.devices, cfg.samples_per_device, cfg.alpha, seed=cfg.seed)
         export = ExportConfig(server_fraction=cfg.server_fraction, compare=False)
     if cfg.bundle is None:
         say(f"[sim] exporting {cfg.model} (teacher → student → int8 XNNPACK .pte)")
         export_bundle(export, bundle)
     devices = make_devices(shards, list(cfg.profiles), set(cfg.hot), cfg.battery_fraction, cfg.max_link_delay_s,
-                           cfg.seed)  # fmt: skip
+                           cfg.seed, cfg.ambient_spread_c)  # fmt: skip
     return bundle, devices
 
 
@@ -139,6 +147,7 @@ def simulate(cfg: SimConfig, say: Callable[[str], None] = print) -> dict:
     from export.pipeline import rebuild_bundle
 
     t0 = time.monotonic()
+    use_shared_loop()  # hundreds of MQTT clients in this process: one epoll thread, not a select() thread each
     cfg.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="state-", dir=cfg.out))
     bundle, devices = prepare(cfg, say)
@@ -147,16 +156,20 @@ def simulate(cfg: SimConfig, say: Callable[[str], None] = print) -> dict:
     closed: queue.Queue[RoundSummary] = queue.Queue()
     ccfg = CoordinatorConfig(
         url, cfg.fleet, bundle, work / "coordinator", min_updates=cfg.quorum, round_timeout_s=cfg.round_timeout_s,
-        local=cfg.local, max_rounds=cfg.rounds, mqtt_v311=v311,
+        local=cfg.local, max_rounds=cfg.rounds, mqtt_v311=v311, target_participants=cfg.participants,
+        eligibility=cfg.eligibility, selection_grace_s=5.0,
     )  # fmt: skip
     coord = Coordinator(ccfg, rebuild_bundle, closed.put)
+    invited = f", {cfg.participants} (×1.3) invited" if cfg.participants else ""
     say(f"[sim] {cfg.devices} devices ({', '.join(f'{p}:{w:g}' for p, w in cfg.profiles)}), {cfg.cohort} online "
-        f"per round, quorum {cfg.quorum}, broker {url}")  # fmt: skip
+        f"per round{invited}, quorum {cfg.quorum}, broker {url}")  # fmt: skip
     stop = threading.Event()
     records: list[RoundRecord] = []
     progress = (lambda: coord.engine.count, say)  # accepted so far (an int read from the driver thread)
     driver = threading.Thread(target=_drive, args=(cfg, fleet, closed, records, stop, progress), daemon=True)
     try:
+        if cfg.online is None:  # all online before the coordinator's first selection
+            _start_all(fleet, sorted(fleet.devices), say)
         driver.start()
         coord.run(stop)
         driver.join(timeout=60)
@@ -172,21 +185,18 @@ def simulate(cfg: SimConfig, say: Callable[[str], None] = print) -> dict:
 
 def _drive(cfg: SimConfig, fleet: Fleet, closed: queue.Queue, records: list, stop: threading.Event,
            progress: tuple[Callable[[], int], Callable[[str], None]]) -> None:  # fmt: skip
-    """Per round: bring the cohort online, wait for the coordinator to close the round, take it offline."""
+    """Per round: bring the cohort online (or keep everyone online), wait for the coordinator to close the
+    round, take the cohort offline."""
     ids, (accepted, say) = sorted(fleet.devices), progress
-    scripted = tuple(sorted({o.device_id for o in cfg.outages} | set(cfg.hot)))
-    rng = np.random.default_rng(cfg.seed + 2)
+    always_on = cfg.online is None  # every device was started before the coordinator (simulate)
     for rnd in range(1, cfg.rounds + 1):
         fleet.meter.round = rnd
-        cohort = pick_cohort(ids, cfg.cohort, rnd, cfg.seed, scripted)
-        for o in cfg.outages:
-            if o.round == rnd:
-                fleet.outages[(o.device_id, rnd)] = o
-        for dev in cohort:
-            if (dev, rnd) not in fleet.outages and rng.random() < cfg.outage_rate:
-                fleet.outages[(dev, rnd)] = Outage(dev, rnd, cfg.outage_s)
+        cohort = ids if always_on else pick_cohort(ids, cfg.cohort, rnd, cfg.seed, _scripted(cfg))
+        _plan_outages(cfg, fleet, cohort, rnd)
         t0 = time.monotonic()
-        for dev in cohort:
+        if always_on:
+            fleet.arm_outages(rnd)
+        for dev in [] if always_on else cohort:
             fleet.start(dev, rnd)
         tell = lambda s, r=rnd: say(f"[sim] round {r}: {accepted()}/{cfg.quorum} updates accepted ({s:.0f}s)")  # noqa: E731
         summary = _wait(closed, stop, 3 * cfg.round_timeout_s, tell)
@@ -194,11 +204,45 @@ def _drive(cfg: SimConfig, fleet: Fleet, closed: queue.Queue, records: list, sto
             say(f"[sim] round {rnd} did not close within {3 * cfg.round_timeout_s:.0f}s; stopping")
             stop.set()
             return
-        paused = _paused_now(fleet, cohort)
-        fleet.stop([d for d in cohort if (d, rnd) not in fleet.outages])  # outage devices come back on their own
+        paused = fleet.paused_since(t0)
+        if not always_on:
+            fleet.stop([d for d in cohort if (d, rnd) not in fleet.outages])  # outage devices come back on their own
         rec = RoundRecord.of(summary, len(cohort), paused, fleet.meter.of_round(rnd), time.monotonic() - t0)
         records.append(rec)
         say(rec.line())
+
+
+def _scripted(cfg: SimConfig) -> tuple[str, ...]:
+    """Devices with a scripted outage or a hot enclosure: always in the online cohort."""
+    return tuple(sorted({o.device_id for o in cfg.outages} | set(cfg.hot)))
+
+
+def _plan_outages(cfg: SimConfig, fleet: Fleet, cohort: list[str], rnd: int) -> None:
+    """The scripted outages of round `rnd`, plus each online device with chance `outage_rate` (seeded)."""
+    rng = np.random.default_rng([cfg.seed + 2, rnd])
+    for o in cfg.outages:
+        if o.round == rnd:
+            fleet.outages[(o.device_id, rnd)] = o
+    for dev, u in zip(cohort, rng.random(len(cohort)), strict=True):
+        if (dev, rnd) not in fleet.outages and u < cfg.outage_rate:
+            fleet.outages[(dev, rnd)] = Outage(dev, rnd, cfg.outage_s)
+
+
+def _start_all(fleet: Fleet, ids: list[str], say: Callable[[str], None], limit_s: float = 300.0) -> None:
+    """Bring every device online and wait until each is connected (its status is then retained), so the
+    coordinator's first selection sees the whole fleet."""
+    t0 = time.monotonic()
+    for k, dev in enumerate(ids, 1):
+        fleet.start(dev, 1)
+        if k % 200 == 0 and k < len(ids):
+            say(f"[sim] {k}/{len(ids)} devices started ({time.monotonic() - t0:.0f}s)")
+    next_say = time.monotonic() + 5.0
+    while (n := fleet.connected()) < len(ids) and time.monotonic() < t0 + limit_s:
+        if time.monotonic() >= next_say:
+            say(f"[sim] {n}/{len(ids)} devices connected ({time.monotonic() - t0:.0f}s)")
+            next_say += 5.0
+        time.sleep(0.2)
+    say(f"[sim] {fleet.connected()}/{len(ids)} devices online ({time.monotonic() - t0:.0f}s)")
 
 
 def _wait(closed: queue.Queue, stop: threading.Event, limit_s: float, tell: Callable[[float], None],
@@ -215,16 +259,3 @@ def _wait(closed: queue.Queue, stop: threading.Event, limit_s: float, tell: Call
                 tell(time.monotonic() - t0)
                 next_tell += every_s
     return None
-
-
-def _paused_now(fleet: Fleet, cohort: list[str]) -> dict[str, int]:
-    """Devices of the cohort whose governor paused training this round, counted by reason."""
-    out: dict[str, int] = {}
-    for dev in cohort:
-        live = fleet.live.get(dev)
-        if live is None:
-            continue
-        reasons = {r for h in live.agent.governor.history if h["action"] == "pause" for r in h["reasons"]}
-        for r in reasons:
-            out[r] = out.get(r, 0) + 1
-    return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 
 from edgelearn.cli import coordinator_cmd, device_cmd, export_cmd, simulate_cmd, tools_cmd
 from edgelearn.cli.device_cmd import _budget  # noqa: F401  (tests build budgets the way the CLI does)
@@ -19,6 +20,10 @@ def _setup_logging(verbose: bool, quiet: bool = False) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("torch", "executorch", "torchao", "amqtt", "transitions"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if quiet and not verbose:  # a fleet in one process re-lowers programs every round: hide library chatter
+        for noisy in ("torch", "torchao"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", category=FutureWarning)  # torch.export deprecations, per re-lowering
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,6 +19,15 @@ def _outage(text: str):
         raise argparse.ArgumentTypeError(f"outage {text!r}: expected DEVICE:ROUND:SECONDS, e.g. sim0003:1:2") from None
 
 
+def _rule(text: str):
+    from coordinator.selection import Eligibility
+
+    try:
+        return Eligibility.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _mix(text: str) -> tuple[tuple[str, float], ...]:
     from devices.profiles import ProfileError, load_profile
     from devices.simulate.fleet import parse_mix
@@ -48,8 +57,9 @@ def cmd_simulate(a: argparse.Namespace) -> int:
     try:
         cfg = SimConfig(
             devices=a.devices, profiles=a.profiles, rounds=a.rounds, broker=a.broker, out=a.out, bundle=a.bundle,
-            model=a.model, text=a.text, participants=a.participants, min_updates=a.min_updates, alpha=a.alpha,
-            local=_local(a), round_timeout_s=a.round_timeout,
+            model=a.model, text=a.text, online=a.online, participants=a.participants,
+            eligibility=tuple(a.eligible), min_updates=a.min_updates, alpha=a.alpha, local=_local(a),
+            round_timeout_s=a.round_timeout,
             outages=tuple(a.outage), outage_rate=a.outage_rate, hot=tuple(a.hot), seed=a.seed,
         )  # fmt: skip
     except ValueError as e:
@@ -80,7 +90,25 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--broker", default="embedded", help="embedded | mosquitto | mqtt://host:port (default embedded)")
     s.add_argument("--out", type=Path, default=Path("sim-out"), help="report folder (default sim-out)")
     s.add_argument("--bundle", type=Path, default=None, help="exported bundle to start from (default: export one)")
-    s.add_argument("--participants", type=int, default=None, help="devices online per round (default all)")
+    s.add_argument(
+        "--online",
+        type=int,
+        default=None,
+        help="devices online per round, a random cohort (default: all devices, online all the time)",
+    )
+    s.add_argument(
+        "--participants",
+        type=int,
+        default=None,
+        help="the coordinator invites ⌈1.3·K⌉ eligible online devices per round (default: all online)",
+    )
+    s.add_argument(
+        "--eligible",
+        type=_rule,
+        action="append",
+        default=[],
+        help="coordinator eligibility rule on device status, e.g. 'battery_percent>=30' (repeatable)",
+    )
     s.add_argument("--min-updates", type=int, default=None, help="updates that close a round (default 60%% online)")
     s.add_argument("--alpha", type=float, default=None, help="Dirichlet α of the class mix (default: label skew)")
     s.add_argument("--steps", type=int, default=None, help="local steps per round (default 10; char-lm 20)")

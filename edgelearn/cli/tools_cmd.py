@@ -55,13 +55,14 @@ def cmd_flash(a: argparse.Namespace) -> int:
         print(f"edgelearn flash: error: {e}", file=sys.stderr)
         return 2
     print(f"installed package {pid} ({profile.name}, device {a.device_id}) into {a.to}")
+    return 0
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
     from edgelearn.demo import run_demo
 
-    summaries = run_demo(a.devices, a.rounds, a.broker, a.workdir)
-    return 0 if len(summaries) == a.rounds else 1
+    report = run_demo(a.devices, a.rounds, a.broker, a.workdir, say=lambda s: print(s, flush=True))
+    return 0 if len(report["rounds"]) == a.rounds else 1
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -105,8 +106,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     m = sub.add_parser(
         "demo",
         help="run a whole fleet end to end on one machine",
-        description="Export the digits model, start a broker, a coordinator and N devices with "
-        "non-IID data, and run FedAvg rounds, printing accuracy per round.",
+        description="A short `edgelearn simulate` run: export the digits model, start a broker, a "
+        "coordinator and N simulated boards with non-IID data, and run FedAvg rounds, printing "
+        "participants, accepted updates and held-out accuracy per round.",
     )
     m.add_argument("--devices", type=int, default=4, help="number of devices (default 4)")
     m.add_argument("--rounds", type=int, default=5, help="FedAvg rounds (default 5)")

@@ -1,0 +1,112 @@
+"""One network thread for many MQTT clients in one process, through epoll (`selectors`).
+
+paho's own `loop_start()` runs a thread per client that waits in `select()`, which fails for any
+socket numbered above 1023 (FD_SETSIZE): one process cannot hold more than a few hundred clients
+that way. `NetLoop` drives every client it is given with paho's external-loop API
+(`loop_read`/`loop_write`/`loop_misc` and the socket callbacks), reconnecting lost ones with
+exponential backoff as paho's loop does. `edgelearn simulate` uses it for a fleet of 1000 agents in
+one process; a device or a coordinator alone keeps paho's loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import selectors
+import threading
+import time
+from dataclasses import dataclass
+
+import paho.mqtt.client as mqtt
+
+log = logging.getLogger(__name__)
+RW = selectors.EVENT_READ | selectors.EVENT_WRITE
+
+
+@dataclass
+class _Peer:
+    retry_at_s: float = 0.0  # monotonic time of the next connection attempt
+    delay_s: float = 1.0  # backoff: 1 s, doubling up to max_delay_s
+
+
+class NetLoop:
+    """Drives the clients added with `add` until they are `remove`d; `tick_s` is the keep-alive cadence."""
+
+    def __init__(self, tick_s: float = 0.5, max_delay_s: float = 30.0) -> None:
+        self.tick_s, self.max_delay_s = tick_s, max_delay_s
+        self.sel = selectors.DefaultSelector()
+        self.peers: dict[mqtt.Client, _Peer] = {}
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._run, name="mqtt-netloop", daemon=True)
+        self.thread.start()
+
+    def add(self, client: mqtt.Client) -> None:
+        """Take over `client` (after its `connect_async`): it connects on this loop's thread."""
+        client.on_socket_open = lambda c, _u, sock: self._watch(c, sock, selectors.EVENT_READ)
+        client.on_socket_close = lambda _c, _u, sock: self._unwatch(sock)
+        client.on_socket_register_write = lambda c, _u, sock: self._watch(c, sock, RW)
+        client.on_socket_unregister_write = lambda c, _u, sock: self._watch(c, sock, selectors.EVENT_READ)
+        with self.lock:
+            self.peers[client] = _Peer()
+
+    def remove(self, client: mqtt.Client) -> None:
+        """Stop reconnecting `client`; its socket stays watched until paho closes it (after DISCONNECT)."""
+        with self.lock:
+            self.peers.pop(client, None)
+
+    def _watch(self, client: mqtt.Client, sock: object, events: int) -> None:
+        try:
+            self.sel.modify(sock, events, client)
+        except (KeyError, ValueError):
+            with contextlib.suppress(KeyError, ValueError, OSError):  # OSError: closed meanwhile
+                self.sel.register(sock, events, client)
+
+    def _unwatch(self, sock: object) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self.sel.unregister(sock)
+
+    def _run(self) -> None:
+        next_misc = 0.0
+        while True:
+            try:
+                for key, mask in self.sel.select(timeout=self.tick_s):
+                    client: mqtt.Client = key.data
+                    if mask & selectors.EVENT_READ:
+                        client.loop_read()
+                    if mask & selectors.EVENT_WRITE and client.socket() is key.fileobj:
+                        client.loop_write()
+                now = time.monotonic()
+                if now >= next_misc:
+                    next_misc = now + self.tick_s
+                    self._housekeeping(now)
+            except Exception:  # one client's failure must not stop the others' network
+                log.exception("network loop error")
+
+    def _housekeeping(self, now: float) -> None:
+        """Keep-alive pings for connected clients; (re)connect the others when their backoff has passed."""
+        with self.lock:
+            peers = list(self.peers.items())
+        for client, peer in peers:
+            if client.loop_misc() != mqtt.MQTT_ERR_NO_CONN or now < peer.retry_at_s:
+                if client.is_connected():
+                    peer.delay_s = 1.0
+                continue
+            try:
+                client.reconnect()
+            except OSError as e:
+                log.info("connection attempt failed (%s); next in %.0fs", e, peer.delay_s)
+            peer.retry_at_s = now + peer.delay_s
+            peer.delay_s = min(2 * peer.delay_s, self.max_delay_s)
+
+
+_shared: NetLoop | None = None
+_shared_lock = threading.Lock()
+
+
+def shared() -> NetLoop:
+    """The process's one NetLoop (started on first use)."""
+    global _shared
+    with _shared_lock:
+        if _shared is None:
+            _shared = NetLoop()
+        return _shared
