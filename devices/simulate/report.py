@@ -26,25 +26,32 @@ class RoundRecord:
     paused: dict[str, int]  # online devices whose budget paused training, by reason
     bytes: dict[str, int]  # up_update, up_status, down_release, down_current, down_ack …
     seconds: float
+    perplexity: float | None = None  # language models: held-out next-token perplexity of the release (.pte)
 
     @staticmethod
     def of(summary: Any, online: int, paused: dict[str, int], counts: dict[str, int], seconds: float) -> RoundRecord:
-        acc = summary.metrics.get("accuracy_pte")
+        acc, ppl = summary.metrics.get("accuracy_pte"), summary.metrics.get("perplexity_pte")
         return RoundRecord(
             summary.round, summary.version, None if acc is None else float(acc), online, summary.accepted,
             tuple(summary.participants), dict(summary.rejected), summary.duplicates, paused, dict(counts),
-            round(seconds, 2),
+            round(seconds, 2), None if ppl is None else float(ppl),
         )  # fmt: skip
+
+    @property
+    def metric(self) -> str:
+        """What `accuracy` measures: next-token accuracy for a language model (one with a perplexity)."""
+        return "accuracy" if self.perplexity is None else "next-token accuracy"
 
     def line(self) -> str:
         rej = ", ".join(f"{k} {v}" for k, v in sorted(self.rejected.items())) or "0"
         paused = ", ".join(f"{k} {v}" for k, v in sorted(self.paused.items())) or "0"
         acc = "n/a" if self.accuracy is None else f"{self.accuracy:.3f}"
+        acc += "" if self.perplexity is None else f", perplexity {self.perplexity:.2f}"
         up = self.bytes.get("up_update", 0) / 1e6
         who = f" ({', '.join(self.participants)})" if len(self.participants) <= 8 else ""
         return (
             f"[sim] round {self.round}: online {self.online} · accepted {self.accepted}{who} · rejected {rej} · "
-            f"paused {paused} · updates {up:.2f} MB · release v{self.version} held-out accuracy {acc} "
+            f"paused {paused} · updates {up:.2f} MB · release v{self.version} held-out {self.metric} {acc} "
             f"({self.seconds:.1f}s)"
         )
 
@@ -89,7 +96,8 @@ def _count(names: Any) -> dict[str, int]:
 
 
 def plot(records: list[RoundRecord], out: Path) -> list[str]:
-    """accuracy.png, participation.png, rejected.png, bytes.png; returns their file names."""
+    """accuracy.png, participation.png, rejected.png, bytes.png (+ perplexity.png for a language model);
+    returns their file names."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -112,8 +120,12 @@ def plot(records: list[RoundRecord], out: Path) -> list[str]:
         plt.close(fig)
         files.append(name)
 
-    save("accuracy.png", "held-out accuracy of each release", "accuracy",
+    metric = records[0].metric if records else "accuracy"
+    save("accuracy.png", f"held-out {metric} of each release", metric,
          lambda ax: ax.plot(rounds, [r.accuracy or 0.0 for r in records], marker="o"))  # fmt: skip
+    if any(r.perplexity is not None for r in records):
+        save("perplexity.png", "held-out next-token perplexity of each release", "perplexity",
+             lambda ax: ax.plot(rounds, [r.perplexity or float("nan") for r in records], marker="o"))  # fmt: skip
 
     def participation(ax: Any) -> None:
         ax.plot(rounds, [r.online for r in records], marker="o", label="online")

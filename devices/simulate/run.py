@@ -9,7 +9,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,14 @@ from edgelearn.protocol import LocalConfig
 log = logging.getLogger(__name__)
 
 
+# Local recipe per model when none is given. char-lm: plain SGD at lr 0.5 made the held-out perplexity
+# worse, lr 0.1–0.2 lowered it slightly (bench/simulate_lm_local.py; README, "Rehearsing a fleet").
+LOCAL_DEFAULTS = {
+    "digits-mlp": LocalConfig(steps=10, batch_size=16, lr=0.2),
+    "char-lm": LocalConfig(steps=20, batch_size=16, lr=0.1),
+}
+
+
 @dataclass(frozen=True)
 class SimConfig:
     devices: int = 20
@@ -32,15 +40,17 @@ class SimConfig:
     rounds: int = 5
     broker: str = "embedded"  # embedded | mosquitto | mqtt://host:port
     out: Path = Path("sim-out")
-    bundle: Path | None = None  # an exported digits-mlp bundle; None: export one into out/bundle
-    model: str = "digits-mlp"
+    bundle: Path | None = None  # an exported bundle of `model`; None: export one into out/bundle
+    model: str = "digits-mlp"  # digits-mlp | char-lm
+    text: Path | None = None  # char-lm: NAME:/lines blocks (Tiny Shakespeare format); None: the shipped corpus
     online: int | None = None  # devices online per round, a seeded random cohort (None: all, for the whole run)
     participants: int | None = None  # the coordinator invites ⌈1.3·K⌉ eligible online devices (None: all online)
     eligibility: tuple[Eligibility, ...] = ()  # coordinator rules on device status, e.g. temp_c<75
     min_updates: int | None = None  # None: 60 % of the participants (or of the online devices)
     alpha: float | None = None  # Dirichlet α of the class mix; None: label skew (4 classes per device)
-    samples_per_device: int | None = None  # None: label skew partitions the pool (see device_shards)
-    local: LocalConfig = field(default_factory=lambda: LocalConfig(steps=10, batch_size=16, lr=0.2))
+    samples_per_device: int | None = None  # digits: None → label skew partitions the pool (see device_shards);
+    # char-lm: at most this many windows per device (None: all of its speaker's)
+    local: LocalConfig | None = None  # None: LOCAL_DEFAULTS[model]
     round_timeout_s: float = 60.0
     outages: tuple[Outage, ...] = ()
     outage_rate: float = 0.02  # chance that a participant goes offline after queueing its update
@@ -49,19 +59,35 @@ class SimConfig:
     battery_fraction: float = 0.2
     max_link_delay_s: float = 0.5
     ambient_spread_c: float = 28.0  # enclosures are 0 … this much warmer than the board's usual ambient
-    server_fraction: float = 0.05
+    server_fraction: float = 0.05  # digits-mlp only (char-lm: see devices/simulate/speakers.py)
     fleet: str = "sim"
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.model != "digits-mlp":
-            raise ValueError(f"model {self.model!r}: simulate supports digits-mlp")
+        if self.model not in LOCAL_DEFAULTS:
+            raise ValueError(f"model {self.model!r}: simulate supports {', '.join(LOCAL_DEFAULTS)}")
+        if self.local is None:
+            object.__setattr__(self, "local", LOCAL_DEFAULTS[self.model])
         if self.devices < 1 or self.rounds < 1:
             raise ValueError("devices and rounds must be >= 1")
         if self.online is not None and not 1 <= self.online <= self.devices:
             raise ValueError(f"online must be in [1, {self.devices}], got {self.online}")
         if self.participants is not None and not 1 <= self.participants <= self.cohort:
             raise ValueError(f"participants must be in [1, {self.cohort}] (online devices), got {self.participants}")
+        if self.text is not None and self.model != "char-lm":
+            raise ValueError(f"text {self.text}: only char-lm trains on text (model is {self.model})")
+        if self.alpha is not None and self.model == "char-lm":
+            raise ValueError("alpha: char-lm devices hold one speaker each, there is no class mix to draw")
+        if self.bundle is not None:
+            from edgelearn.bundle import verify_bundle
+
+            held = verify_bundle(self.bundle).model_id  # BundleError is a ValueError
+            if held != self.model:
+                raise ValueError(f"bundle {self.bundle} holds {held}, not {self.model}: give --model {held}")
+        if self.model == "char-lm":
+            from devices.simulate.speakers import check_text
+
+            check_text(self.text, self.devices, self.bundle)
 
     @property
     def cohort(self) -> int:
@@ -84,17 +110,24 @@ def pick_cohort(ids: list[str], k: int, rnd: int, seed: int, always: tuple[str, 
 
 def prepare(cfg: SimConfig, say: Callable[[str], None]) -> tuple[Path, list]:
     """The bundle (exported unless given) and the devices (profiles, data shards, bodies)."""
-    from export.data import load_digits
+    from export.pipeline import ExportConfig, export_bundle
 
-    bundle = cfg.bundle
-    if bundle is None:
-        from export.pipeline import ExportConfig, export_bundle
+    bundle = cfg.bundle or cfg.out / "bundle"
+    if cfg.model == "char-lm":
+        from devices.simulate.speakers import lm_shards
 
-        bundle = cfg.out / "bundle"
-        say("[sim] exporting digits-mlp (teacher → student → int8 XNNPACK .pte)")
-        export_bundle(ExportConfig(server_fraction=cfg.server_fraction, compare=False), bundle)
-    pool = load_digits(cfg.server_fraction, seed=cfg.seed).pool
-    shards = device_shards(pool, cfg.devices, cfg.samples_per_device, cfg.alpha, seed=cfg.seed)
+        text_file, shards = lm_shards(cfg.text, cfg.devices, cfg.out, cfg.samples_per_device)
+        export = ExportConfig(model_id="char-lm", text=str(text_file), compare=False, seed=cfg.seed)
+        say(f"[sim] char-lm: {len(shards)} devices, one speaker each, from {cfg.text or 'the shipped corpus'}")
+    else:
+        from export.data import load_digits
+
+        pool = load_digits(cfg.server_fraction, seed=cfg.seed).pool
+        shards = device_shards(pool, cfg.devices, cfg.samples_per_device, cfg.alpha, seed=cfg.seed)
+        export = ExportConfig(server_fraction=cfg.server_fraction, compare=False)
+    if cfg.bundle is None:
+        say(f"[sim] exporting {cfg.model} (teacher → student → int8 XNNPACK .pte)")
+        export_bundle(export, bundle)
     devices = make_devices(shards, list(cfg.profiles), set(cfg.hot), cfg.battery_fraction, cfg.max_link_delay_s,
                            cfg.seed, cfg.ambient_spread_c)  # fmt: skip
     return bundle, devices

@@ -41,16 +41,25 @@ def _mix(text: str) -> tuple[tuple[str, float], ...]:
     return tuple(mix)
 
 
+def _local(a: argparse.Namespace):
+    """The model's default local recipe with the options given on the command line."""
+    from dataclasses import replace
+
+    from devices.simulate.run import LOCAL_DEFAULTS
+
+    given = {k: v for k, v in (("steps", a.steps), ("batch_size", a.batch_size), ("lr", a.lr)) if v is not None}
+    return replace(LOCAL_DEFAULTS[a.model], **given)
+
+
 def cmd_simulate(a: argparse.Namespace) -> int:
     from devices.simulate.run import SimConfig, simulate
-    from edgelearn.protocol import LocalConfig
 
     try:
         cfg = SimConfig(
             devices=a.devices, profiles=a.profiles, rounds=a.rounds, broker=a.broker, out=a.out, bundle=a.bundle,
-            model=a.model, online=a.online, participants=a.participants, eligibility=tuple(a.eligible),
-            min_updates=a.min_updates, alpha=a.alpha,
-            local=LocalConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr), round_timeout_s=a.round_timeout,
+            model=a.model, text=a.text, online=a.online, participants=a.participants,
+            eligibility=tuple(a.eligible), min_updates=a.min_updates, alpha=a.alpha, local=_local(a),
+            round_timeout_s=a.round_timeout,
             outages=tuple(a.outage), outage_rate=a.outage_rate, hot=tuple(a.hot), seed=a.seed,
         )  # fmt: skip
     except ValueError as e:
@@ -73,7 +82,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--devices", type=int, default=20, help="devices in the fleet (default 20)")
     s.add_argument("--profiles", type=_mix, default="rpi4:0.5,rpi5:0.3,jetson-orin-nano:0.2",
                    help="profile mix NAME:WEIGHT,... (default rpi4:0.5,rpi5:0.3,jetson-orin-nano:0.2)")  # fmt: skip
-    s.add_argument("--model", default="digits-mlp", choices=("digits-mlp",), help="model (digits-mlp)")
+    s.add_argument("--model", default="digits-mlp", choices=("digits-mlp", "char-lm"),
+                   help="digits-mlp (default; non-IID class mixes) or char-lm (one speaker per device)")  # fmt: skip
+    s.add_argument("--text", type=Path, default=None,
+                   help="char-lm text, NAME:/lines blocks (default: the shipped excerpt)")  # fmt: skip
     s.add_argument("--rounds", type=int, default=5, help="FedAvg rounds (default 5)")
     s.add_argument("--broker", default="embedded", help="embedded | mosquitto | mqtt://host:port (default embedded)")
     s.add_argument("--out", type=Path, default=Path("sim-out"), help="report folder (default sim-out)")
@@ -99,9 +111,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     s.add_argument("--min-updates", type=int, default=None, help="updates that close a round (default 60%% online)")
     s.add_argument("--alpha", type=float, default=None, help="Dirichlet α of the class mix (default: label skew)")
-    s.add_argument("--steps", type=int, default=10, help="local steps per round (default 10)")
-    s.add_argument("--batch-size", type=int, default=16, help="local batch size (default 16)")
-    s.add_argument("--lr", type=float, default=0.2, help="local learning rate (default 0.2)")
+    s.add_argument("--steps", type=int, default=None, help="local steps per round (default 10; char-lm 20)")
+    s.add_argument("--batch-size", type=int, default=None, help="local batch size (default 16)")
+    s.add_argument("--lr", type=float, default=None, help="local learning rate (default 0.2; char-lm 0.1)")
     s.add_argument("--round-timeout", type=float, default=60.0, help="round deadline in seconds (default 60)")
     s.add_argument("--outage", type=_outage, action="append", default=[], help="scripted outage DEVICE:ROUND:SECONDS")
     s.add_argument("--outage-rate", type=float, default=0.02, help="chance a participant drops after training")
