@@ -45,7 +45,10 @@ class NetLoop:
         client.on_socket_open = lambda c, _u, sock: self._watch(c, sock, selectors.EVENT_READ)
         client.on_socket_close = lambda _c, _u, sock: self._unwatch(sock)
         client.on_socket_register_write = lambda c, _u, sock: self._watch(c, sock, RW)
-        client.on_socket_unregister_write = lambda c, _u, sock: self._watch(c, sock, selectors.EVENT_READ)
+        # paho's "unregister write" races with a publish on another thread (its flag says registered while
+        # the socket is watched for reads only, and every later packet waits for a keep-alive timeout), so
+        # this loop drops write interest itself, after each write, when paho has nothing left to send.
+        client.on_socket_unregister_write = lambda _c, _u, _sock: None
         with self.lock:
             self.peers[client] = _Peer()
 
@@ -61,6 +64,14 @@ class NetLoop:
             with contextlib.suppress(KeyError, ValueError, OSError):  # OSError: closed meanwhile
                 self.sel.register(sock, events, client)
 
+    def _settle(self, client: mqtt.Client, sock: object) -> None:
+        """Watch for writes only while paho has packets queued. A publish racing with this (on another
+        thread) either sees its register callback run after the READ below, or is seen by the re-check."""
+        if not client.want_write():
+            self._watch(client, sock, selectors.EVENT_READ)
+            if client.want_write():
+                self._watch(client, sock, RW)
+
     def _unwatch(self, sock: object) -> None:
         with contextlib.suppress(KeyError, ValueError):
             self.sel.unregister(sock)
@@ -75,6 +86,7 @@ class NetLoop:
                         client.loop_read()
                     if mask & selectors.EVENT_WRITE and client.socket() is key.fileobj:
                         client.loop_write()
+                        self._settle(client, key.fileobj)
                 now = time.monotonic()
                 if now >= next_misc:
                     next_misc = now + self.tick_s

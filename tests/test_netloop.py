@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import resource
@@ -49,3 +50,35 @@ def test_links_beyond_select_limit_exchange_messages_and_survive_a_broker_restar
         broker.stop()
         for fd in filler:
             os.close(fd)
+
+
+def test_publishes_from_many_threads_are_all_sent_at_once(mosquitto) -> None:
+    # Prepare: two links on one loop; four threads publish at once while the loop thread writes
+    import threading
+
+    net, inbox = NetLoop(tick_s=0.1), queue.Queue()
+    rx, tx = link(mosquitto.url, "race-rx", net, inbox), link(mosquitto.url, "race-tx", net)
+    try:
+        assert rx.start(wait_s=10) and tx.start(wait_s=10)
+
+        def burst(k: int) -> None:
+            for i in range(500):
+                tx.publish("nl/race-rx", f"{k}-{i}".encode())
+                time.sleep(0.0002)  # the loop thread drains the queue in between: many register/unregister turns
+
+        # Execute
+        threads = [threading.Thread(target=burst, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        got = set()
+        deadline = time.monotonic() + 10  # far below the 30 s keep-alive that would flush a stuck queue
+        while len(got) < 2000 and time.monotonic() < deadline:
+            with contextlib.suppress(queue.Empty):
+                got.add(inbox.get(timeout=0.5)[1])
+        # Assert: every message arrived promptly, none waited for a keep-alive ping
+        assert len(got) == 2000
+    finally:
+        rx.stop()
+        tx.stop()
