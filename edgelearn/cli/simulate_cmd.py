@@ -109,7 +109,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         default=[],
         help="coordinator eligibility rule on device status, e.g. 'battery_percent>=30' (repeatable)",
     )
-    s.add_argument("--min-updates", type=int, default=None, help="updates that close a round (default 60%% online)")
+    s.add_argument("--min-updates", type=int, default=None, help="updates that close a round (default 60%% of invited)")
     s.add_argument("--alpha", type=float, default=None, help="Dirichlet α of the class mix (default: label skew)")
     s.add_argument("--steps", type=int, default=None, help="local steps per round (default 10; char-lm 20)")
     s.add_argument("--batch-size", type=int, default=None, help="local batch size (default 16)")
