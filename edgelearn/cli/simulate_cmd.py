@@ -92,18 +92,21 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--bundle", type=Path, default=None, help="exported bundle to start from (default: export one)")
     s.add_argument(
         "--online",
+        metavar="K",
         type=int,
         default=None,
         help="devices online per round, a random cohort (default: all devices, online all the time)",
     )
     s.add_argument(
         "--participants",
+        metavar="K",
         type=int,
         default=None,
         help="the coordinator invites ⌈1.3·K⌉ eligible online devices per round (default: all online)",
     )
     s.add_argument(
         "--eligible",
+        metavar="RULE",
         type=_rule,
         action="append",
         default=[],
