@@ -189,3 +189,17 @@ class EmbeddedBroker:
                 log.debug("amqtt shutdown: %s", e)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
+
+
+def start_broker(kind: str, work: Path) -> tuple[EmbeddedBroker | Mosquitto | None, str, bool]:
+    """(broker we started or None, its URL, whether clients must speak MQTT 3.1.1) for `kind`: `embedded`
+    (amqtt, 3.1.1 only), `mosquitto` (a local one in work/mosquitto, MQTT 5) or an mqtt:// URL (not ours)."""
+    if "://" in kind:
+        return None, kind, False
+    if kind == "embedded":
+        brk: EmbeddedBroker | Mosquitto = EmbeddedBroker().start()
+        return brk, brk.url, True
+    if kind == "mosquitto":
+        brk = Mosquitto(work / "mosquitto").start()
+        return brk, brk.url, False
+    raise ValueError(f"unknown broker {kind!r}: use embedded, mosquitto or an mqtt://host:port URL")

@@ -10,7 +10,6 @@ from pathlib import Path
 
 from safetensors.numpy import save_file
 
-from edgelearn.broker import EmbeddedBroker, Mosquitto
 from edgelearn.bundle import verify_bundle
 from edgelearn.protocol import LocalConfig
 from export.data import Split, load_digits, shard_non_iid
@@ -71,11 +70,3 @@ def run_demo(
     say(f"[demo] done: {len(report['rounds'])} rounds in {time.monotonic() - t0:.1f}s; held-out accuracy of the "
         f"int8 .pte: v1 {first:.3f} → {' → '.join(accuracy)}; report.json and plots in {work}")  # fmt: skip
     return report
-
-
-def _start_broker(kind: str, work: Path) -> tuple[EmbeddedBroker | Mosquitto, bool]:
-    if kind == "embedded":
-        return EmbeddedBroker().start(), True
-    if kind == "mosquitto":
-        return Mosquitto(work / "mosquitto").start(), False
-    raise ValueError(f"unknown broker {kind!r}: use embedded or mosquitto")

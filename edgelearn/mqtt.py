@@ -17,7 +17,6 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edgelearn import netloop
-from edgelearn.netloop import NetLoop
 from edgelearn.protocol import QOS, parse_broker_url
 
 log = logging.getLogger(__name__)
@@ -46,7 +45,7 @@ class MqttLink:
         mqtt_v311: bool = False,
         keepalive_s: int = 30,
         on_connected: Callable[[], None] | None = None,
-        net: NetLoop | None = None,
+        net: netloop.NetLoop | None = None,
     ) -> None:
         self.broker = parse_broker_url(url)
         self.subscriptions = subscriptions

@@ -19,6 +19,7 @@ from coordinator.server import Coordinator, CoordinatorConfig, RoundSummary
 from devices.simulate.data import device_shards
 from devices.simulate.fleet import Fleet, Outage, make_devices
 from devices.simulate.report import RoundRecord, write_report
+from edgelearn.broker import start_broker
 from edgelearn.mqtt import use_shared_loop
 from edgelearn.protocol import LocalConfig
 
@@ -133,15 +134,6 @@ def prepare(cfg: SimConfig, say: Callable[[str], None]) -> tuple[Path, list]:
     return bundle, devices
 
 
-def _start_broker(kind: str, work: Path):
-    if "://" in kind:
-        return None, kind, False
-    from edgelearn.demo import _start_broker as start
-
-    brk, v311 = start(kind, work)
-    return brk, brk.url, v311
-
-
 def simulate(cfg: SimConfig, say: Callable[[str], None] = print) -> dict:
     """Run the fleet for `cfg.rounds` rounds; write the report to `cfg.out`; return it."""
     from export.pipeline import rebuild_bundle
@@ -151,7 +143,7 @@ def simulate(cfg: SimConfig, say: Callable[[str], None] = print) -> dict:
     cfg.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="state-", dir=cfg.out))
     bundle, devices = prepare(cfg, say)
-    brk, url, v311 = _start_broker(cfg.broker, work)
+    brk, url, v311 = start_broker(cfg.broker, work)
     fleet = Fleet(devices, url, cfg.fleet, work / "devices", v311)
     closed: queue.Queue[RoundSummary] = queue.Queue()
     ccfg = CoordinatorConfig(
@@ -196,8 +188,9 @@ def _drive(cfg: SimConfig, fleet: Fleet, closed: queue.Queue, records: list, sto
         t0 = time.monotonic()
         if always_on:
             fleet.arm_outages(rnd)
-        for dev in [] if always_on else cohort:
-            fleet.start(dev, rnd)
+        else:
+            for dev in cohort:
+                fleet.start(dev, rnd)
         tell = lambda s, r=rnd: say(f"[sim] round {r}: {accepted()}/{cfg.quorum} updates accepted ({s:.0f}s)")  # noqa: E731
         summary = _wait(closed, stop, 3 * cfg.round_timeout_s, tell)
         if summary is None:
