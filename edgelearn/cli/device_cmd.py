@@ -6,9 +6,13 @@ import argparse
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edgelearn.cli.common import broker_url, device_id, fleet_name, stop_on_signals
 from edgelearn.protocol import ENCODINGS
+
+if TYPE_CHECKING:
+    from edge_runtime.agent import DeviceConfig
 
 BUDGET_OPTIONS = {  # CLI option dest -> Budget field
     "max_cpu": "max_cpu_percent",
@@ -32,9 +36,22 @@ def _budget(a: argparse.Namespace, profile: object | None = None):
     return replace(base, **{k: None if v == "off" else v for k, v in given.items()})
 
 
+def _device_config(a: argparse.Namespace, budget, profile) -> DeviceConfig:
+    """The agent's config from the command line; a board profile sets the outbox and MQTT keep-alive."""
+    from edge_runtime.agent import DeviceConfig
+
+    cfg = DeviceConfig(a.broker, a.fleet, a.id, a.state, a.topic_root, a.encoding, a.ack_timeout, budget=budget,
+                       engine=a.engine, samples=a.samples, mu=a.mu, replay_size=a.replay_size,
+                       max_store_samples=a.max_store_samples, public_key_path=a.public_key)  # fmt: skip
+    if profile:
+        cfg = replace(cfg, ack_timeout_s=profile.outbox.ack_timeout_s, max_outbox=profile.outbox.max_items,
+                      keepalive_s=profile.mqtt.keepalive_s)  # fmt: skip
+    return cfg
+
+
 def cmd_device(a: argparse.Namespace) -> int:
     from devices.profiles import ProfileError, load_profile
-    from edge_runtime.agent import DeviceAgent, DeviceConfig
+    from edge_runtime.agent import DeviceAgent
     from edgelearn.bundle import BundleError, verify_bundle
     from edgelearn.demo import load_shard
     from edgelearn.signing import load_public
@@ -57,29 +74,7 @@ def cmd_device(a: argparse.Namespace) -> int:
     except (OSError, ValueError, ProfileError, BundleError) as e:
         print(f"edgelearn device: error: {e}", file=sys.stderr)
         return 2
-    cfg = DeviceConfig(
-        a.broker,
-        a.fleet,
-        a.id,
-        a.state,
-        a.topic_root,
-        a.encoding,
-        a.ack_timeout,
-        budget=budget,
-        engine=a.engine,
-        samples=a.samples,
-        mu=a.mu,
-        replay_size=a.replay_size,
-        max_store_samples=a.max_store_samples,
-        public_key_path=a.public_key,
-    )
-    if profile:
-        cfg = replace(
-            cfg,
-            ack_timeout_s=profile.outbox.ack_timeout_s,
-            max_outbox=profile.outbox.max_items,
-            keepalive_s=profile.mqtt.keepalive_s,
-        )
+    cfg = _device_config(a, budget, profile)
     agent = DeviceAgent(cfg, x, y)
     if a.bundle:
         agent.seed(a.bundle)
@@ -153,7 +148,7 @@ def cmd_learn(a: argparse.Namespace) -> int:
     return 0
 
 
-def add_parsers(sub: argparse._SubParsersAction) -> None:
+def _add_device_parser(sub: argparse._SubParsersAction) -> None:
     v = sub.add_parser(
         "device",
         help="run the device agent",
@@ -185,6 +180,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--public-key", type=Path, default=None, help="signed fleet: refuse releases not signed by it")
     v.set_defaults(func=cmd_device)
 
+
+def _add_learn_parser(sub: argparse._SubParsersAction) -> None:
     n = sub.add_parser(
         "learn",
         help="learn locally from a sample stream (no coordinator)",
@@ -207,3 +204,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     n.add_argument("--checkpoint-every", type=float, default=5.0, help="seconds between checkpoints (default 5)")
     _add_budget_options(n)
     n.set_defaults(func=cmd_learn)
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    _add_device_parser(sub)
+    _add_learn_parser(sub)

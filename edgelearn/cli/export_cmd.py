@@ -49,7 +49,7 @@ def cmd_data(a: argparse.Namespace) -> int:
     return 0
 
 
-def add_parsers(sub: argparse._SubParsersAction) -> None:
+def _add_export_parser(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser(
         "export",
         help="distill, quantize and lower a model into a bundle",
@@ -95,6 +95,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     e.set_defaults(func=cmd_export)
 
+
+def _add_data_parser(sub: argparse._SubParsersAction) -> None:
     d = sub.add_parser(
         "data",
         help="write non-IID device shards of the digits data",
@@ -106,3 +108,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--classes-per-device", type=int, default=4, help="classes each device mostly holds (default 4)")
     d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     d.set_defaults(func=cmd_data)
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    _add_export_parser(sub)
+    _add_data_parser(sub)

@@ -72,24 +72,8 @@ def cmd_simulate(a: argparse.Namespace) -> int:
     return 0 if len(report["rounds"]) == a.rounds else 1
 
 
-def add_parsers(sub: argparse._SubParsersAction) -> None:
-    s = sub.add_parser(
-        "simulate",
-        help="rehearse a heterogeneous fleet on one machine and write a report",
-        description="Run a coordinator and N simulated devices (profile budgets, resource traces, link "
-        "delay, outages, non-IID data) for R rounds; write report.json and PNG plots to --out.",
-    )
-    s.add_argument("--devices", type=int, default=20, help="devices in the fleet (default 20)")
-    s.add_argument("--profiles", type=_mix, default="rpi4:0.5,rpi5:0.3,jetson-orin-nano:0.2",
-                   help="profile mix NAME:WEIGHT,... (default rpi4:0.5,rpi5:0.3,jetson-orin-nano:0.2)")  # fmt: skip
-    s.add_argument("--model", default="digits-mlp", choices=("digits-mlp", "char-lm"),
-                   help="digits-mlp (default; non-IID class mixes) or char-lm (one speaker per device)")  # fmt: skip
-    s.add_argument("--text", type=Path, default=None,
-                   help="char-lm text, NAME:/lines blocks (default: the shipped excerpt)")  # fmt: skip
-    s.add_argument("--rounds", type=int, default=5, help="FedAvg rounds (default 5)")
-    s.add_argument("--broker", default="embedded", help="embedded | mosquitto | mqtt://host:port (default embedded)")
-    s.add_argument("--out", type=Path, default=Path("sim-out"), help="report folder (default sim-out)")
-    s.add_argument("--bundle", type=Path, default=None, help="exported bundle to start from (default: export one)")
+def _add_round_options(s: argparse.ArgumentParser) -> None:
+    """Who is online, who is invited, and what closes a round."""
     s.add_argument(
         "--online",
         metavar="K",
@@ -113,6 +97,27 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="coordinator eligibility rule on device status, e.g. 'battery_percent>=30' (repeatable)",
     )
     s.add_argument("--min-updates", type=int, default=None, help="updates that close a round (default 60%% of invited)")
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser(
+        "simulate",
+        help="rehearse a heterogeneous fleet on one machine and write a report",
+        description="Run a coordinator and N simulated devices (profile budgets, resource traces, link "
+        "delay, outages, non-IID data) for R rounds; write report.json and PNG plots to --out.",
+    )
+    s.add_argument("--devices", type=int, default=20, help="devices in the fleet (default 20)")
+    s.add_argument("--profiles", type=_mix, default="rpi4:0.5,rpi5:0.3,jetson-orin-nano:0.2",
+                   help="profile mix NAME:WEIGHT,... (default rpi4:0.5,rpi5:0.3,jetson-orin-nano:0.2)")  # fmt: skip
+    s.add_argument("--model", default="digits-mlp", choices=("digits-mlp", "char-lm"),
+                   help="digits-mlp (default; non-IID class mixes) or char-lm (one speaker per device)")  # fmt: skip
+    s.add_argument("--text", type=Path, default=None,
+                   help="char-lm text, NAME:/lines blocks (default: the shipped excerpt)")  # fmt: skip
+    s.add_argument("--rounds", type=int, default=5, help="FedAvg rounds (default 5)")
+    s.add_argument("--broker", default="embedded", help="embedded | mosquitto | mqtt://host:port (default embedded)")
+    s.add_argument("--out", type=Path, default=Path("sim-out"), help="report folder (default sim-out)")
+    s.add_argument("--bundle", type=Path, default=None, help="exported bundle to start from (default: export one)")
+    _add_round_options(s)
     s.add_argument("--alpha", type=float, default=None, help="Dirichlet α of the class mix (default: label skew)")
     s.add_argument("--steps", type=int, default=None, help="local steps per round (default 10; char-lm 20)")
     s.add_argument("--batch-size", type=int, default=None, help="local batch size (default 16)")

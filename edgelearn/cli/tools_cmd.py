@@ -65,7 +65,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0 if len(report["rounds"]) == a.rounds else 1
 
 
-def add_parsers(sub: argparse._SubParsersAction) -> None:
+def _add_keys_parser(sub: argparse._SubParsersAction) -> None:
     k = sub.add_parser(
         "keys",
         help="generate an ed25519 key pair for signed releases",
@@ -76,6 +76,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     k.add_argument("--force", action="store_true", help="replace an existing key pair")
     k.set_defaults(func=cmd_keys)
 
+
+def _add_profiles_parser(sub: argparse._SubParsersAction) -> None:
     pr = sub.add_parser(
         "profiles",
         help="list device profiles, or show one resolved",
@@ -86,6 +88,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--file", type=Path, default=None, help='user profile file (with base = "NAME")')
     pr.set_defaults(func=cmd_profiles)
 
+
+def _add_flash_parser(sub: argparse._SubParsersAction) -> None:
     f = sub.add_parser(
         "flash",
         help="build a deploy package and install it into a root folder or over ssh",
@@ -103,6 +107,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--to", required=True, help="TARGET: a folder (root file system) or user@host")
     f.set_defaults(func=cmd_flash)
 
+
+def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
     m = sub.add_parser(
         "demo",
         help="run a whole fleet end to end on one machine",
@@ -120,3 +126,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     m.add_argument("--workdir", type=Path, default=None, help="working folder (default: a new temp folder)")
     m.set_defaults(func=cmd_demo)
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    _add_keys_parser(sub)
+    _add_profiles_parser(sub)
+    _add_flash_parser(sub)
+    _add_demo_parser(sub)
