@@ -31,13 +31,14 @@ from coordinator.store import AcceptedRow, Store
 from coordinator.validate import Rules, Verdict, check_update
 from coordinator.views import fp32_data_view
 from edgelearn.atomic import write_bytes
-from edgelearn.bundle import Manifest, dump_weights, load_weights, verify_bundle
-from edgelearn.protocol import Update, decode_update
+from edgelearn.bundle import Manifest, dump_weights, load_weights, utc_now, verify_bundle
+from edgelearn.protocol import Update, decode_update, reason_kind
 
 log = logging.getLogger(__name__)
 
-# (previous bundle dir, new weights, new version, output dir) -> manifest of the new bundle
-Rebuild = Callable[[Path, dict[str, np.ndarray], int, Path], Manifest]
+# rebuild(previous bundle dir, new weights, new version, output dir, created="") -> manifest of the new bundle;
+# `created` is the manifest's timestamp (empty: now)
+Rebuild = Callable[..., Manifest]
 
 
 @dataclass(frozen=True)
@@ -185,7 +186,7 @@ class Engine:
             elif v.status == "duplicate":
                 self.duplicates += 1
             else:
-                self.rejected[v.reason or "unknown"] += 1
+                self.rejected[reason_kind(v.reason)] += 1
         if len(pending) < len(items):
             self.store.save_counts(self.round, dict(self.rejected), self.duplicates)
         if pending:
@@ -224,7 +225,8 @@ class Engine:
         t0 = time.perf_counter()
         rnd, v = self.round, self.version
         theta, opt_state = optim.apply(self.cfg.server_opt, self.weights, self.aggregated_delta(), self.opt_state)
-        self.manifest = self.rebuild(self.release_dir(v), theta, v + 1, self.release_dir(v + 1))
+        created = utc_now(self.store.round_opened(rnd))  # from state: a redone close writes the same bytes
+        self.manifest = self.rebuild(self.release_dir(v), theta, v + 1, self.release_dir(v + 1), created=created)
         if opt_state:
             self._opt_path(v + 1).parent.mkdir(exist_ok=True)
             write_bytes(self._opt_path(v + 1), dump_weights(opt_state))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from edgelearn.protocol import reason_kind
+
 
 class Metrics:
     def __init__(self) -> None:
@@ -16,6 +18,9 @@ class Metrics:
         self.aggregation_seconds = Histogram(
             "edgelearn_aggregation_seconds", "Seconds to aggregate and rebuild a release", registry=r
         )
+        self.dropped = Counter(
+            "edgelearn_messages_dropped", "Messages dropped unanswered, by cause", ["cause"], registry=r
+        )
         self.devices_online = Gauge("edgelearn_devices_online", "Devices whose retained status is online", registry=r)
         self.version = Gauge("edgelearn_model_version", "Current release version", registry=r)
         self.round_accepted = Gauge("edgelearn_round_accepted", "Accepted updates in the open round", registry=r)
@@ -27,4 +32,4 @@ class Metrics:
         start_http_server(port, addr=addr, registry=self.registry)
 
     def update(self, status: str, reason: str | None) -> None:
-        self.updates.labels(status, reason or "").inc()
+        self.updates.labels(status, reason_kind(reason) if reason else "").inc()

@@ -7,7 +7,6 @@ the coordinator's own thread. The durable core (state, fold, close) is `engine.E
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import queue
 import threading
@@ -20,11 +19,12 @@ from coordinator.metrics import Metrics
 from coordinator.selection import eligible, select
 from edgelearn.bundle import pack_release
 from edgelearn.mqtt import MqttLink
-from edgelearn.protocol import OFFLINE, Ack, RoundMsg, Topics, encode_status
+from edgelearn.protocol import NAME_RE, OFFLINE, Ack, ProtocolError, RoundMsg, Topics, decode_status, encode_status
 
 __all__ = ["Coordinator", "CoordinatorConfig", "RoundSummary", "StateLockedError", "lock_state"]
 
 log = logging.getLogger(__name__)
+MAX_STATUS_BYTES = 16 * 1024  # a device status is a few hundred bytes; larger ones are not kept
 
 
 class StateLockedError(RuntimeError):
@@ -108,13 +108,15 @@ class Coordinator:
         seen = []
         for device_id, payload in messages:
             try:
-                status = json.loads(payload)
-            except (ValueError, UnicodeDecodeError):
-                log.warning("unreadable status from %s ignored", device_id)
+                if len(payload) > MAX_STATUS_BYTES:
+                    raise ProtocolError("status_too_large", f"{len(payload)} bytes")
+                status = decode_status(payload)
+            except ProtocolError as e:
+                log.warning("status from %s ignored: %s", device_id, e)
+                self.metrics.dropped.labels("bad_status").inc()
                 continue
-            if isinstance(status, dict):
-                self.statuses[device_id] = status
-                seen.append((device_id, status))
+            self.statuses[device_id] = status
+            seen.append((device_id, status))
         if seen:
             self.engine.store.see_devices(seen)
         self.metrics.devices_online.set(sum(s.get("state") != "offline" for s in self.statuses.values()))
@@ -124,8 +126,13 @@ class Coordinator:
         statuses, updates = [], []
         for topic, payload in messages:
             parsed = self.topics.parse_device_topic(topic)
-            if parsed is not None and parsed[1] in ("status", "update"):
-                (statuses if parsed[1] == "status" else updates).append((parsed[0], payload))
+            if parsed is None or parsed[1] not in ("status", "update"):
+                continue
+            if not NAME_RE.match(parsed[0]):  # no valid ack topic exists for it: drop, count, log
+                log.warning("%s on %r dropped: the device id is not [A-Za-z0-9_-]{1,64}", parsed[1], topic[:200])
+                self.metrics.dropped.labels("bad_device_id").inc()
+                continue
+            (statuses if parsed[1] == "status" else updates).append((parsed[0], payload))
         self.on_statuses(statuses)
         if updates:
             self.on_updates(updates)
@@ -169,6 +176,9 @@ class Coordinator:
     def tick(self) -> None:
         """Deadline handling (sync): close with ≥ min_updates, else re-select and re-announce."""
         e = self.engine
+        if self.connected_at is not None and e.count and self.ready():  # e.g. restarted after a crash mid-close
+            self.close_round()
+            return
         waited_s = time.monotonic() - self.connected_at if self.connected_at else 0.0
         if not self.selected and waited_s > self.cfg.selection_grace_s:
             self.select_participants()
@@ -202,6 +212,19 @@ class Coordinator:
     def done(self) -> bool:
         return self.cfg.max_rounds is not None and self.rounds_done >= self.cfg.max_rounds
 
+    def serve_batch(self, batch: list[tuple[str, bytes]]) -> None:
+        """One turn of the loop. An unforeseen error is logged and the coordinator keeps serving: what was
+        committed stays committed, and updates left unacked are re-sent by their devices and acked then."""
+        try:
+            if ("", b"connected") in batch:
+                self.connected_at = time.monotonic()
+                self.publish_all()
+            self.on_messages([m for m in batch if m[0]])
+            self.tick()
+        except Exception:
+            log.exception("error while serving %d messages; continuing", len(batch))
+            self.metrics.dropped.labels("internal_error").inc()
+
     def run(self, stop: threading.Event) -> None:
         """Serve until `stop` is set or `max_rounds` rounds are aggregated."""
         if self.cfg.metrics_port:
@@ -209,12 +232,7 @@ class Coordinator:
         self.link.start(wait_s=0)
         try:
             while not stop.is_set() and not self.done():
-                batch = self.next_batch()
-                if ("", b"connected") in batch:
-                    self.connected_at = time.monotonic()
-                    self.publish_all()
-                self.on_messages([m for m in batch if m[0]])
-                self.tick()
+                self.serve_batch(self.next_batch())
         finally:
             self.link.stop((self.topics.coordinator_status, OFFLINE))
             self.engine.store.close()

@@ -115,9 +115,16 @@ class Store:
             self.db.execute("BEGIN IMMEDIATE")
             self.db.execute(
                 "INSERT INTO rounds(round, base_version, opened, participants) VALUES(?, ?, ?, ?) "
-                "ON CONFLICT(round) DO UPDATE SET participants=excluded.participants",
+                "ON CONFLICT(round) DO UPDATE SET participants=excluded.participants",  # `opened` stays
                 (rnd, base_version, time.time(), json.dumps(participants)),
             )
+
+    def round_opened(self, rnd: int) -> float:
+        """Unix time round `rnd` was first opened (recorded once, kept across restarts)."""
+        row = self.db.execute("SELECT opened FROM rounds WHERE round=?", (rnd,)).fetchone()
+        if row is None:
+            raise KeyError(f"round {rnd} was never opened")
+        return float(row[0])
 
     def ensure_round(self, rnd: int, base_version: int) -> None:
         with self.db:
@@ -196,9 +203,11 @@ class Store:
         rows = []
         for device_id, status in statuses:
             version = status.get("version")
-            state = str(status.get("state", "?"))
-            rows.append((device_id, state, version if isinstance(version, int) else None, now, json.dumps(status)))
+            version = version if isinstance(version, int) and 0 <= version < 2**53 else None  # fits SQLite
+            state = str(status.get("state", "?"))[:64]
+            rows.append((device_id, state, version, now, json.dumps(status)))
         with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
             self.db.executemany("INSERT OR REPLACE INTO devices VALUES(?, ?, ?, ?, ?)", rows)
 
     def devices(self) -> list[dict]:

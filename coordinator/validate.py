@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Container
 from dataclasses import dataclass
 
 import numpy as np
 
 from edgelearn.protocol import ProtocolError, Update, decode_update, is_finite, read_metadata
+
+log = logging.getLogger(__name__)
+HEADER_SLACK_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -33,7 +37,7 @@ class Verdict:
 def update_id_of(payload: bytes) -> str | None:
     """The update_id of a payload if its metadata can be read at all (for the ack of a rejected update)."""
     try:
-        uid = read_metadata(payload).get("update_id")
+        uid = read_metadata(payload, max_header_bytes=HEADER_SLACK_BYTES).get("update_id")
     except ProtocolError:
         return None
     return uid if isinstance(uid, str) and 0 < len(uid) <= 64 else None
@@ -88,9 +92,6 @@ def check_values(deltas: dict[str, np.ndarray], max_norm: float) -> str | None:
     return "norm_too_large" if sq > max_norm * max_norm else None
 
 
-HEADER_SLACK_BYTES = 64 * 1024
-
-
 def max_payload_bytes(shapes: dict[str, tuple[int, ...]]) -> int:
     """The largest valid update: fp32 data Σ_t 4·numel(t) plus a safetensors header of at most 64 KiB."""
     return sum(4 * int(np.prod(s, dtype=np.int64)) for s in shapes.values()) + HEADER_SLACK_BYTES
@@ -99,14 +100,19 @@ def max_payload_bytes(shapes: dict[str, tuple[int, ...]]) -> int:
 def check_update(topic_device_id: str, payload: bytes, rules: Rules, accepted_ids: Container[str]) -> Verdict:
     """Apply every rule of protocol v1 in order; the first broken one names the rejection.
 
-    A payload larger than any valid update is refused before it is parsed (`payload_too_large`).
+    A payload larger than any valid update is refused before its tensors are parsed (`payload_too_large`: it
+    cannot have the release's names, shapes and dtypes); its ack still carries the update_id if the header
+    holds one. Nothing a payload contains makes this raise: every failure is a rejection with a reason.
     """
     if len(payload) > max_payload_bytes(rules.shapes):
-        return Verdict("rejected", None, "payload_too_large")
+        return Verdict("rejected", update_id_of(payload), "payload_too_large")
     try:
         u = decode_update(payload)
     except ProtocolError as e:
         return Verdict("rejected", update_id_of(payload), e.reason)
+    except Exception:  # a decoder failure nobody foresaw is still a malformed payload, never a crash
+        log.exception("unexpected decoder failure on an update from %s", topic_device_id)
+        return Verdict("rejected", update_id_of(payload), "not_safetensors")
     if u.device_id != topic_device_id:
         return Verdict("rejected", u.update_id, "device_id_mismatch")
     if u.update_id in accepted_ids:

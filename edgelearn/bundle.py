@@ -81,8 +81,9 @@ def _check_member_name(name: str) -> None:
         raise BundleError(f"bad file name in bundle: {name!r} (flat names only)")
 
 
-def utc_now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+def utc_now(unix_s: float | None = None) -> str:
+    """`unix_s` (default: now) as the manifest's `created`: ISO 8601 UTC to the second."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(unix_s))
 
 
 def write_bundle(out_dir: str | Path, manifest: Manifest, files: dict[str, bytes]) -> Manifest:

@@ -35,6 +35,12 @@ class ProtocolError(ValueError):
         self.reason = reason
 
 
+def reason_kind(reason: str | None) -> str:
+    """The rule a rejection reason names, without its detail: `bad_shape:fc1.weight` -> `bad_shape`
+    (counters and metric labels use this, so that payload-chosen names cannot grow them)."""
+    return (reason or "unknown").split(":", 1)[0]
+
+
 def check_name(kind: str, value: str) -> str:
     """Return `value` if it is a valid fleet or device id (`[A-Za-z0-9_-]{1,64}`), else raise ValueError."""
     if not isinstance(value, str) or not NAME_RE.match(value):
@@ -129,8 +135,8 @@ def _json(obj: dict) -> bytes:
 def _parse_json(payload: bytes, what: str) -> dict:
     try:
         obj = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ProtocolError("bad_json", f"{what}: {e}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: absurdly nested JSON
+        raise ProtocolError("bad_json", f"{what}: {type(e).__name__}") from None
     if not isinstance(obj, dict):
         raise ProtocolError("bad_json", f"{what} is not a JSON object")
     return obj
@@ -287,16 +293,17 @@ def encode_update(u: Update) -> bytes:
     return st_save(tensors, metadata=meta)
 
 
-def read_metadata(payload: bytes) -> dict[str, str]:
-    """The safetensors `__metadata__` of `payload` without touching tensor data; ProtocolError if malformed."""
+def read_metadata(payload: bytes, max_header_bytes: int | None = None) -> dict[str, str]:
+    """The safetensors `__metadata__` of `payload` without touching tensor data; ProtocolError if malformed
+    (or, with `max_header_bytes`, if the header is longer than that)."""
     if len(payload) < 8:
         raise ProtocolError("not_safetensors", "payload shorter than the 8-byte header length")
     n = int.from_bytes(payload[:8], "little")
-    if n > len(payload) - 8:
-        raise ProtocolError("not_safetensors", "header length beyond payload")
+    if n > len(payload) - 8 or (max_header_bytes is not None and n > max_header_bytes):
+        raise ProtocolError("not_safetensors", f"header length {n} beyond payload or limit")
     try:
         header = json.loads(payload[8 : 8 + n])
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise ProtocolError("not_safetensors", "header is not JSON") from None
     meta = header.get("__metadata__") if isinstance(header, dict) else None
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
@@ -304,11 +311,14 @@ def read_metadata(payload: bytes) -> dict[str, str]:
     return meta
 
 
+_INT_RE = re.compile(r"^[0-9]{1,15}$")  # ASCII digits only, below 2^53 (exact in JSON, SQLite and float64)
+
+
 def _int_field(meta: dict[str, str], key: str, minimum: int) -> int:
-    try:
-        value = int(meta[key])
-    except (KeyError, ValueError):
-        raise ProtocolError(f"bad_{key}", f"{key}={meta.get(key)!r} is not an integer") from None
+    text = meta.get(key, "")
+    if not _INT_RE.match(text):
+        raise ProtocolError(f"bad_{key}", f"{key}={text[:32]!r} is not a decimal integer below 10^15")
+    value = int(text)
     if value < minimum:
         raise ProtocolError(f"bad_{key}", f"{key}={value} < {minimum}")
     return value
@@ -325,8 +335,10 @@ def decode_tensors(payload: bytes, encoding: str) -> dict[str, np.ndarray]:
     """Tensors of an update as float32 deltas (int8 ones dequantized with their `:scale`)."""
     try:
         raw = st_load(payload)
-    except (SafetensorError, ValueError, TypeError) as e:
-        raise ProtocolError("not_safetensors", str(e)) from None
+    except KeyError as e:  # a dtype safetensors knows but numpy does not (BF16, F8_*)
+        raise ProtocolError("bad_dtype", f"unsupported dtype {e}") from None
+    except (SafetensorError, ValueError, TypeError, OverflowError, RecursionError) as e:
+        raise ProtocolError("not_safetensors", f"{type(e).__name__}: {str(e)[:200]}") from None
     if encoding == "fp32":
         return raw
     out = {}
@@ -334,12 +346,12 @@ def decode_tensors(payload: bytes, encoding: str) -> dict[str, np.ndarray]:
         if name.endswith(":scale"):
             continue
         scale = raw.get(f"{name}:scale")
-        if q.dtype != np.int8 or scale is None or scale.dtype != np.float32 or scale.size != 1:
-            raise ProtocolError("bad_dtype", f"{name}: int8 tensor with float32 scalar {name}:scale expected")
+        if q.dtype != np.int8 or scale is None or scale.dtype != np.float32 or scale.shape != ():
+            raise ProtocolError(f"bad_dtype:{name}", f"int8 tensor with float32 scalar {name}:scale expected")
         out[name] = q.astype(np.float32) * np.float32(scale.reshape(()))
     extra = [n for n in raw if n.endswith(":scale") and n[: -len(":scale")] not in raw]
     if extra:
-        raise ProtocolError("extra_name", f"scale without tensor: {extra[0]}")
+        raise ProtocolError(f"extra_name:{extra[0]}", "scale without tensor")
     return out
 
 

@@ -99,8 +99,8 @@ def ensure_signed(bundle_dir: Path, private: Ed25519PrivateKey) -> Manifest:
 def signing_rebuild(rebuild: Callable[..., Manifest], private: Ed25519PrivateKey) -> Callable[..., Manifest]:
     """Wrap a coordinator `rebuild(prev_dir, weights, version, out)` so that every new release is signed."""
 
-    def rebuild_and_sign(prev_dir: Path, weights: Any, version: int, out: Path) -> Manifest:
-        rebuild(prev_dir, weights, version, out)
+    def rebuild_and_sign(prev_dir: Path, weights: Any, version: int, out: Path, created: str = "") -> Manifest:
+        rebuild(prev_dir, weights, version, out, created=created)
         return sign_bundle(out, private)
 
     return rebuild_and_sign

@@ -156,8 +156,9 @@ def make_bundle(
     programs: dict[str, bytes],
     metrics: dict,
     extra: dict[str, bytes] | None = None,
+    created: str = "",
 ) -> Manifest:
-    """Write the bundle (weights, programs, export.json, extras) atomically to `out`."""
+    """Write the bundle (weights, programs, export.json, extras) atomically to `out` (`created`: now if empty)."""
     weights = {k: v.detach().contiguous().numpy() for k, v in student.state_dict().items()}
     manifest = Manifest(
         model_id=spec.model_id,
@@ -167,6 +168,7 @@ def make_bundle(
         input={"shape": list(spec.input_shape), "dtype": "float32"},
         trainable=spec.trainable(student, cfg.train_subset),
         metrics=metrics,
+        created=created,
     )
     files = {WEIGHTS: dump_weights(weights), EXPORT_JSON: json.dumps(asdict(cfg)).encode(), **programs, **(extra or {})}
     final = write_bundle(out, manifest, files)
@@ -195,8 +197,12 @@ def export_bundle(cfg: ExportConfig, out: str | Path) -> Manifest:
     return make_bundle(out, spec, student, cfg, 1, programs, metrics, extra)
 
 
-def rebuild_bundle(prev_dir: Path, weights: dict[str, np.ndarray], version: int, out: Path) -> Manifest:
-    """Release `version` with `weights`: same model, target and calibration data as the bundle at `prev_dir`."""
+def rebuild_bundle(
+    prev_dir: Path, weights: dict[str, np.ndarray], version: int, out: Path, created: str = ""
+) -> Manifest:
+    """Release `version` with `weights`: same model, target and calibration data as the bundle at `prev_dir`.
+    The coordinator passes `created` (its round's opening time) so that a close redone after a crash writes
+    the same bytes."""
     prev = verify_bundle(prev_dir)
     cfg = ExportConfig(**json.loads((prev_dir / EXPORT_JSON).read_bytes()))
     spec = check_config(replace(cfg, compare=False))
@@ -206,4 +212,4 @@ def rebuild_bundle(prev_dir: Path, weights: dict[str, np.ndarray], version: int,
     programs = lower_programs(spec, student.eval(), cfg, data)
     metrics = release_metrics(spec, student, programs[INFER_PTE], data)
     log.debug("rebuilding %s v%d -> v%d", prev.model_id, prev.version, version)
-    return make_bundle(out, spec, student.eval(), cfg, version, programs, metrics)
+    return make_bundle(out, spec, student.eval(), cfg, version, programs, metrics, created=created)

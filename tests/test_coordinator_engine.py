@@ -4,6 +4,7 @@ Releases here are written by `weights_only_rebuild` (new weights, the previous p
 that each test takes seconds; the real re-lowering runs in tests/test_e2e.py and the crash test.
 """
 
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,15 +16,15 @@ from coordinator.config import CoordinatorConfig
 from coordinator.engine import Engine
 from coordinator.ops import OpsError, fleet_rounds_lines, rollback
 from coordinator.optim import ServerOptConfig
-from edgelearn.bundle import Manifest, dump_weights, load_weights, verify_bundle, write_bundle
+from edgelearn.bundle import Manifest, dump_weights, load_weights, utc_now, verify_bundle, write_bundle
 from edgelearn.protocol import Update, encode_update
 
 
-def weights_only_rebuild(prev_dir: Path, weights: dict, version: int, out: Path) -> Manifest:
+def weights_only_rebuild(prev_dir: Path, weights: dict, version: int, out: Path, created: str = "") -> Manifest:
     prev = verify_bundle(prev_dir)
     files = {name: (prev_dir / name).read_bytes() for name in prev.files}
     files["weights.safetensors"] = dump_weights(weights)
-    return write_bundle(out, replace(prev, version=version, files={}, created=""), files)
+    return write_bundle(out, replace(prev, version=version, files={}, created=created), files)
 
 
 def make_cfg(bundle_dir: Path, state: Path, **kw) -> CoordinatorConfig:
@@ -211,12 +212,14 @@ def test_crash_after_release_written_before_commit_redoes_the_close(bundle_dir, 
     weights_only_rebuild(e.release_dir(1), {n: a + 1 for n, a in load_weights(e.release_dir(1)).items()}, 2,
                          e.release_dir(2))  # fmt: skip
     e.store.close()
+    time.sleep(1.1)  # a later close must still stamp the release with the round's time, not its own
     # Execute: restart; the round is still open with its three updates, and closes again
     e2 = Engine(make_cfg(bundle_dir, tmp_path), weights_only_rebuild)
     assert (e2.version, e2.round, e2.count) == (1, 1, 3) and e2.ready()
     e2.close()
-    # Assert: v2 now holds θ1 + Δ̄, not the half-finished attempt
+    # Assert: v2 now holds θ1 + Δ̄, not the half-finished attempt, and is stamped with the round's opening
     w1, w2 = load_weights(e2.release_dir(1)), load_weights(e2.release_dir(2))
+    assert verify_bundle(e2.release_dir(2)).created == utc_now(e2.store.round_opened(1))
     for n, d in theta.items():
         np.testing.assert_allclose(w2[n], w1[n] + d, atol=1e-7)
 
@@ -249,3 +252,24 @@ def test_round_closes_early_when_every_invited_device_reported(bundle_dir, tmp_p
     finally:
         c.engine.store.close()
         c._lock.close()
+
+
+def test_coordinator_restarted_with_a_full_round_closes_it_before_taking_more(bundle_dir, tmp_path):
+    from coordinator.server import Coordinator
+
+    # Prepare: min_updates=3 updates committed, then a crash before the close (the store is simply dropped)
+    e = Engine(make_cfg(bundle_dir, tmp_path), weights_only_rebuild)
+    for k in range(3):
+        e.handle(f"du{k}", upd(e, f"u{k}", 5, k))
+    e.store.close()
+    coord = Coordinator(make_cfg(bundle_dir, tmp_path), weights_only_rebuild)  # not started: publishes are queued
+    late = upd(coord.engine, "late", 5, 9, dev="dlate")
+    # Execute: the (re)connection, then a fourth update for round 1
+    coord.serve_batch([("", b"connected")])
+    coord.serve_batch([(coord.topics.device("dlate", "update"), late)])
+    # Assert: round 1 closed with exactly its three updates; the late one is a stale-round rejection
+    assert (coord.engine.version, coord.engine.round) == (2, 2)
+    assert next(r for r in coord.engine.store.rounds() if r["round"] == 1)["accepted"] == 3
+    assert coord.engine.rejected == {"stale_base_version": 1} and coord.engine.count == 0
+    coord.engine.store.close()
+    coord._lock.close()

@@ -140,6 +140,9 @@ def test_bad_input_is_counted_and_the_coordinator_keeps_serving(mosquitto, bundl
         rec.publish(t.device("devt", "update"), truncated)
         rec.publish(t.device("devm", "update"), encode_update(other_model))
         rec.publish(t.device("devs", "status"), encode_status("idle", version=1, battery_percent=77), retain=True)
+        rec.publish(t.device("devn", "status"), b"[" * 30_000)  # nested past Python's recursion limit
+        bad_id = make_update("ab", "a.b", theta, manifest.trainable, manifest.model_id, 5, 1)
+        rec.publish(f"{t.prefix}/devices/a.b/update", encode_update(bad_id))  # no valid ack topic for it
         rec.publish(t.device("devb", "update"), bytes(20 * 2**20))  # 20 MB: through the broker, refused unparsed
         huge_sender_dropped = publish_raw(mosquitto.url, t.device("devh", "update"), bytes(200 * 2**20))
         rec.publish(t.device("devg", "update"), encode_update(good))
@@ -163,6 +166,8 @@ def test_bad_input_is_counted_and_the_coordinator_keeps_serving(mosquitto, bundl
     assert huge_sender_dropped  # 200 MB is above the broker's packet limit: mosquitto drops that sender
     assert 'edgelearn_updates_total{reason="",status="accepted"} 1.0' in metrics
     assert "edgelearn_devices_online 1.0" in metrics
+    assert 'edgelearn_messages_dropped_total{cause="bad_status"} 1.0' in metrics
+    assert 'edgelearn_messages_dropped_total{cause="bad_device_id"} 1.0' in metrics
     line = next(x for x in status.stdout.splitlines() if x.startswith("devs"))
     assert "idle" in line and json.loads(line.split("  ", 1)[1].split("ago", 1)[1].strip())["battery_percent"] == 77
 

@@ -167,3 +167,47 @@ def test_norm_just_below_the_limit_is_accepted():
 def test_payload_larger_than_any_valid_update_is_refused_unparsed():
     v = verdict(b"\xff" * (4 * 15 + 64 * 1024 + 1))
     assert (v.status, v.reason, v.update_id) == ("rejected", "payload_too_large", None)
+
+
+def raw_safetensors(header: dict, data: bytes) -> bytes:
+    """Hand-made safetensors bytes: 8-byte header length, JSON header, data (for payloads numpy can't make)."""
+    h = json.dumps(header).encode()
+    return len(h).to_bytes(8, "little") + h + data
+
+
+META = {"schema": "edgelearn.update/1", "update_id": "u1", "device_id": "dev1", "model_id": "digits-mlp",
+        "base_version": "2", "num_samples": "10", "round": "5", "encoding": "fp32"}  # fmt: skip
+
+
+def test_dtype_numpy_cannot_hold_is_bad_dtype():
+    header = {"__metadata__": META, "fc.weight": {"dtype": "BF16", "shape": [3, 4], "data_offsets": [0, 24]},
+              "fc.bias": {"dtype": "F32", "shape": [3], "data_offsets": [24, 36]}}  # fmt: skip
+    v = verdict(raw_safetensors(header, bytes(36)))
+    assert (v.status, v.reason, v.update_id) == ("rejected", "bad_dtype", "u1")
+
+
+def test_absurdly_nested_header_is_not_safetensors():
+    nested = b"[" * 30_000
+    v = verdict(len(nested).to_bytes(8, "little") + nested)
+    assert (v.status, v.reason, v.update_id) == ("rejected", "not_safetensors", None)
+
+
+@pytest.mark.parametrize("n", ["1" + "0" * 30, " 5", "5_0", "٣"])
+def test_num_samples_must_be_plain_decimal_below_10_15(n):
+    v = verdict(with_metadata(num_samples=n))
+    assert (v.status, v.reason) == ("rejected", "bad_num_samples")
+
+
+def test_oversized_payload_ack_names_its_update_id():
+    payload = encode_update(update())
+    v = verdict(payload + bytes(64 * 1024))  # trailing junk past any valid size; header still readable
+    assert (v.status, v.reason, v.update_id) == ("rejected", "payload_too_large", "u1")
+
+
+def test_int8_scale_must_be_a_true_scalar():
+    from safetensors.numpy import save
+
+    tensors = {n: np.zeros(s, np.int8) for n, s in SHAPES.items()}
+    tensors |= {f"{n}:scale": np.ones((1,), np.float32) for n in SHAPES}
+    v = verdict(save(tensors, metadata={**META, "encoding": "int8"}))
+    assert v.status == "rejected" and v.reason.startswith("bad_dtype:")
