@@ -64,7 +64,7 @@ class Coordinator:
         self.events: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self.link = MqttLink(
             cfg.broker_url,
-            f"edgelearn-{cfg.fleet}-coordinator",
+            self.topics.client_id(),
             [self.topics.all_devices("update"), self.topics.all_devices("status")],
             on_message=lambda t, p: self.events.put((t, p)),
             will=(self.topics.coordinator_status, OFFLINE),

@@ -123,7 +123,7 @@ class DeviceAgent:
         self.events: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self.link = MqttLink(
             cfg.broker_url,
-            f"edgelearn-{cfg.fleet}-{cfg.device_id}",
+            self.topics.client_id(cfg.device_id),
             [self.topics.model_latest, self.topics.rounds_current, self.topics.device(cfg.device_id, "ack")],
             on_message=lambda t, p: self.events.put((t, p)),
             will=(self.topics.device(cfg.device_id, "status"), OFFLINE),

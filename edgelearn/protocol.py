@@ -86,6 +86,14 @@ class Topics:
             raise ValueError(f"unknown device topic kind {kind!r}")
         return f"{self.prefix}/devices/{device_id}/{kind}"
 
+    def client_id(self, device_id: str | None = None) -> str:
+        """MQTT client id of the coordinator (no `device_id`) or of a device: `{root}:{fleet}:coordinator`,
+        `{root}:{fleet}:device:{id}`. ':' is in no name, so no device id can take the coordinator's session
+        and two fleets or topic roots on one broker never share one."""
+        if device_id is None:
+            return f"{self.root}:{self.fleet}:coordinator"
+        return f"{self.root}:{self.fleet}:device:{check_name('device_id', device_id)}"
+
     def all_devices(self, kind: str) -> str:
         return f"{self.prefix}/devices/+/{kind}"
 

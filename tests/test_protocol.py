@@ -100,3 +100,11 @@ def test_round_and_ack_round_trip():
     assert Ack.decode(a.encode()) == a
     with pytest.raises(ProtocolError):
         Ack.decode(b'{"status": "maybe"}')
+
+
+def test_client_ids_never_collide_between_coordinator_devices_and_fleets():
+    a, b = Topics("fleet1"), Topics("fleet1", root="other")
+    ids = {a.client_id(), a.client_id("coordinator"), a.client_id("dev-1"), b.client_id(), Topics("f2").client_id()}
+    assert len(ids) == 5
+    with pytest.raises(ValueError, match="device_id"):
+        a.client_id("bad/id")
