@@ -30,7 +30,7 @@ from coordinator.spool import Spool
 from coordinator.store import AcceptedRow, Store
 from coordinator.validate import Rules, Verdict, check_update
 from coordinator.views import fp32_data_view
-from edgelearn.atomic import write_bytes
+from edgelearn.atomic import replace_dir, write_bytes
 from edgelearn.bundle import Manifest, dump_weights, load_weights, utc_now, verify_bundle
 from edgelearn.protocol import Update, decode_update, reason_kind
 
@@ -61,7 +61,7 @@ def import_bundle(bundle_dir: Path, releases: Path) -> Manifest:
         tmp = releases / f".v{manifest.version}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(bundle_dir, tmp)
-        tmp.rename(dest)
+        replace_dir(tmp, dest)  # fsynced: a power cut cannot leave a torn v1 that fails every start
     return manifest
 
 
@@ -97,6 +97,7 @@ class Engine:
             log.info("fleet %s: starting from bundle %s (v%d)", cfg.fleet, cfg.bundle_dir, m.version)
         self.version = int(self.store.get("version"))
         self.round = int(self.store.get("round"))
+        self.spool.drop_before(self.round)  # logs of closed rounds a crash left behind
         self.deadline = time.time() + cfg.round_timeout_s
         self.manifest = verify_bundle(self.release_dir(self.version))
         self.weights = load_weights(self.release_dir(self.version))
@@ -145,9 +146,9 @@ class Engine:
 
     def rules(self) -> Rules:
         rnd = None if self.cfg.mode == "async" else self.round
-        return Rules(
-            self.manifest.model_id, self.shapes, self.version, rnd, self.cfg.max_update_norm, self.cfg.max_staleness
-        )
+        min_base = int(self.store.get("min_base_version") or 1)  # set by a rollback
+        return Rules(self.manifest.model_id, self.shapes, self.version, rnd, self.cfg.max_update_norm,
+                     self.cfg.max_staleness, min_base)  # fmt: skip
 
     def weight_of(self, u: Update) -> float:
         """w_k = min(n_k, n_max) in sync mode; w_k = min(n_k, n_max) · 1/sqrt(1+s_k) in async mode; 1 under DP."""

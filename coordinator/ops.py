@@ -47,8 +47,8 @@ def rollback(state_dir: Path, to_version: int, rebuild: Rebuild) -> Manifest:
         verify_bundle(src)
         new = version + 1
         manifest = rebuild(src, load_weights(src), new, state_dir / "releases" / f"v{new}")
-        store.abandon_round(rnd, f"rollback to v{to_version}")
-        store.add_release(new, f"rollback to v{to_version}", {"version": new, "round": rnd + 1})
+        (state_dir / "opt" / f"v{new}.safetensors").unlink(missing_ok=True)  # from a close that crashed
+        store.roll_back(rnd, new, f"rollback to v{to_version}")
         store.close()
         Spool(state_dir / "spool").drop_round(rnd)
         log.info("rolled back: v%d now carries the weights of v%d", new, to_version)

@@ -60,3 +60,10 @@ class Spool:
 
     def drop_round(self, rnd: int) -> None:
         self.log_path(rnd).unlink(missing_ok=True)
+
+    def drop_before(self, rnd: int) -> None:
+        """Delete the logs of every round before `rnd` (closed or abandoned: never read again)."""
+        for path in self.folder.glob("r*.log"):
+            stem = path.stem[1:]
+            if stem.isdigit() and int(stem) < rnd:
+                path.unlink(missing_ok=True)

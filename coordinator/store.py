@@ -166,12 +166,17 @@ class Store:
             self.db.execute("INSERT OR REPLACE INTO releases VALUES(?, ?, ?)", (version_out, now, f"round {rnd}"))
             self._set(meta)
 
-    def abandon_round(self, rnd: int, why: str) -> None:
+    def roll_back(self, rnd: int, version: int, note: str) -> None:
+        """One transaction: abandon round `rnd`, record release `version`, open round rnd+1 on it, and accept
+        no update computed on a release older than `version` (async mode would otherwise take them)."""
         with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
             self.db.execute(
                 "UPDATE rounds SET closed=?, metrics=? WHERE round=? AND closed IS NULL",
-                (time.time(), json.dumps({"abandoned": why}), rnd),
+                (time.time(), json.dumps({"abandoned": note}), rnd),
             )
+            self.db.execute("INSERT OR REPLACE INTO releases VALUES(?, ?, ?)", (version, time.time(), note))
+            self._set({"version": version, "round": rnd + 1, "min_base_version": version})
 
     def add_release(self, version: int, note: str, meta: dict[str, object]) -> None:
         with self.db:

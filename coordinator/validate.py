@@ -24,6 +24,7 @@ class Rules:
     round: int | None  # None in asynchronous mode
     max_update_norm: float = 1e3
     max_staleness: int = 0  # asynchronous mode: accept base versions in [base_version - max_staleness, base_version]
+    min_base_version: int = 1  # after a rollback to v: nothing computed on a release older than the rollback's
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,8 @@ def check_shapes(u: Update, rules: Rules) -> str | None:
 def check_version(u: Update, rules: Rules) -> str | None:
     if rules.round is None:  # asynchronous: staleness s = v - base_version must be in [0, max_staleness]
         s = rules.base_version - u.base_version
-        return None if 0 <= s <= rules.max_staleness else "stale_base_version"
+        fresh = 0 <= s <= rules.max_staleness and u.base_version >= rules.min_base_version
+        return None if fresh else "stale_base_version"
     if u.base_version != rules.base_version:
         return "stale_base_version"
     if u.round != rules.round:

@@ -273,3 +273,25 @@ def test_coordinator_restarted_with_a_full_round_closes_it_before_taking_more(bu
     assert coord.engine.rejected == {"stale_base_version": 1} and coord.engine.count == 0
     coord.engine.store.close()
     coord._lock.close()
+
+
+def test_async_rollback_refuses_updates_computed_on_the_abandoned_releases(bundle_dir, tmp_path):
+    # Prepare: async, v1 → v2 (the "bad" release); stale optimizer state left by a close that crashed
+    cfg = make_cfg(bundle_dir, tmp_path, mode="async", buffer_size=2, max_staleness=5)
+    e = Engine(cfg, weights_only_rebuild)
+    for k in range(2):
+        e.handle(f"du{k}", upd(e, f"u{k}", 4, k, rnd=None))
+    e.close()
+    on_bad = upd(e, "on-v2", 4, 7, base=2, rnd=None)
+    e.store.close()
+    (tmp_path / "opt").mkdir(exist_ok=True)
+    (tmp_path / "opt" / "v3.safetensors").write_bytes(b"momentum of an abandoned close")
+    (tmp_path / "spool" / "r0.log").write_bytes(b"left over")  # a closed round's log a crash left behind
+    # Execute: roll back to v1 (published as v3), restart
+    rollback(tmp_path, 1, weights_only_rebuild)
+    e2 = Engine(cfg, weights_only_rebuild)
+    # Assert: an in-flight update on v2 is stale although within max_staleness; one on v3 is accepted
+    assert e2.version == 3 and e2.handle("don-v2", on_bad).reason == "stale_base_version"
+    assert e2.handle("don-v3", upd(e2, "on-v3", 4, 8, rnd=None)).status == "accepted"
+    assert not (tmp_path / "opt" / "v3.safetensors").exists() and e2.opt_state == {}
+    assert not (tmp_path / "spool" / "r0.log").exists()
