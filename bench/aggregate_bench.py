@@ -167,7 +167,10 @@ def worker_flower(k_updates: int, params: int) -> dict:
     t, out = best_of(run, 1)
     peak_mb = rss_mb("VmHWM") - base
     t2, _ = best_of(run, REPEATS - 1)
+    import flwr
+
     return {
+        "flwr_version": flwr.__version__,
         "seconds": min(t, t2),
         "peak_mb": peak_mb,
         "checksum": float(sum(float(a.astype(np.float64).sum()) for a in out)),

@@ -96,7 +96,9 @@ def _add_round_options(s: argparse.ArgumentParser) -> None:
         default=[],
         help="coordinator eligibility rule on device status, e.g. 'battery_percent>=30' (repeatable)",
     )
-    s.add_argument("--min-updates", type=int, default=None, help="updates that close a round (default 60%% of invited)")
+    s.add_argument("--min-updates", type=int, default=None,
+                   help="updates that close a round (default ⌈0.6·K⌉ of --participants K, else of the "
+                        "online devices)")  # fmt: skip
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
