@@ -86,9 +86,22 @@ def utc_now(unix_s: float | None = None) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(unix_s))
 
 
+def check_bundle_target(out_dir: str | Path) -> Path:
+    """`out_dir` resolved, if a bundle may be written there: a new or empty folder, or an existing bundle (which
+    is replaced). Anything else raises BundleError, so that no one's files are ever swept away."""
+    out_dir = Path(out_dir).resolve()
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise BundleError(f"{out_dir} is a file; choose a new or empty folder for the bundle")
+        if any(out_dir.iterdir()) and not (out_dir / MANIFEST).exists():
+            raise BundleError(f"{out_dir} is a non-empty folder that is not a bundle; choose a new or empty folder")
+    return out_dir
+
+
 def write_bundle(out_dir: str | Path, manifest: Manifest, files: dict[str, bytes]) -> Manifest:
-    """Write `files` + a manifest listing their sha256 into `out_dir`, atomically; returns the final manifest."""
-    out_dir = Path(out_dir)
+    """Write `files` + a manifest listing their sha256 into `out_dir`, atomically; returns the final manifest.
+    `out_dir` must be new, empty or a bundle (`check_bundle_target`)."""
+    out_dir = check_bundle_target(out_dir)
     for name in files:
         _check_member_name(name)
     listed = {name: {"sha256": sha256(data), "bytes": len(data)} for name, data in sorted(files.items())}

@@ -38,9 +38,9 @@ def key_id(public: Ed25519PublicKey) -> str:
 def generate_keys(private_path: Path, public_path: Path) -> str:
     """Write a new key pair (base64 raw keys, private file mode 0600); returns the key id."""
     private = Ed25519PrivateKey.generate()
-    private_path.write_text(base64.b64encode(private.private_bytes_raw()).decode() + "\n")
-    private_path.chmod(0o600)
-    public_path.write_text(base64.b64encode(private.public_key().public_bytes_raw()).decode() + "\n")
+    write_bytes(private_path, base64.b64encode(private.private_bytes_raw()) + b"\n")  # 0600 from creation on
+    write_bytes(public_path, base64.b64encode(private.public_key().public_bytes_raw()) + b"\n")
+    public_path.chmod(0o644)
     return key_id(private.public_key())
 
 

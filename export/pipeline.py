@@ -17,7 +17,17 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from edgelearn.bundle import INFER_PTE, TRAIN_PTE, WEIGHTS, Manifest, dump_weights, verify_bundle, write_bundle
+from edgelearn.bundle import (
+    INFER_PTE,
+    TRAIN_PTE,
+    WEIGHTS,
+    BundleError,
+    Manifest,
+    check_bundle_target,
+    dump_weights,
+    verify_bundle,
+    write_bundle,
+)
 from export import ExportError
 from export.distill import fit, predict_logits
 from export.metrics import quality
@@ -181,6 +191,10 @@ def export_bundle(cfg: ExportConfig, out: str | Path) -> Manifest:
     from export.report import build_report
 
     spec = check_config(cfg)
+    try:
+        check_bundle_target(out)  # before minutes of training, not after
+    except BundleError as e:
+        raise ExportError(f"--out: {e}") from None
     stages = Stages()
     data = spec.load_data(cfg)
     stages.done("data", f"{len(data.server.y)} training / {len(data.test.y)} test examples")

@@ -84,3 +84,32 @@ def test_archive_with_path_traversal_is_refused(tmp_path):
 def test_not_a_tar_is_refused():
     with pytest.raises(BundleError, match="not a tar archive|manifest.json is not the first member"):
         read_release(b"hello" * 200)
+
+
+def test_bundle_never_replaces_a_folder_that_is_not_a_bundle(tmp_path):
+    # Prepare: someone's folder with a file in it
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "thesis.tex").write_text("years of work")
+    # Execute / Assert: refused with a one-line reason, the file is still there
+    with pytest.raises(BundleError, match="non-empty folder that is not a bundle"):
+        small_bundle(tmp_path / "project")
+    assert (tmp_path / "project" / "thesis.tex").read_text() == "years of work"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(BundleError, match="is a file"):
+        small_bundle(tmp_path / "file")
+
+
+def test_rewriting_a_bundle_swaps_it_atomically(tmp_path):
+    from edgelearn.atomic import exchange
+
+    # Prepare: a bundle, and two plain folders to probe the system's atomic exchange
+    small_bundle(tmp_path / "b")
+    (tmp_path / "x").mkdir(), (tmp_path / "y").mkdir()
+    (tmp_path / "x" / "a").write_text("x"), (tmp_path / "y" / "a").write_text("y")
+    # Execute
+    swapped = exchange(tmp_path / "x", tmp_path / "y")
+    small_bundle(tmp_path / "b")  # replaces the existing bundle
+    # Assert: this file system swaps atomically, and the replaced bundle leaves nothing behind
+    assert swapped and (tmp_path / "x" / "a").read_text() == "y"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "x", "y"]
+    verify_bundle(tmp_path / "b")

@@ -1,6 +1,7 @@
 """The export stage: KD loss, failed exports leave nothing, and every .pte runs in ExecuTorch close to eager."""
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -98,6 +99,16 @@ def test_bad_request_writes_no_bundle(tmp_path, kw, message):
     with pytest.raises(ExportError, match=message):
         export_bundle(ExportConfig(**kw), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_export_refuses_a_folder_that_is_not_a_bundle_before_training(tmp_path):
+    from export.pipeline import ExportConfig, export_bundle
+
+    (tmp_path / "notes.txt").write_text("mine")
+    t0 = time.monotonic()
+    with pytest.raises(ExportError, match="non-empty folder that is not a bundle"):
+        export_bundle(ExportConfig(), tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine" and time.monotonic() - t0 < 5  # no training ran
 
 
 def test_cli_reports_bad_target_in_one_line(tmp_path, capsys):

@@ -73,3 +73,9 @@ def test_signed_release_archive_round_trip(keys, tmp_path):
     manifest, _ = read_release(pack_release(tmp_path / "b"), keys[1])
     assert manifest.signature["alg"] == "ed25519"
     assert read_release(unsigned)[0].signature is None  # an unsigned fleet still reads it
+
+
+def test_private_key_is_owner_only(tmp_path):
+    generate_keys(tmp_path / "k", tmp_path / "k.pub")
+    assert (tmp_path / "k").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "k.pub").stat().st_mode & 0o777 == 0o644
