@@ -71,6 +71,8 @@ def check_config(cfg: ExportConfig) -> ModelSpec:
         raise ExportError(f"sparsity {cfg.sparsity} must be in [0, 1)")
     if cfg.epochs is not None and cfg.epochs < 1:
         raise ExportError(f"epochs {cfg.epochs} must be at least 1")
+    if ":" in cfg.model_id and cfg.train_subset != "all":  # a user model: its factory names what trains
+        raise ExportError(f"user model {cfg.model_id!r}: only the trainable subset 'all' (or the factory's list)")
     return get_spec(cfg.model_id)
 
 

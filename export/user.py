@@ -54,15 +54,34 @@ def load_factory(ref: str) -> UserModel:
 
 
 def check_user_model(ref: str, made: Any) -> UserModel:
+    """Everything about the factory's result that can be checked before training, each as one ExportError."""
     if not isinstance(made, UserModel):
         raise ExportError(f"model factory {ref!r} returned {type(made).__name__}, not export.user.UserModel")
     ex = made.example_inputs
-    if not (isinstance(ex, tuple) and len(ex) == 1 and isinstance(ex[0], torch.Tensor) and ex[0].shape[0] == 1):
+    if not (isinstance(ex, tuple) and len(ex) == 1 and isinstance(ex[0], torch.Tensor) and ex[0].dim() >= 1
+            and ex[0].shape[0] == 1):  # fmt: skip
         raise ExportError(f"model factory {ref!r}: example_inputs must be a tuple of one batch-1 tensor")
     for name, split in (("train", made.train), ("test", made.test)):
-        if len(split.y) == 0 or len(split.x) != len(split.y) or split.x.dtype != np.float32:
-            raise ExportError(f"model factory {ref!r}: {name} split must be non-empty float32 x with one y per row")
+        check_split(ref, name, split)
+    names = [n for n, _ in made.student.named_parameters()] if isinstance(made.student, nn.Module) else None
+    if names is None:
+        raise ExportError(f"model factory {ref!r}: student must be a torch.nn.Module")
+    unknown = sorted(set(made.trainable or ()) - set(names))
+    if made.trainable is not None and (unknown or not made.trainable):
+        what = f"names no student parameter has: {', '.join(unknown[:3])}" if unknown else "an empty list"
+        raise ExportError(f"model factory {ref!r}: trainable is {what}")
     return made
+
+
+def check_split(ref: str, name: str, split: Any) -> None:
+    """x: non-empty float32 array, one row per label; y: 1-D integer class ids ≥ 0."""
+    x, y = getattr(split, "x", None), getattr(split, "y", None)
+    if not (isinstance(x, np.ndarray) and isinstance(y, np.ndarray)):
+        raise ExportError(f"model factory {ref!r}: {name} split must hold numpy arrays x and y")
+    if len(y) == 0 or x.ndim < 1 or len(x) != len(y) or x.dtype != np.float32:
+        raise ExportError(f"model factory {ref!r}: {name} split must be non-empty float32 x with one y per row")
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
+        raise ExportError(f"model factory {ref!r}: {name} split y must be 1-D integer class ids >= 0, got {y.dtype}")
 
 
 def user_spec(ref: str) -> Any:

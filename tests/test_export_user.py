@@ -43,6 +43,22 @@ def empty_data_factory():
     return UserModel(iris.teacher, iris.student, (torch.zeros(1, 4),), empty, iris.test)
 
 
+def float_labels_factory():
+    iris = make()
+    return UserModel(iris.teacher, iris.student, (torch.zeros(1, 4),), Split(iris.train.x, iris.train.y * 1.0),
+                     iris.test)  # fmt: skip
+
+
+def unknown_trainable_factory():
+    iris = make()
+    return UserModel(iris.teacher, iris.student, (torch.zeros(1, 4),), iris.train, iris.test, trainable=["fc9.w"])
+
+
+def scalar_example_factory():
+    iris = make()
+    return UserModel(iris.teacher, iris.student, (torch.tensor(1.0),), iris.train, iris.test)
+
+
 def test_user_model_exports_and_runs_like_eager(tmp_path):
     # Prepare
     from export.metrics import pte_logits
@@ -72,6 +88,10 @@ def test_user_model_exports_and_runs_like_eager(tmp_path):
         (["--model", f"{HERE}:raising_factory"], "raised RuntimeError: no GPU in this lab"),
         (["--model", f"{HERE}:wrong_type_factory"], "returned dict, not export.user.UserModel"),
         (["--model", f"{HERE}:empty_data_factory"], "train split must be non-empty"),
+        (["--model", f"{HERE}:float_labels_factory"], "train split y must be 1-D integer class ids"),
+        (["--model", f"{HERE}:unknown_trainable_factory"], "trainable is names no student parameter has: fc9.w"),
+        (["--model", f"{HERE}:scalar_example_factory"], "example_inputs must be a tuple of one batch-1 tensor"),
+        (["--model", "export.examples.iris:make", "--train-subset", "last"], "only the trainable subset 'all'"),
         (["--model", "no_such_pkg.mod:make"], "cannot load model factory 'no_such_pkg.mod:make'"),
         (["--model", f"{HERE}:unlowerable_factory", "--sparsity", "0"], "operator aten.linalg_inv_ex.default to "),
         (["--model", "char-lm", "--text", "EMPTY"], "is empty"),
