@@ -13,7 +13,7 @@ from edge_runtime.agent import DeviceAgent, DeviceConfig
 from edge_runtime.budget import Budget
 from edgelearn.bundle import read_release
 from edgelearn.demo import write_shards
-from edgelearn.protocol import Ack, LocalConfig, Topics, decode_update, encode_status
+from edgelearn.protocol import OFFLINE, Ack, LocalConfig, Topics, decode_update, encode_status
 from tests.conftest import SERVER_FRACTION
 from tests.test_device import release_with_version
 
@@ -53,6 +53,7 @@ def test_async_updates_carry_no_round_and_wait_for_the_previous_ack(bundle_dir, 
     for _ in range(5):
         agent.work()
     held_back = agent.learner.job is None and len(agent.outbox.pending) == 1
+    agent.on_coordinator_status(OFFLINE)  # the coordinator's Last Will: its mode is unchanged
     agent.on_ack(Ack(first.update_id, "accepted", None, 1).encode())
     work_until(agent, lambda: agent.outbox.pending)
     (second,) = queued(agent)

@@ -3,6 +3,7 @@ valid device id; the outbox never drops an unacked update; the first re-send wai
 
 import io
 import json
+import math
 import random
 import tarfile
 import threading
@@ -10,6 +11,8 @@ import time
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from coordinator.validate import Rules, check_update
 from edge_runtime.agent import DeviceAgent, DeviceConfig
@@ -130,6 +133,32 @@ def test_malformed_ack_is_bad_ack(ack):
     with pytest.raises(ProtocolError) as e:
         Ack.decode(json.dumps(ack).encode())
     assert e.value.reason == "bad_ack"
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+ROUND_KEYS = st.sampled_from([*ROUND_OK, "local", "steps", "batch_size", "lr"])
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.dictionaries(ROUND_KEYS, JSON, max_size=8), st.dictionaries(ROUND_KEYS, JSON, max_size=4))
+def test_any_json_round_or_ack_decodes_or_is_a_protocol_error(fields, local):
+    # Prepare: a valid round with fields replaced by arbitrary JSON (also inside `local`), and an ack alike
+    rnd = {**ROUND_OK, "local": local, **fields}
+    ack = {"update_id": "u", "status": "accepted", **{k: v for k, v in fields.items() if k != "local"}}
+    for decode, payload in ((RoundMsg.decode, rnd), (Ack.decode, ack)):
+        # Execute / Assert: either a well-typed message or ProtocolError, nothing else
+        try:
+            msg = decode(json.dumps(payload).encode())
+        except ProtocolError:
+            continue
+        if isinstance(msg, RoundMsg):
+            assert msg.round >= 1 and math.isfinite(msg.deadline_unix_s) and msg.local.steps >= 1
+        else:
+            assert isinstance(msg.version, int) and (msg.reason is None or isinstance(msg.reason, str))
 
 
 def test_agent_keeps_serving_after_malformed_messages_and_an_unforeseen_failure(mosquitto, bundle_dir, fleet, tmp_path):
