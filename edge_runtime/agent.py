@@ -1,4 +1,5 @@
-"""The device agent: one event loop over MQTT messages — releases, rounds, acks — and the outbox.
+"""The device agent: one event loop over MQTT messages — releases, rounds, the coordinator's status, acks —
+and the outbox.
 
 paho's network thread only enqueues `(topic, payload)`; everything else runs on the
 agent's own thread, so no state is shared between threads.
@@ -18,7 +19,7 @@ import numpy as np
 from edge_runtime.budget import PAUSE, Budget, Governor, PsutilSource, ReadingSource
 from edge_runtime.engines import make_engine
 from edge_runtime.ingest import Ingestor, open_source
-from edge_runtime.learner import Job, JobResult, Learner
+from edge_runtime.learner import Job, Learner
 from edge_runtime.outbox import Outbox
 from edge_runtime.release import Active, ReleaseStore, example_batch, load_release, public_key
 from edge_runtime.samples import SampleFormat, SampleStore
@@ -32,7 +33,6 @@ from edgelearn.protocol import (
     ProtocolError,
     RoundMsg,
     Topics,
-    Update,
     decode_status,
     encode_status,
     encode_update,
@@ -67,8 +67,9 @@ class DeviceConfig:
 
 
 class DeviceAgent:
-    """Serves inference, learns from its sample store when a round includes it and the budget allows,
-    and sends each update until acked."""
+    """Serves inference, learns from its sample store when a round includes it (or, when the coordinator
+    runs in asynchronous mode, whenever nothing is unacked) and the budget allows, and sends each update
+    until acked."""
 
     def __init__(
         self,
@@ -321,27 +322,11 @@ class DeviceAgent:
         log.info("%s: %s from v%d", self.cfg.device_id, kind, job.base_version)
         self.publish_status("training")
 
-    def update_of(self, res: JobResult) -> Update:
-        """The update of a finished job; its id is the same if the job is redone after a crash."""
-        job = res.job
-        return Update(
-            update_id=self.schedule.update_id(job),
-            device_id=self.cfg.device_id,
-            model_id=self.active.manifest.model_id,
-            base_version=job.base_version,
-            num_samples=res.num_samples,
-            deltas=res.deltas,
-            round=None if job.seq else job.round,  # asynchronous updates carry no round
-            encoding=self.cfg.encoding,
-            loss=job.loss,
-            train_seconds=job.train_s,
-        )
-
     def finish_job(self) -> None:
         """Put the update in the outbox (fsync), then record the job as done (atomic), then clear it."""
         res = self.learner.finish()
         job = res.job
-        update = self.update_of(res)
+        update = self.schedule.update_of(res, self.active.manifest.model_id, self.cfg.encoding)
         self.outbox.put(update.update_id, encode_update(update))
         self.schedule.finished(job, time.monotonic())
         self.learner.clear(list(self.outbox.pending))

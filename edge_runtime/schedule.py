@@ -13,9 +13,9 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-from edge_runtime.learner import Job
+from edge_runtime.learner import Job, JobResult
 from edge_runtime.progress import async_due, load_progress, save_progress, update_id_for
-from edgelearn.protocol import LocalConfig, RoundMsg
+from edgelearn.protocol import LocalConfig, RoundMsg, Update
 
 log = logging.getLogger(__name__)
 MODES = ("sync", "async")
@@ -75,6 +75,22 @@ class Scheduler:
         """`{device_id}-r{round}-v{base}` or `{device_id}-a{seq}-v{base}`, shortened to 64 characters."""
         tag = f"a{job.seq}-v{job.base_version}" if job.seq else f"r{job.round}-v{job.base_version}"
         return update_id_for(self.device_id, tag)
+
+    def update_of(self, res: JobResult, model_id: str, encoding: str) -> Update:
+        """The update of a finished job; its id is the same if the job is redone after a crash."""
+        job = res.job
+        return Update(
+            update_id=self.update_id(job),
+            device_id=self.device_id,
+            model_id=model_id,
+            base_version=job.base_version,
+            num_samples=res.num_samples,
+            deltas=res.deltas,
+            round=None if job.seq else job.round,  # asynchronous updates carry no round
+            encoding=encoding,
+            loss=job.loss,
+            train_seconds=job.train_s,
+        )
 
     def finished(self, job: Job, now_s: float) -> None:
         """Record `job` as done (atomic write); call once its update is durably in the outbox."""
