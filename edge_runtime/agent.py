@@ -1,4 +1,5 @@
-"""The device agent: one event loop over MQTT messages — releases, rounds, acks — and the outbox.
+"""The device agent: one event loop over MQTT messages — releases, rounds, the coordinator's status, acks —
+and the outbox.
 
 paho's network thread only enqueues `(topic, payload)`; everything else runs on the
 agent's own thread, so no state is shared between threads.
@@ -6,7 +7,6 @@ agent's own thread, so no state is shared between threads.
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
@@ -18,16 +18,25 @@ import numpy as np
 
 from edge_runtime.budget import PAUSE, Budget, Governor, PsutilSource, ReadingSource
 from edge_runtime.engines import make_engine
-from edge_runtime.inference import InferenceProgram
 from edge_runtime.ingest import Ingestor, open_source
 from edge_runtime.learner import Job, Learner
 from edge_runtime.outbox import Outbox
-from edge_runtime.release import ReleaseStore
+from edge_runtime.release import Active, ReleaseStore, example_batch, load_release, public_key
 from edge_runtime.samples import SampleFormat, SampleStore
-from edgelearn.atomic import write_bytes
-from edgelearn.bundle import INFER_PTE, TRAIN_PTE, BundleError, Manifest, load_weights, pack_release
+from edge_runtime.schedule import Scheduler
+from edgelearn.bundle import BundleError, pack_release
 from edgelearn.mqtt import MqttLink
-from edgelearn.protocol import OFFLINE, Ack, ProtocolError, RoundMsg, Topics, Update, encode_status, encode_update
+from edgelearn.protocol import (
+    OFFLINE,
+    Ack,
+    LocalConfig,
+    ProtocolError,
+    RoundMsg,
+    Topics,
+    decode_status,
+    encode_status,
+    encode_update,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,47 +62,14 @@ class DeviceConfig:
     mu: float = 0.0  # proximal term μ/2‖θ − θ_global‖²
     checkpoint_every_s: float = 5.0
     public_key_path: Path | None = None  # signed fleet: refuse releases not signed by this ed25519 key
-
-
-@dataclass
-class Active:
-    manifest: Manifest
-    infer: InferenceProgram
-    train_pte: bytes | None
-    weights: dict[str, np.ndarray]
-
-
-def example_batch(manifest: Manifest) -> tuple[np.ndarray, np.ndarray]:
-    """A zero batch of the program's input: x of `input.shape`/`input.dtype`; y one label per row
-    (classify) or one per token (lm)."""
-    shape = tuple(manifest.input["shape"])
-    x = np.zeros(shape, dtype=manifest.input.get("dtype", "float32"))
-    y = np.zeros(shape if manifest.task == "lm" else shape[:1], dtype=np.int64)
-    return x, y
-
-
-def load_release(bundle_dir: Path, manifest: Manifest) -> Active:
-    """Load a verified bundle's inference program and smoke-test it; raises on any failure."""
-    weights = load_weights(bundle_dir)
-    infer = InferenceProgram((bundle_dir / INFER_PTE).read_bytes())
-    out = infer.predict(example_batch(manifest)[0])
-    if not np.isfinite(out).all():
-        raise ValueError("smoke inference returned non-finite values")
-    train_pte = (bundle_dir / TRAIN_PTE).read_bytes() if TRAIN_PTE in manifest.files else None
-    return Active(manifest, infer, train_pte, weights)
-
-
-def _public_key(path: Path | None) -> object | None:
-    if path is None:
-        return None
-    from edgelearn.signing import load_public
-
-    return load_public(path)
+    async_interval_s: float = 10.0  # asynchronous mode: least time between two queued updates
+    async_local: LocalConfig = field(default_factory=LocalConfig)  # asynchronous mode: the local recipe
 
 
 class DeviceAgent:
-    """Serves inference, learns from its sample store when a round includes it and the budget allows,
-    and sends each update until acked."""
+    """Serves inference, learns from its sample store when a round includes it (or, when the coordinator
+    runs in asynchronous mode, whenever nothing is unacked) and the budget allows, and sends each update
+    until acked."""
 
     def __init__(
         self,
@@ -106,11 +82,12 @@ class DeviceAgent:
         self.x, self.y = x, y  # the fixed local data set, if any (it is also imported into the sample store)
         self.topics = Topics(cfg.fleet, cfg.topic_root)
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
-        self.releases = ReleaseStore(cfg.state_dir, _public_key(cfg.public_key_path))
+        self.releases = ReleaseStore(cfg.state_dir, public_key(cfg.public_key_path))
         self.outbox = Outbox(cfg.state_dir / "outbox", cfg.max_outbox)
-        self.progress_file = cfg.state_dir / "device.json"
-        self.last_round = self._load_progress()
-        self.pending_round: RoundMsg | None = None
+        self._outbox_full_logged = False
+        self.schedule = Scheduler(
+            cfg.device_id, cfg.state_dir / "device.json", cfg.async_interval_s, cfg.async_local, cfg.mu
+        )
         self.active: Active | None = None
         self.learner: Learner | None = None
         self.store = SampleStore(cfg.state_dir / "samples", cfg.max_store_samples)
@@ -124,7 +101,12 @@ class DeviceAgent:
         self.link = MqttLink(
             cfg.broker_url,
             self.topics.client_id(cfg.device_id),
-            [self.topics.model_latest, self.topics.rounds_current, self.topics.device(cfg.device_id, "ack")],
+            [
+                self.topics.model_latest,
+                self.topics.rounds_current,
+                self.topics.coordinator_status,
+                self.topics.device(cfg.device_id, "ack"),
+            ],
             on_message=lambda t, p: self.events.put((t, p)),
             will=(self.topics.device(cfg.device_id, "status"), OFFLINE),
             mqtt_v311=cfg.mqtt_v311,
@@ -134,11 +116,9 @@ class DeviceAgent:
 
     # ------------------------------------------------------------ state
 
-    def _load_progress(self) -> int:
-        try:
-            return int(json.loads(self.progress_file.read_bytes())["last_round"])
-        except (FileNotFoundError, ValueError, KeyError):
-            return 0
+    @property
+    def last_round(self) -> int:
+        return self.schedule.progress.last_round
 
     def _import_shard(self, x: np.ndarray | None, y: np.ndarray | None) -> None:
         """Put a fixed local data set into the sample store once (a marker offset makes it idempotent)."""
@@ -190,8 +170,8 @@ class DeviceAgent:
         )
         self.learner.restore()
         job = self.learner.job
-        if job and (job.base_version != m.version or job.round <= self.last_round):
-            self.learner.job = None  # done already, or trained on an older release (Δ would not apply)
+        if job and self.schedule.done_or_stale(job, m.version):
+            self.learner.job = None
         if self.ingest is None:
             fmt = SampleFormat(m.task, tuple(m.input["shape"][1:]))
             self.ingest = Ingestor(self.store, fmt, self._source, poll_interval_s=self.cfg.tick_s)
@@ -206,7 +186,10 @@ class DeviceAgent:
         return {
             "version": self.version,
             "round": self.last_round,
-            "job": {"round": job.round, "steps_done": job.steps_done, "steps": job.steps} if job else None,
+            "job": {"round": job.round, "seq": job.seq, "steps_done": job.steps_done, "steps": job.steps}
+            if job
+            else None,
+            "mode": self.schedule.mode,
             "budget": self.governor.telemetry(),
             "samples": {
                 "stored": len(self.store),
@@ -214,6 +197,7 @@ class DeviceAgent:
                 "malformed": self.ingest.malformed if self.ingest else 0,
             },
             "outbox": len(self.outbox.pending),
+            "outbox_full": self.outbox.full,
             "ts": round(time.time(), 3),
         }
 
@@ -239,6 +223,16 @@ class DeviceAgent:
             self.on_round(payload)
         elif topic == self.topics.device(self.cfg.device_id, "ack"):
             self.on_ack(payload)
+        elif topic == self.topics.coordinator_status:
+            self.on_coordinator_status(payload)
+
+    def handle_safely(self, topic: str, payload: bytes) -> None:
+        """`handle`, but an exception nobody foresaw is logged and the agent keeps serving: retained
+        payloads come back at every restart, so a crash on one would repeat forever."""
+        try:
+            self.handle(topic, payload)
+        except Exception:
+            log.exception("%s: unexpected failure handling a message on %s; ignored", self.cfg.device_id, topic)
 
     def on_release(self, payload: bytes) -> None:
         """Verify, install, load and smoke-test a new release; activate it only if all of that works."""
@@ -265,9 +259,7 @@ class DeviceAgent:
         self.activation_s = time.monotonic() - t0
         log.info("%s: activated release v%d in %.3fs", self.cfg.device_id, manifest.version, self.activation_s)
         self.publish_status(self._state())
-        if self.pending_round and self.pending_round.base_version == manifest.version:
-            rnd, self.pending_round = self.pending_round, None
-            self.start_round(rnd)
+        self.start_next_job()
 
     def seed(self, bundle_dir: Path) -> None:
         """Install a local bundle (e.g. the one flashed with the device) as if it came from the broker."""
@@ -279,45 +271,69 @@ class DeviceAgent:
         except ProtocolError as e:
             log.warning("%s: bad round message: %s", self.cfg.device_id, e)
             return
-        if not rnd.includes(self.cfg.device_id) or rnd.round <= self.last_round:
-            return
-        if rnd.base_version > self.version:
-            self.pending_round = rnd  # its release has not arrived yet
-        elif rnd.base_version == self.version:
-            self.start_round(rnd)
+        self.schedule.offer_round(rnd)
+        self.start_next_job()
 
-    def start_round(self, rnd: RoundMsg) -> None:
-        """Queue the round's local steps; `run` does them one by one as the budget allows."""
+    def on_coordinator_status(self, payload: bytes) -> None:
+        """Follow the coordinator's mode (`sync` or `async`); an offline status leaves it as it was."""
+        try:
+            mode = decode_status(payload).get("mode")
+        except ProtocolError as e:
+            log.warning("%s: bad coordinator status: %s", self.cfg.device_id, e)
+            return
+        if self.schedule.set_mode(mode):
+            log.info("%s: coordinator mode %s", self.cfg.device_id, mode)
+            self.publish_status(self._state())
+
+    def outbox_has_room(self) -> bool:
+        """False (logged once, shown in the status) while the outbox is full: no new job may start then,
+        since its update could only be stored by dropping an unacked one."""
+        if not self.outbox.full:
+            self._outbox_full_logged = False
+            return True
+        if not self._outbox_full_logged:
+            self._outbox_full_logged = True
+            n = len(self.outbox.pending)
+            log.warning("%s: outbox full (%d unacked): no new local job until acks free room", self.cfg.device_id, n)
+            self.publish_status(self._state())
+        return False
+
+    def next_job(self) -> Job | None:
+        """The pending round once its release is active (it replaces a running job); else, in asynchronous
+        mode, the next job when none runs, nothing is unacked and the budget allows. Never while the
+        outbox is full."""
+        s = self.schedule
+        if s.round_ready(self.version):
+            return s.round_job(self.version) if self.outbox_has_room() else None
+        if s.mode != "async" or self.learner.job is not None or self.outbox.pending:
+            return None
+        job = s.async_job(self.version, time.monotonic())
+        return job if job and self.governor.check().action != PAUSE else None
+
+    def start_next_job(self) -> None:
+        """Start `next_job` if there is one; `work` then does its steps one by one as the budget allows."""
         if self.learner is None or self.active is None:
             return
-        job = Job(rnd.round, rnd.base_version, rnd.local.steps, rnd.local.batch_size, rnd.local.lr, self.cfg.mu)
+        job = self.next_job()
+        if job is None:
+            return
         self.learner.start(job, self.active.weights)
+        kind = f"asynchronous job {job.seq}" if job.seq else f"round {job.round}"
+        log.info("%s: %s from v%d", self.cfg.device_id, kind, job.base_version)
         self.publish_status("training")
 
-    def finish_round(self) -> None:
-        """Put the update in the outbox (fsync), then checkpoint the round as done."""
+    def finish_job(self) -> None:
+        """Put the update in the outbox (fsync), then record the job as done (atomic), then clear it."""
         res = self.learner.finish()
         job = res.job
-        update = Update(
-            update_id=f"{self.cfg.device_id}-r{job.round}-v{job.base_version}",  # same id if retrained after a crash
-            device_id=self.cfg.device_id,
-            model_id=self.active.manifest.model_id,
-            base_version=job.base_version,
-            num_samples=res.num_samples,
-            deltas=res.deltas,
-            round=job.round,
-            encoding=self.cfg.encoding,
-            loss=job.loss,
-            train_seconds=job.train_s,
-        )
+        update = self.schedule.update_of(res, self.active.manifest.model_id, self.cfg.encoding)
         self.outbox.put(update.update_id, encode_update(update))
-        self.last_round = job.round
-        write_bytes(self.progress_file, json.dumps({"last_round": job.round}).encode())
+        self.schedule.finished(job, time.monotonic())
         self.learner.clear(list(self.outbox.pending))
         log.info(
-            "%s: round %d: %d steps on %d samples in %.2fs, loss %.3f",
+            "%s: update %s: %d steps on %d samples in %.2fs, loss %.3f",
             self.cfg.device_id,
-            job.round,
+            update.update_id,
             job.steps,
             res.num_samples,
             job.train_s,
@@ -333,13 +349,8 @@ class DeviceAgent:
             log.warning("%s: bad ack: %s", self.cfg.device_id, e)
             return
         if ack.update_id and self.outbox.remove(ack.update_id):
-            log.info(
-                "%s: update %s %s%s",
-                self.cfg.device_id,
-                ack.update_id,
-                ack.status,
-                f" ({ack.reason})" if ack.reason else "",
-            )
+            reason = f" ({ack.reason})" if ack.reason else ""
+            log.info("%s: update %s %s%s", self.cfg.device_id, ack.update_id, ack.status, reason)
 
     def flush_outbox(self) -> None:
         """(Re)send every update whose ack is overdue; backoff with jitter between attempts."""
@@ -362,11 +373,12 @@ class DeviceAgent:
         """Ingest new samples and do at most one training step; True if a step ran (more may follow)."""
         if self.ingest is not None:
             self.ingest.poll()
+        self.start_next_job()  # a round that waited for room in the outbox, or the next asynchronous job
         if self.learner is None or self.learner.job is None:
             return False
         outcome = self.learner.step()
         if outcome == "done":
-            self.finish_round()
+            self.finish_job()
         elif self._status_sent != (self._state(), self.governor.decision):
             self.publish_status(self._state())  # a budget decision changed: report it
         return outcome == "stepped"
@@ -382,7 +394,7 @@ class DeviceAgent:
                 except queue.Empty:
                     pass
                 else:
-                    self.handle(topic, payload)
+                    self.handle_safely(topic, payload)
                 busy = self.work()
                 self.flush_outbox()
         finally:

@@ -34,8 +34,9 @@ PLAN_STEPS = 8  # batches assembled at once
 
 @dataclass
 class Job:
-    """`steps` SGD steps from release `base_version`; `round` 0 = learning outside a FedAvg round.
-    Mutable: the learner advances `steps_done`, `loss` and `train_s` in place (no copy per step)."""
+    """`steps` SGD steps from release `base_version`; `round` 0 = learning outside a FedAvg round;
+    `seq` ≥ 1 = the device's asynchronous update number (0 for round jobs). Mutable: the learner
+    advances `steps_done`, `loss` and `train_s` in place (no copy per step)."""
 
     round: int
     base_version: int
@@ -46,6 +47,12 @@ class Job:
     steps_done: int = 0
     loss: float = float("nan")
     train_s: float = 0.0
+    seq: int = 0
+
+    @property
+    def key(self) -> tuple[int, int, int]:
+        """What identifies a job across restarts: (round, base_version, seq)."""
+        return self.round, self.base_version, self.seq
 
 
 @dataclass(frozen=True)
@@ -89,7 +96,7 @@ class Learner:
 
     def start(self, job: Job, base: dict[str, np.ndarray]) -> None:
         """Begin `job` from θ_base (resumes instead if the checkpoint holds the same job)."""
-        if self.job and (self.job.round, self.job.base_version) == (job.round, job.base_version):
+        if self.job and self.job.key == job.key:
             self.job.steps = job.steps  # resumed from the checkpoint
             return
         self.engine.load(base)

@@ -23,13 +23,20 @@ class Pending:
 
 
 def backoff_s(attempt: int, ack_timeout_s: float, max_s: float = 300.0, rng: random.Random | None = None) -> float:
-    """Wait before re-send `attempt` (1, 2, …): min(max_s, ack_timeout_s · 2^(attempt−1)) · U(0.8, 1.2)."""
+    """Wait before re-send `attempt` (1, 2, …): min(max_s, ack_timeout_s · 2^(attempt−1)) · U(1.0, 1.25).
+
+    The jitter only lengthens the wait, so no re-send comes before the ack timeout has passed.
+    """
     base = min(max_s, ack_timeout_s * 2 ** max(0, attempt - 1))
-    return base * (rng or random).uniform(0.8, 1.2)
+    return base * (rng or random).uniform(1.0, 1.25)
 
 
 class Outbox:
-    """Updates as files `{sha256(update_id)}.safetensors` in one directory; bounded by `max_items` (oldest dropped)."""
+    """Updates as files `{sha256(update_id)}.safetensors` in one directory, each kept until its ack.
+
+    Nothing unacked is ever dropped: `max_items` is the bound the caller keeps by not starting new work
+    while the outbox is `full` (a crash or a lowered bound may leave more on disk; all are kept).
+    """
 
     def __init__(self, folder: Path, max_items: int = 100) -> None:
         self.folder = folder
@@ -45,15 +52,15 @@ class Outbox:
                 continue
             self.pending[uid] = Pending(uid, p)
 
+    @property
+    def full(self) -> bool:
+        return len(self.pending) >= self.max_items
+
     def _path(self, update_id: str) -> Path:
         return self.folder / f"{hashlib.sha256(update_id.encode()).hexdigest()[:32]}.safetensors"
 
     def put(self, update_id: str, payload: bytes) -> None:
-        """Store durably (fsync) before the first send; when full, the oldest update is dropped (logged)."""
-        while len(self.pending) >= self.max_items:
-            oldest = next(iter(self.pending))
-            log.warning("outbox full (%d): dropping oldest update %s", self.max_items, oldest)
-            self.remove(oldest)
+        """Store durably (fsync) before the first send. Never drops an update: see `full`."""
         path = self._path(update_id)
         write_bytes(path, payload)
         self.pending[update_id] = Pending(update_id, path)

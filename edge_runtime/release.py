@@ -5,10 +5,23 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
+from edge_runtime.inference import InferenceProgram
 from edgelearn.atomic import write_bytes
-from edgelearn.bundle import BundleError, Manifest, read_release, verify_bundle, write_bundle
+from edgelearn.bundle import (
+    INFER_PTE,
+    TRAIN_PTE,
+    BundleError,
+    Manifest,
+    load_weights,
+    read_release,
+    verify_bundle,
+    write_bundle,
+)
 
 log = logging.getLogger(__name__)
 KEEP_RELEASES = 2
@@ -84,3 +97,39 @@ class ReleaseStore:
         except BundleError as e:
             log.error("release v%d is damaged (%s)", v, e)
             return None
+
+
+@dataclass
+class Active:
+    manifest: Manifest
+    infer: InferenceProgram
+    train_pte: bytes | None
+    weights: dict[str, np.ndarray]
+
+
+def example_batch(manifest: Manifest) -> tuple[np.ndarray, np.ndarray]:
+    """A zero batch of the program's input: x of `input.shape`/`input.dtype`; y one label per row
+    (classify) or one per token (lm)."""
+    shape = tuple(manifest.input["shape"])
+    x = np.zeros(shape, dtype=manifest.input.get("dtype", "float32"))
+    y = np.zeros(shape if manifest.task == "lm" else shape[:1], dtype=np.int64)
+    return x, y
+
+
+def load_release(bundle_dir: Path, manifest: Manifest) -> Active:
+    """Load a verified bundle's inference program and smoke-test it; raises on any failure."""
+    weights = load_weights(bundle_dir)
+    infer = InferenceProgram((bundle_dir / INFER_PTE).read_bytes())
+    out = infer.predict(example_batch(manifest)[0])
+    if not np.isfinite(out).all():
+        raise ValueError("smoke inference returned non-finite values")
+    train_pte = (bundle_dir / TRAIN_PTE).read_bytes() if TRAIN_PTE in manifest.files else None
+    return Active(manifest, infer, train_pte, weights)
+
+
+def public_key(path: Path | None) -> object | None:
+    if path is None:
+        return None
+    from edgelearn.signing import load_public
+
+    return load_public(path)

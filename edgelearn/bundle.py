@@ -30,6 +30,7 @@ INFER_PTE = "infer.pte"
 TRAIN_PTE = "train.pte"
 REQUIRED_FILES = (WEIGHTS, INFER_PTE)
 MAX_MEMBER_BYTES = 512 * 1024 * 1024
+MAX_MANIFEST_DEPTH = 16  # a release's free-form fields (metrics, signature) nest far less; deeper ones overflow copies
 
 
 class BundleError(ValueError):
@@ -170,19 +171,84 @@ def read_release(payload: bytes, public_key: object | None = None) -> tuple[Mani
                     raise BundleError(f"release archive: member {m.name!r} is not a plain file of sane size")
                 f = tar.extractfile(m)
                 data[m.name] = f.read() if f else b""
-    except (tarfile.TarError, EOFError) as e:
-        raise BundleError(f"release is not a tar archive: {e}") from None
-    manifest = Manifest.from_json(data.pop(MANIFEST))
-    if public_key is not None:
-        from edgelearn.signing import verify
+    except (tarfile.TarError, EOFError, OSError, ValueError) as e:  # ValueError: e.g. a bad PAX header
+        raise BundleError(f"release is not a tar archive: {str(e)[:200]}") from None
+    try:  # retained on the broker: anything that escaped here would crash the device at every restart
+        manifest = Manifest.from_json(data.pop(MANIFEST))
+        check_manifest_fields(manifest)
+        if public_key is not None:
+            from edgelearn.signing import verify
 
-        verify(manifest, public_key)  # type: ignore[arg-type]
+            verify(manifest, public_key)  # type: ignore[arg-type]
+    except RecursionError:
+        raise BundleError("manifest.json is nested too deeply") from None
+    except TypeError as e:  # e.g. `files` a number or a list of numbers, met by Manifest.from_json's own checks
+        raise BundleError(f"manifest.json has a field of the wrong type: {e}") from None
     if set(data) != set(manifest.files):
         raise BundleError(f"release archive members {sorted(data)} differ from the manifest's {sorted(manifest.files)}")
     for name, blob in data.items():
-        if sha256(blob) != manifest.files[name]["sha256"]:
+        entry = manifest.files[name]
+        if sha256(blob) != entry["sha256"] or len(blob) != entry["bytes"]:
             raise BundleError(f"release archive: {name} does not match its sha256 (tampered?)")
     return manifest, data
+
+
+def _is_int(value: object, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _is_str_list(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _field_problem(m: Manifest) -> str | None:
+    """The first manifest field of the wrong type or form (protocol v1), or None."""
+    if not _is_int(m.version, 1):
+        return f"version {m.version!r} is not an integer >= 1"
+    for key in ("model_id", "task", "target", "created", "format"):
+        if not isinstance(getattr(m, key), str):
+            return f"{key} is not a string"
+    shape = m.input.get("shape") if isinstance(m.input, dict) else None
+    if not (isinstance(shape, list) and shape and all(_is_int(n, 1) for n in shape)):
+        return "input.shape is not a list of positive integers"
+    if not isinstance(m.input.get("dtype", "float32"), str):
+        return "input.dtype is not a string"
+    if not _is_str_list(m.trainable):
+        return "trainable is not a list of names"
+    if not isinstance(m.metrics, dict) or not (m.signature is None or isinstance(m.signature, dict)):
+        return "metrics or signature is not an object"
+    for name, entry in m.files.items():
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("sha256"), str)
+            or not _is_int(entry.get("bytes"), 0)
+        ):
+            return f"files[{name!r}] needs a sha256 string and a bytes count"
+    return None
+
+
+def json_depth(obj: object) -> int:
+    """Nesting depth of a parsed JSON value (a scalar is 0, `[]` is 1), without recursion."""
+    deepest, stack = 0, [(obj, 0)]
+    while stack:
+        value, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
+    return deepest
+
+
+def check_manifest_fields(m: Manifest) -> None:
+    """Raise BundleError naming the first manifest field of the wrong type (a release is untrusted input)."""
+    if not isinstance(m.files, dict):
+        raise BundleError("manifest.json: files is not an object")
+    if json_depth([m.input, m.metrics, m.signature]) > MAX_MANIFEST_DEPTH:
+        raise BundleError(f"manifest.json: input, metrics or signature nested deeper than {MAX_MANIFEST_DEPTH}")
+    problem = _field_problem(m)
+    if problem:
+        raise BundleError(f"manifest.json: {problem}")
 
 
 def unpack_release(payload: bytes, dest_dir: str | Path) -> Manifest:

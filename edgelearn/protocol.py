@@ -159,6 +159,29 @@ class LocalConfig:
     lr: float = 0.05
 
 
+_NO_DEFAULT = object()
+
+
+def _json_int(d: dict, key: str, minimum: int, default: object = _NO_DEFAULT) -> int:
+    """`d[key]` if it is a JSON integer (not a boolean) >= `minimum`; `default` if absent; else ValueError."""
+    value = d.get(key, default)
+    if value is _NO_DEFAULT:
+        raise KeyError(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{key}={str(value)[:32]!r} is not an integer >= {minimum}")
+    return value
+
+
+def _json_float(d: dict, key: str, minimum: float, default: object = _NO_DEFAULT) -> float:
+    """`d[key]` as a float if it is a finite JSON number (not a boolean) >= `minimum`; `default` if absent."""
+    value = d.get(key, default)
+    if value is _NO_DEFAULT:
+        raise KeyError(key)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < minimum:
+        raise ValueError(f"{key}={str(value)[:32]!r} is not a finite number >= {minimum}")
+    return float(value)
+
+
 @dataclass(frozen=True)
 class RoundMsg:
     """`P/rounds/current`: the open synchronous round."""
@@ -184,21 +207,31 @@ class RoundMsg:
 
     @classmethod
     def decode(cls, payload: bytes) -> RoundMsg:
+        """Parse a round; ProtocolError("bad_round", ...) names the first field of the wrong type or range."""
         d = _parse_json(payload, "round")
         try:
-            loc = d.get("local") or {}
+            loc = d.get("local")
+            loc = {} if loc is None else loc
+            if not isinstance(loc, dict):
+                raise ValueError("local is not an object")
             parts = d.get("participants")
+            if parts is not None and not (isinstance(parts, list) and all(isinstance(p, str) for p in parts)):
+                raise ValueError("participants is neither null nor a list of device ids")
             return cls(
-                round=int(d["round"]),
-                base_version=int(d["base_version"]),
-                deadline_unix_s=float(d["deadline"]),
-                min_updates=int(d["min_updates"]),
-                participants=tuple(str(p) for p in parts) if parts is not None else None,
+                round=_json_int(d, "round", 1),
+                base_version=_json_int(d, "base_version", 1),
+                deadline_unix_s=_json_float(d, "deadline", 0.0),
+                min_updates=_json_int(d, "min_updates", 0),
+                participants=tuple(parts) if parts is not None else None,
                 local=LocalConfig(
-                    int(loc.get("steps", 20)), int(loc.get("batch_size", 32)), float(loc.get("lr", 0.05))
+                    _json_int(loc, "steps", 1, 20),
+                    _json_int(loc, "batch_size", 1, 32),
+                    _json_float(loc, "lr", 0.0, 0.05),
                 ),
             )
-        except (KeyError, TypeError, ValueError) as e:
+        except KeyError as e:
+            raise ProtocolError("bad_round", f"missing {e}") from None
+        except ValueError as e:
             raise ProtocolError("bad_round", str(e)) from None
 
     def includes(self, device_id: str) -> bool:
@@ -225,10 +258,17 @@ class Ack:
     @classmethod
     def decode(cls, payload: bytes) -> Ack:
         d = _parse_json(payload, "ack")
-        if d.get("status") not in ACK_STATUSES:
-            raise ProtocolError("bad_ack", f"status {d.get('status')!r}")
+        status, reason = d.get("status"), d.get("reason")
+        if not isinstance(status, str) or status not in ACK_STATUSES:
+            raise ProtocolError("bad_ack", f"status {str(status)[:32]!r}")
+        if reason is not None and not isinstance(reason, str):
+            raise ProtocolError("bad_ack", "reason is neither null nor a string")
+        try:
+            version = _json_int(d, "version", 0) if d.get("version") is not None else 0
+        except ValueError as e:
+            raise ProtocolError("bad_ack", str(e)) from None
         uid = d.get("update_id")
-        return cls(uid if isinstance(uid, str) else None, d["status"], d.get("reason"), int(d.get("version") or 0))
+        return cls(uid if isinstance(uid, str) else None, status, reason, version)
 
 
 def encode_status(state: str, **fields: object) -> bytes:

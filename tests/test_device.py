@@ -3,10 +3,9 @@
 from dataclasses import replace
 
 import numpy as np
-import pytest
 
 from edge_runtime.agent import DeviceAgent, DeviceConfig
-from edge_runtime.outbox import Outbox, backoff_s
+from edge_runtime.outbox import Outbox
 from edgelearn.bundle import Manifest, pack_release, verify_bundle, write_bundle
 from edgelearn.protocol import Update, encode_update
 
@@ -71,18 +70,6 @@ def test_outbox_keeps_updates_across_restarts_until_acked(tmp_path):
     again = Outbox(tmp_path / "outbox")
     assert list(again.pending) == ["dev1-r1-v1"]
     assert again.remove("dev1-r1-v1") and not list((tmp_path / "outbox").iterdir())
-
-
-def test_outbox_drops_oldest_when_full(tmp_path):
-    box = Outbox(tmp_path / "outbox", max_items=2)
-    for i in range(3):
-        box.put(f"u{i}", encode_update(Update(f"u{i}", "d", "m", 1, 1, {"w": np.zeros(1, np.float32)})))
-    assert list(box.pending) == ["u1", "u2"]
-
-
-@pytest.mark.parametrize(("attempt", "low", "high"), [(1, 8.0, 12.0), (2, 16.0, 24.0), (10, 240.0, 360.0)])
-def test_backoff_doubles_with_jitter_and_a_cap(attempt, low, high):
-    assert low <= backoff_s(attempt, ack_timeout_s=10.0, max_s=300.0) <= high
 
 
 def test_seed_installs_a_local_bundle(bundle_dir, tmp_path):

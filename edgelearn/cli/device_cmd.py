@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edgelearn.cli.common import broker_url, device_id, fleet_name, stop_on_signals
-from edgelearn.protocol import ENCODINGS
+from edgelearn.protocol import ENCODINGS, LocalConfig
 
 if TYPE_CHECKING:
     from edge_runtime.agent import DeviceConfig
@@ -42,7 +43,9 @@ def _device_config(a: argparse.Namespace, budget, profile) -> DeviceConfig:
 
     cfg = DeviceConfig(a.broker, a.fleet, a.id, a.state, a.topic_root, a.encoding, a.ack_timeout, budget=budget,
                        engine=a.engine, samples=a.samples, mu=a.mu, replay_size=a.replay_size,
-                       max_store_samples=a.max_store_samples, public_key_path=a.public_key)  # fmt: skip
+                       max_store_samples=a.max_store_samples, public_key_path=a.public_key,
+                       async_interval_s=a.async_interval,
+                       async_local=LocalConfig(a.local_steps, a.local_batch_size, a.local_lr))  # fmt: skip
     if profile:
         cfg = replace(cfg, ack_timeout_s=profile.outbox.ack_timeout_s, max_outbox=profile.outbox.max_items,
                       keepalive_s=profile.mqtt.keepalive_s)  # fmt: skip
@@ -83,6 +86,32 @@ def cmd_device(a: argparse.Namespace) -> int:
 
 
 _UNSET = object()
+
+
+def _number(kind: type, minimum: float, inclusive: bool = True):
+    """An argparse type: a finite `kind` number >= `minimum` (> when not `inclusive`), with a one-line error."""
+
+    def parse(value: str) -> int | float:
+        try:
+            n = kind(value)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}") from None
+        if not math.isfinite(n) or not (n >= minimum if inclusive else n > minimum):
+            raise argparse.ArgumentTypeError(f"must be {'>=' if inclusive else '>'} {minimum}, got {value!r}")
+        return n
+
+    return parse
+
+
+def _add_async_options(v: argparse.ArgumentParser) -> None:
+    g = v.add_argument_group("asynchronous mode (when the coordinator's status says mode=async)")
+    g.add_argument("--async-interval", type=_number(float, 0.0), default=10.0,
+                   help="least seconds between two queued updates (default 10)")  # fmt: skip
+    g.add_argument("--local-steps", type=_number(int, 1), default=20, help="SGD steps per update (default 20)")
+    g.add_argument("--local-batch-size", type=_number(int, 1), default=32, help="batch size (default 32)")
+    g.add_argument("--local-lr", type=_number(float, 0.0, inclusive=False), default=0.05,
+                   help="learning rate (default 0.05)")  # fmt: skip
 
 
 def _add_budget_options(v: argparse.ArgumentParser) -> None:
@@ -153,7 +182,8 @@ def _add_device_parser(sub: argparse._SubParsersAction) -> None:
         "device",
         help="run the device agent",
         description="Verify and activate releases, serve inference with ExecuTorch, train on "
-        "local data when a round includes this device and send the update until acked.",
+        "local data when a round includes this device (or, when the coordinator runs in asynchronous "
+        "mode, whenever the budget allows) and send each update until acked.",
     )
     v.add_argument("--broker", type=broker_url, required=True, help="mqtt://[user[:pass]@]host[:port] or mqtts://")
     v.add_argument("--fleet", type=fleet_name, required=True, help="fleet name")
@@ -178,6 +208,7 @@ def _add_device_parser(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--profile", default=None, help="device profile name (see `edgelearn profiles`)")
     v.add_argument("--profile-file", type=Path, default=None, help="TOML file overriding profile fields")
     v.add_argument("--public-key", type=Path, default=None, help="signed fleet: refuse releases not signed by it")
+    _add_async_options(v)
     v.set_defaults(func=cmd_device)
 
 

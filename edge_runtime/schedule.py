@@ -1,0 +1,102 @@
+"""Which local job the device starts next, and what it has finished.
+
+Synchronous mode: the round published on `P/rounds/current`, once its release is active. Asynchronous
+mode (the coordinator's retained status says `"mode": "async"`; no round is published): job after job
+from the active release with the device's own recipe, numbered 1, 2, … (`seq`), at most one every
+`async_interval_s`. What is finished (`Progress`) is saved atomically right after the job's update is
+in the outbox, so a job is never trained and sent twice under different ids.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+from edge_runtime.learner import Job, JobResult
+from edge_runtime.progress import async_due, load_progress, save_progress, update_id_for
+from edgelearn.protocol import LocalConfig, RoundMsg, Update
+
+log = logging.getLogger(__name__)
+MODES = ("sync", "async")
+
+
+class Scheduler:
+    def __init__(
+        self, device_id: str, progress_file: Path, async_interval_s: float, async_local: LocalConfig, mu: float = 0.0
+    ) -> None:
+        self.device_id, self.progress_file, self.mu = device_id, progress_file, mu
+        self.async_interval_s, self.async_local = async_interval_s, async_local
+        self.progress = load_progress(progress_file)
+        self.mode = "sync"  # until the coordinator's status says otherwise
+        self.pending_round: RoundMsg | None = None  # for this device, not started yet
+        self.last_async_s: float | None = None  # monotonic time the last asynchronous update was queued
+
+    def set_mode(self, mode: object) -> bool:
+        """Follow the coordinator's mode; True if it changed (anything but `sync`/`async` is ignored)."""
+        if mode not in MODES or mode == self.mode:
+            return False
+        self.mode = str(mode)
+        return True
+
+    def offer_round(self, rnd: RoundMsg) -> None:
+        """Remember a round that includes this device and is newer than the last one it finished."""
+        if rnd.includes(self.device_id) and rnd.round > self.progress.last_round:
+            self.pending_round = rnd
+
+    def round_ready(self, version: int) -> bool:
+        """The pending round can start or be dropped: its release (or a newer one) is active."""
+        return self.pending_round is not None and self.pending_round.base_version <= version
+
+    def round_job(self, version: int) -> Job | None:
+        """The pending round as a job if it is for the active release `version` (it is consumed either way)."""
+        rnd, self.pending_round = self.pending_round, None
+        if rnd is None or rnd.base_version != version:
+            return None  # stale: its release has been replaced
+        loc = rnd.local
+        return Job(rnd.round, rnd.base_version, loc.steps, loc.batch_size, loc.lr, self.mu)
+
+    def async_job(self, version: int, now_s: float) -> Job | None:
+        """The next asynchronous job from release `version`, if in asynchronous mode and the interval passed."""
+        if self.mode != "async" or version < 1 or not async_due(now_s, self.last_async_s, self.async_interval_s):
+            return None
+        loc = self.async_local
+        return Job(0, version, loc.steps, loc.batch_size, loc.lr, self.mu, seq=self.progress.async_seq + 1)
+
+    def done_or_stale(self, job: Job, version: int) -> bool:
+        """A round job is dropped when done or trained on another release than `version` (its round is
+        gone); an asynchronous one only when done: it finishes on its base release (the coordinator
+        weighs staleness) and its update is sent with that base_version."""
+        if job.seq:
+            return job.seq <= self.progress.async_seq
+        return job.base_version != version or job.round <= self.progress.last_round
+
+    def update_id(self, job: Job) -> str:
+        """`{device_id}-r{round}-v{base}` or `{device_id}-a{seq}-v{base}`, shortened to 64 characters."""
+        tag = f"a{job.seq}-v{job.base_version}" if job.seq else f"r{job.round}-v{job.base_version}"
+        return update_id_for(self.device_id, tag)
+
+    def update_of(self, res: JobResult, model_id: str, encoding: str) -> Update:
+        """The update of a finished job; its id is the same if the job is redone after a crash."""
+        job = res.job
+        return Update(
+            update_id=self.update_id(job),
+            device_id=self.device_id,
+            model_id=model_id,
+            base_version=job.base_version,
+            num_samples=res.num_samples,
+            deltas=res.deltas,
+            round=None if job.seq else job.round,  # asynchronous updates carry no round
+            encoding=encoding,
+            loss=job.loss,
+            train_seconds=job.train_s,
+        )
+
+    def finished(self, job: Job, now_s: float) -> None:
+        """Record `job` as done (atomic write); call once its update is durably in the outbox."""
+        if job.seq:
+            self.progress = replace(self.progress, async_seq=job.seq)
+            self.last_async_s = now_s
+        else:
+            self.progress = replace(self.progress, last_round=job.round)
+        save_progress(self.progress_file, self.progress)
