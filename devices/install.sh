@@ -27,9 +27,24 @@ for p in "$BASE"/packages/*; do
   n="$(basename "$p")"
   [ "$n" = "$ID" ] || [ "$n" = "$PREV" ] || rm -rf "$p"
 done
-if [ -d "$HERE/wheels" ] && [ ! -x "$BASE/venv/bin/edgelearn" ] && [ "$ROOT" = "/" ]; then
-  python3 -m venv "$BASE/venv"
-  "$BASE/venv/bin/pip" install -q --no-index --find-links "$HERE/wheels" edgelearn
+# The runtime venv: made or upgraded when this package's wheels differ from the ones it was last filled from
+# (a hash of their names and contents is kept in the venv). Only into the running system (ROOT=/), unless
+# EDGELEARN_VENV=1 says the ROOT folder is for this machine's own architecture and python.
+if [ -d "$HERE/wheels" ] && { [ "$ROOT" = "/" ] || [ "${EDGELEARN_VENV:-0}" = 1 ]; }; then
+  WHEELS="$(cd "$HERE/wheels" && find . -type f -name '*.whl' | LC_ALL=C sort | xargs -r sha256sum | sha256sum)"
+  WHEELS="${WHEELS%% *}"
+  STAMP="$BASE/venv/edgelearn-wheels.sha256"
+  if [ ! -x "$BASE/venv/bin/edgelearn" ] || [ "$(cat "$STAMP" 2>/dev/null || true)" != "$WHEELS" ]; then
+    [ -x "$BASE/venv/bin/python" ] || python3 -m venv "$BASE/venv"
+    "$BASE/venv/bin/python" -m pip install -q --upgrade --upgrade-strategy eager --no-index \
+      --find-links "$HERE/wheels" edgelearn
+    # same version, rebuilt wheel: --upgrade keeps the installed one, so reinstall edgelearn itself
+    "$BASE/venv/bin/python" -m pip install -q --force-reinstall --no-deps --no-index --find-links "$HERE/wheels" \
+      edgelearn
+    echo "$WHEELS" > "$STAMP.tmp"
+    mv "$STAMP.tmp" "$STAMP"
+    echo "edgelearn runtime installed from the package's wheels"
+  fi
 fi
 if [ "$ROOT" = "/" ] && command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
   systemctl daemon-reload

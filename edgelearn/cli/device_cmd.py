@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -155,7 +156,13 @@ def _add_device_parser(sub: argparse._SubParsersAction) -> None:
         description="Verify and activate releases, serve inference with ExecuTorch, train on "
         "local data when a round includes this device and send the update until acked.",
     )
-    v.add_argument("--broker", type=broker_url, required=True, help="mqtt://[user[:pass]@]host[:port] or mqtts://")
+    v.add_argument(
+        "--broker",
+        type=broker_url,
+        default=os.environ.get("EDGELEARN_BROKER"),
+        required="EDGELEARN_BROKER" not in os.environ,
+        help="mqtt://[user[:pass]@]host[:port] or mqtts:// (default: $EDGELEARN_BROKER)",
+    )
     v.add_argument("--fleet", type=fleet_name, required=True, help="fleet name")
     v.add_argument("--id", type=device_id, required=True, help="device id ([A-Za-z0-9_-]{1,64})")
     v.add_argument("--state", type=Path, required=True, help="state directory (releases, outbox, progress)")
