@@ -1,6 +1,8 @@
 #!/bin/sh
 # Install this edgelearn deploy package into ROOT (default /: the running system; or a mounted SD-card root).
 # Safe to run twice (same package: no change); a newer package replaces the older one with one atomic rename.
+# Into / (or with EDGELEARN_VENV=1) it also makes /opt/edgelearn/venv from the package's wheels, and upgrades it
+# whenever a package brings different wheels.
 set -eu
 ROOT="${1:-/}"
 HERE="$(cd "$(dirname "$0")" && pwd)"
@@ -16,6 +18,8 @@ if [ ! -d "$BASE/packages/$ID" ]; then
   sync
   mv "$BASE/packages/.$ID.tmp" "$BASE/packages/$ID"
 fi
+# device.env holds the broker password: owner only, also in the packages that older flashes left behind
+find "$BASE/packages" -mindepth 2 -maxdepth 2 -name device.env -exec chmod 600 {} +
 ln -sfn "packages/$ID" "$BASE/.current.tmp"
 mv -T "$BASE/.current.tmp" "$BASE/current"
 cp "$BASE/packages/$ID/edgelearn-device.service" "$UNITS/.edgelearn-device.service.tmp"

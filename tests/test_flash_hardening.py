@@ -43,7 +43,7 @@ def agent_args(root: Path, monkeypatch: pytest.MonkeyPatch):
 # ---------------------------------------------------------------- 1. signing
 
 
-def test_flash_with_public_key_makes_the_device_refuse_unsigned_releases(bundle_dir, tmp_path, monkeypatch):
+def test_flash_with_public_key_makes_the_device_refuse_unsigned_releases(bundle_dir, tmp_path, monkeypatch, caplog):
     # Prepare
     generate_keys(tmp_path / "release.key", tmp_path / "release.pub")
     root = tmp_path / "sdcard"
@@ -60,6 +60,7 @@ def test_flash_with_public_key_makes_the_device_refuse_unsigned_releases(bundle_
         verify(manifest, load_public(installed))
     verify(sign(manifest, load_private(tmp_path / "release.key")), load_public(installed))
     assert json.loads((root / CURRENT / "PACKAGE.json").read_text())["signed"] is True
+    assert "the device refuses it and waits for the coordinator's signed release" in caplog.text  # unsigned bundle
 
 
 def test_flash_without_public_key_is_an_unsigned_fleet_and_says_so(bundle_dir, tmp_path, monkeypatch, capsys):
@@ -164,6 +165,10 @@ def test_broker_password_stays_off_the_command_line_and_device_env_is_private(bu
     packaged, installed = tmp_path / "pkg/device.env", root / f"opt/edgelearn/packages/{pid}/device.env"
     for env_file in (packaged, installed, root / CURRENT / "device.env"):
         assert stat.S_IMODE(env_file.stat().st_mode) == 0o600, env_file
+    # a package an older flash left world-readable is made private by the next install
+    installed.chmod(0o644)
+    flash(bundle_dir, load_profile("rpi5"), DeviceSettings("pi-1", "home", url), str(root))
+    assert stat.S_IMODE(installed.stat().st_mode) == 0o600
 
 
 def test_device_command_without_broker_or_environment_is_a_one_line_error(monkeypatch, capsys):
