@@ -187,8 +187,7 @@ def load_profile(name: str, override: Path | None = None) -> Profile:
     and a name, the override file is read as a complete profile (the flashed `profile.toml`).
     """
     extra = _read_toml(override) if override else {}
-    base_name = extra.pop("base", None)
-    base_name = name if base_name is None else base_name
+    base_name = extra.pop("base") if "base" in extra else (name or "")
     if not isinstance(base_name, str):
         raise ProfileError(f"{override}: field 'base' must be a profile name (a string), got {base_name!r}")
     if not base_name and override:  # a complete profile file (as flash writes it), no base to merge onto

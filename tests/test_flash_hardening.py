@@ -314,3 +314,13 @@ def test_a_bad_base_is_a_profile_error(tmp_path, text, message):
     with pytest.raises(ProfileError) as e:
         load_profile("rpi5", f)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_profiles_command_shows_a_complete_profile_file_without_base(tmp_path, capsys):
+    # Prepare: a complete profile (as flash ships it), no base, no profile name on the command line
+    f = tmp_path / "profile.toml"
+    f.write_text(load_profile("rpi4").to_toml())
+    # Execute
+    rc = main(["profiles", "--file", str(f)])
+    # Assert
+    assert rc == 0 and capsys.readouterr().out == load_profile("rpi4").to_toml()
