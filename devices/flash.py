@@ -2,23 +2,32 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
+import os
+import re
 import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from devices.profiles import Profile
-from edgelearn.bundle import verify_bundle
+from edgelearn.bundle import BundleError, Manifest, verify_bundle
 from edgelearn.protocol import check_name, parse_broker_url
+from edgelearn.signing import load_public, verify
 
 log = logging.getLogger(__name__)
 INSTALL_SH = Path(__file__).parent / "install.sh"
 UNIT = "edgelearn-device.service"
 DEVICE_HOME = "/var/lib/edgelearn"
+PUBLIC_KEY = "release.pub"  # the fleet's release key inside a package; the agent reads it from current/
+SSH_TARGET = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*@[A-Za-z0-9_][A-Za-z0-9._-]*")
+REMOTE_DIR = re.compile(r"/tmp/edgelearn-package-[0-9a-f]+\.[A-Za-z0-9_]+")
 
 
 class FlashError(ValueError):
@@ -27,14 +36,26 @@ class FlashError(ValueError):
 
 @dataclass(frozen=True)
 class DeviceSettings:
+    """What a flashed device is told: its id, fleet, broker, data file, and (signed fleet) the release key.
+
+    `public_key` is a file on the flashing machine; it ships in the package as `release.pub`. Without it the
+    device accepts unsigned releases (an unsigned fleet).
+    """
+
     device_id: str
     fleet: str
     broker_url: str
     data_path: str = f"{DEVICE_HOME}/data.safetensors"
+    public_key: Path | None = None
 
 
 def unit_text(s: DeviceSettings) -> str:
-    """The systemd unit: runs the agent from /opt/edgelearn/current, restarts it on failure."""
+    """The systemd unit: runs the agent from /opt/edgelearn/current, restarts it on failure.
+
+    The broker URL (it may hold a password) reaches the agent as EDGELEARN_BROKER from device.env, never on the
+    command line, which any local user can read in /proc/PID/cmdline.
+    """
+    signed = f" \\\n  --public-key /opt/edgelearn/current/{PUBLIC_KEY}" if s.public_key else ""
     return f"""[Unit]
 Description=edgelearn device agent ({s.device_id})
 After=network-online.target
@@ -43,9 +64,9 @@ Wants=network-online.target
 [Service]
 Type=simple
 EnvironmentFile=/opt/edgelearn/current/device.env
-ExecStart=/opt/edgelearn/venv/bin/edgelearn device --broker ${{EDGELEARN_BROKER}} --fleet ${{EDGELEARN_FLEET}} \\
+ExecStart=/opt/edgelearn/venv/bin/edgelearn device --fleet ${{EDGELEARN_FLEET}} \\
   --id ${{EDGELEARN_DEVICE_ID}} --state {DEVICE_HOME}/state --data ${{EDGELEARN_DATA}} \\
-  --bundle /opt/edgelearn/current/bundle --profile-file /opt/edgelearn/current/profile.toml
+  --bundle /opt/edgelearn/current/bundle --profile-file /opt/edgelearn/current/profile.toml{signed}
 Restart=on-failure
 RestartSec=5
 Nice=10
@@ -55,11 +76,61 @@ WantedBy=multi-user.target
 """
 
 
+ENV_OPTIONS = {  # device.env variable -> the flash option that sets it
+    "EDGELEARN_BROKER": "--broker",
+    "EDGELEARN_FLEET": "--fleet",
+    "EDGELEARN_DEVICE_ID": "--device-id",
+    "EDGELEARN_DATA": "--data-path",
+}
+
+
+def env_value_problem(value: str) -> str | None:
+    """Why `value` cannot be a systemd EnvironmentFile value as is, or None when it can.
+
+    Refused: empty, whitespace or control characters (a newline would add a variable to a root service's
+    environment), quotes and backslashes (systemd would unquote or unescape them).
+    """
+    if not value:
+        return "it is empty"
+    bad = next((i for i, c in enumerate(value) if c.isspace() or not c.isprintable() or c in "\"'\\"), None)
+    return None if bad is None else f"character {value[bad]!r} at position {bad}"
+
+
 def env_text(s: DeviceSettings) -> str:
-    return (
-        f"EDGELEARN_BROKER={s.broker_url}\nEDGELEARN_FLEET={s.fleet}\nEDGELEARN_DEVICE_ID={s.device_id}\n"
-        f"EDGELEARN_DATA={s.data_path}\n"
-    )
+    """device.env, one KEY=VALUE line per setting; a value that is not safe there raises a one-line ValueError."""
+    values = dict(zip(ENV_OPTIONS, (s.broker_url, s.fleet, s.device_id, s.data_path), strict=True))
+    for key, value in values.items():
+        problem = env_value_problem(value)
+        if problem:
+            raise ValueError(
+                f"{ENV_OPTIONS[key]} cannot go into device.env ({key}): {problem}; "
+                "whitespace, control characters, quotes and backslashes are not allowed"
+            )
+    return "".join(f"{k}={v}\n" for k, v in values.items())
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write `text` to a new file that only its owner can read (mode 0600 from creation, never wider)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def check_public_key(path: Path) -> None:
+    """Refuse a file that is not a base64 raw ed25519 public key, or that is the private key of a `*.pub` next to
+    it (both are 32 base64 bytes; `edgelearn keys` writes release.key beside release.pub)."""
+    try:
+        load_public(path)
+    except ValueError as e:
+        raise FlashError(f"--public-key {e}") from None
+    derived = Ed25519PrivateKey.from_private_bytes(base64.b64decode(path.read_text().strip())).public_key()
+    for pub in sorted(path.parent.glob("*.pub")):
+        try:
+            matches = load_public(pub).public_bytes_raw() == derived.public_bytes_raw()
+        except ValueError:
+            continue
+        if matches:
+            raise FlashError(f"--public-key {path} is the private key of {pub}: give {pub} (keep the private one)")
 
 
 def package_id(folder: Path) -> str:
@@ -71,26 +142,43 @@ def package_id(folder: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def build_package(
-    out: Path, bundle_dir: Path, profile: Profile, settings: DeviceSettings, wheels_dir: Path | None = None
-) -> str:
-    """Write a deploy package folder at `out`; returns its package id."""
+def check_request(bundle_dir: Path, settings: DeviceSettings) -> Manifest:
+    """The bundle's manifest once the bundle, names, broker URL, data path and key are all valid; else FlashError."""
     try:
         manifest = verify_bundle(bundle_dir)
         check_name("device id", settings.device_id)
         check_name("fleet", settings.fleet)
         parse_broker_url(settings.broker_url)
+        env_text(settings)
     except ValueError as e:
         raise FlashError(str(e)) from None
+    if not settings.data_path.startswith("/"):
+        raise FlashError(f"--data-path must be an absolute path on the device, got {settings.data_path!r}")
+    if settings.public_key is not None:
+        check_public_key(settings.public_key)
+        try:
+            verify(manifest, load_public(settings.public_key))
+        except BundleError as e:
+            log.warning("flashed bundle: %s; the device refuses it and waits for the coordinator's signed release", e)
+    return manifest
+
+
+def build_package(
+    out: Path, bundle_dir: Path, profile: Profile, settings: DeviceSettings, wheels_dir: Path | None = None
+) -> str:
+    """Write a deploy package folder at `out`; returns its package id. device.env (broker password) is 0600."""
+    manifest = check_request(bundle_dir, settings)
     if manifest.target != profile.target:
         log.warning("bundle target %s differs from profile %s's %s", manifest.target, profile.name, profile.target)
     if out.exists():
         shutil.rmtree(out)
     shutil.copytree(bundle_dir, out / "bundle")
     (out / "profile.toml").write_text(profile.to_toml(), encoding="utf-8")
-    (out / "device.env").write_text(env_text(settings))
+    write_private(out / "device.env", env_text(settings))
     (out / UNIT).write_text(unit_text(settings))
     shutil.copy2(INSTALL_SH, out / "install.sh")
+    if settings.public_key is not None:
+        shutil.copyfile(settings.public_key, out / PUBLIC_KEY)
     if wheels_dir:
         shutil.copytree(wheels_dir, out / "wheels")
     pid = package_id(out)
@@ -101,6 +189,7 @@ def build_package(
         "profile": profile.name,
         "model_id": manifest.model_id,
         "bundle_version": manifest.version,
+        "signed": settings.public_key is not None,
     }
     (out / "PACKAGE.json").write_text(json.dumps(info, indent=2) + "\n")
     return pid
@@ -115,13 +204,42 @@ def install_to_dir(package: Path, root: Path) -> None:
     log.info(res.stdout.strip())
 
 
-def ssh_commands(package: Path, target: str, pid: str) -> list[list[str]]:
-    """rsync the package to `user@host` and run its install.sh there with sudo."""
-    remote = f"/tmp/edgelearn-package-{pid}"
+def check_ssh_target(target: str) -> None:
+    """`user@host` with plain names only: nothing ssh or rsync could read as an option or a second argument."""
+    if not SSH_TARGET.fullmatch(target):
+        raise FlashError(f"--to {target!r}: expected an existing folder or user@host (letters, digits, . _ -)")
+
+
+def remote_mkdir_command(target: str, pid: str) -> list[str]:
+    """A fresh private (0700) folder on the device for the package, named by mktemp (no guessable /tmp path)."""
+    return ["ssh", target, f"mktemp -d /tmp/edgelearn-package-{pid}.XXXXXXXX"]
+
+
+def ssh_commands(package: Path, target: str, remote: str) -> list[list[str]]:
+    """rsync the package into `remote` on `user@host`, run its install.sh there with sudo, then delete `remote`
+    whatever install.sh returned (its exit status is kept)."""
+    if not REMOTE_DIR.fullmatch(remote):
+        raise FlashError(f"unexpected remote folder {remote!r} from mktemp on {target}")
+    script = f"sudo sh {remote}/install.sh /; rc=$?; rm -rf {remote}; exit $rc"
     return [
         ["rsync", "-a", "--delete", f"{package}/", f"{target}:{remote}/"],
-        ["ssh", target, f"sudo sh {remote}/install.sh /"],
+        ["ssh", target, f"sh -c '{script}'"],
     ]
+
+
+def flash_over_ssh(package: Path, target: str, pid: str) -> None:
+    """Install the package on `user@host`: private remote folder, rsync, install, remove the folder."""
+    check_ssh_target(target)
+    res = subprocess.run(remote_mkdir_command(target, pid), capture_output=True, text=True)
+    if res.returncode != 0:
+        raise FlashError(f"ssh to {target} failed; check ssh access (key, sudo): {res.stderr.strip()[-200:]!r}")
+    remote = res.stdout.strip()
+    copy, install = ssh_commands(package, target, remote)
+    if subprocess.run(copy).returncode != 0:
+        subprocess.run(["ssh", target, f"rm -rf {remote}"])
+        raise FlashError(f"rsync to {target} failed; is rsync installed on the device?")
+    if subprocess.run(install).returncode != 0:
+        raise FlashError(f"install.sh on {target} failed; check sudo rights there")
 
 
 def flash(bundle_dir: Path, profile: Profile, settings: DeviceSettings, to: str, wheels_dir: Path | None = None) -> str:
@@ -130,9 +248,7 @@ def flash(bundle_dir: Path, profile: Profile, settings: DeviceSettings, to: str,
         pkg = Path(tmp) / "package"
         pid = build_package(pkg, bundle_dir, profile, settings, wheels_dir)
         if "@" in to and not Path(to).exists():
-            for cmd in ssh_commands(pkg, to, pid):
-                if subprocess.run(cmd).returncode != 0:
-                    raise FlashError(f"{cmd[0]} to {to} failed; check ssh access (key, sudo)")
+            flash_over_ssh(pkg, to, pid)
         else:
             install_to_dir(pkg, Path(to))
     return pid

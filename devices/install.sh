@@ -1,6 +1,8 @@
 #!/bin/sh
 # Install this edgelearn deploy package into ROOT (default /: the running system; or a mounted SD-card root).
 # Safe to run twice (same package: no change); a newer package replaces the older one with one atomic rename.
+# Into / (or with EDGELEARN_VENV=1) it also makes /opt/edgelearn/venv from the package's wheels, and upgrades it
+# whenever a package brings different wheels.
 set -eu
 ROOT="${1:-/}"
 HERE="$(cd "$(dirname "$0")" && pwd)"
@@ -16,6 +18,8 @@ if [ ! -d "$BASE/packages/$ID" ]; then
   sync
   mv "$BASE/packages/.$ID.tmp" "$BASE/packages/$ID"
 fi
+# device.env holds the broker password: owner only, also in the packages that older flashes left behind
+find "$BASE/packages" -mindepth 2 -maxdepth 2 -name device.env -exec chmod 600 {} +
 ln -sfn "packages/$ID" "$BASE/.current.tmp"
 mv -T "$BASE/.current.tmp" "$BASE/current"
 cp "$BASE/packages/$ID/edgelearn-device.service" "$UNITS/.edgelearn-device.service.tmp"
@@ -27,9 +31,24 @@ for p in "$BASE"/packages/*; do
   n="$(basename "$p")"
   [ "$n" = "$ID" ] || [ "$n" = "$PREV" ] || rm -rf "$p"
 done
-if [ -d "$HERE/wheels" ] && [ ! -x "$BASE/venv/bin/edgelearn" ] && [ "$ROOT" = "/" ]; then
-  python3 -m venv "$BASE/venv"
-  "$BASE/venv/bin/pip" install -q --no-index --find-links "$HERE/wheels" edgelearn
+# The runtime venv: made or upgraded when this package's wheels differ from the ones it was last filled from
+# (a hash of their names and contents is kept in the venv). Only into the running system (ROOT=/), unless
+# EDGELEARN_VENV=1 says the ROOT folder is for this machine's own architecture and python.
+if [ -d "$HERE/wheels" ] && { [ "$ROOT" = "/" ] || [ "${EDGELEARN_VENV:-0}" = 1 ]; }; then
+  WHEELS="$(cd "$HERE/wheels" && find . -type f -name '*.whl' | LC_ALL=C sort | xargs -r sha256sum | sha256sum)"
+  WHEELS="${WHEELS%% *}"
+  STAMP="$BASE/venv/edgelearn-wheels.sha256"
+  if [ ! -x "$BASE/venv/bin/edgelearn" ] || [ "$(cat "$STAMP" 2>/dev/null || true)" != "$WHEELS" ]; then
+    [ -x "$BASE/venv/bin/python" ] || python3 -m venv "$BASE/venv"
+    "$BASE/venv/bin/python" -m pip install -q --upgrade --upgrade-strategy eager --no-index \
+      --find-links "$HERE/wheels" edgelearn
+    # same version, rebuilt wheel: --upgrade keeps the installed one, so reinstall edgelearn itself
+    "$BASE/venv/bin/python" -m pip install -q --force-reinstall --no-deps --no-index --find-links "$HERE/wheels" \
+      edgelearn
+    echo "$WHEELS" > "$STAMP.tmp"
+    mv "$STAMP.tmp" "$STAMP"
+    echo "edgelearn runtime installed from the package's wheels"
+  fi
 fi
 if [ "$ROOT" = "/" ] && command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
   systemctl daemon-reload

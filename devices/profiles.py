@@ -6,6 +6,7 @@ its `base` profile. Unknown fields and wrong types are errors that name the fiel
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -60,6 +61,60 @@ class Profile:
 _NESTED = {"BudgetProfile": BudgetProfile, "MqttProfile": MqttProfile, "OutboxProfile": OutboxProfile}
 
 
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of a numeric field: lo < x (lo_open) or lo <= x, and x <= hi when hi is set; finite."""
+
+    lo: float
+    hi: float | None = None
+    lo_open: bool = False
+    integer: bool = False
+
+    def describe(self) -> str:
+        kind = "an integer" if self.integer else "a number"
+        low = f"> {self.lo:g}" if self.lo_open else f">= {self.lo:g}"
+        if self.hi is None:
+            return f"{kind} {low}"
+        return f"{kind} in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}]"
+
+
+RANGES = {  # dotted field -> allowed values; a budget of 0 or below would disable or invert its check
+    "threads": Range(1, integer=True),
+    "budget.max_cpu_percent": Range(0, 100, lo_open=True),
+    "budget.max_rss_mb": Range(0, lo_open=True, integer=True),
+    "budget.min_available_mb": Range(0, integer=True),
+    "budget.max_temp_c": Range(0, 150, lo_open=True),
+    "budget.min_battery_percent": Range(0, 100),
+    "budget.max_train_s_per_hour": Range(0, 3600, lo_open=True, integer=True),
+    "mqtt.keepalive_s": Range(1, 65535, integer=True),  # MQTT keep-alive is a 16-bit count of seconds
+    "outbox.max_items": Range(1, integer=True),
+    "outbox.ack_timeout_s": Range(0, lo_open=True),
+}
+
+
+def in_range(value: Any, r: Range) -> bool:
+    """True when `value` is a real number (not a bool), finite, integral if `r.integer`, and lo <(=) x <= hi."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return False
+    if r.integer and not isinstance(value, int):
+        return False
+    above = value > r.lo if r.lo_open else value >= r.lo
+    return above and (r.hi is None or value <= r.hi)
+
+
+def range_errors(profile: Profile) -> list[str]:
+    """One message per numeric field outside its allowed range, naming the field and the range."""
+    values = asdict(profile)
+    out = []
+    for path, r in RANGES.items():
+        value: Any = values
+        for part in path.split("."):
+            value = value[part]
+        if not in_range(value, r):
+            out.append(f"field '{path}' must be {r.describe()}, got {value!r}")
+    return out
+
+
 def builtin_names() -> list[str]:
     return sorted(p.stem for p in PROFILE_DIR.glob("*.toml"))
 
@@ -111,8 +166,9 @@ def parse_profile(data: dict[str, Any], where: str) -> Profile:
         ) from None
     except dacite.MissingValueError as e:
         raise ProfileError(f"{where}: missing field '{e.field_path}'") from None
-    if profile.threads < 1:
-        raise ProfileError(f"{where}: field 'threads' must be >= 1, got {profile.threads}")
+    errors = range_errors(profile)
+    if errors:
+        raise ProfileError(f"{where}: {'; '.join(errors)}")
     return profile
 
 
@@ -131,11 +187,13 @@ def load_profile(name: str, override: Path | None = None) -> Profile:
     and a name, the override file is read as a complete profile (the flashed `profile.toml`).
     """
     extra = _read_toml(override) if override else {}
-    base_name = extra.pop("base", None) or name
+    base_name = extra.pop("base") if "base" in extra else (name or "")
+    if not isinstance(base_name, str):
+        raise ProfileError(f"{override}: field 'base' must be a profile name (a string), got {base_name!r}")
     if not base_name and override:  # a complete profile file (as flash writes it), no base to merge onto
         return parse_profile(extra, str(override))
     path = Path(base_name) if base_name.endswith(".toml") else PROFILE_DIR / f"{base_name}.toml"
-    if not path.exists():
+    if base_name not in builtin_names() and not (base_name.endswith(".toml") and path.is_file()):
         raise ProfileError(
             f"unknown profile {base_name!r}: choose one of {', '.join(builtin_names())} or give a .toml file"
         )

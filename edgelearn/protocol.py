@@ -119,7 +119,17 @@ class BrokerUrl:
 
 
 def parse_broker_url(url: str) -> BrokerUrl:
-    """Parse `mqtt://[user[:password]@]host[:port]` (port 1883) or `mqtts://...` (TLS, port 8883)."""
+    """Parse `mqtt://[user[:password]@]host[:port]` (port 1883) or `mqtts://...` (TLS, port 8883).
+
+    Whitespace and control characters are refused before parsing (urlsplit silently drops some, e.g. a newline
+    that would otherwise reach a device's environment file); percent-encode them in a user name or password.
+    """
+    bad = next((i for i, c in enumerate(url) if c.isspace() or not c.isprintable()), None)
+    if bad is not None:
+        raise ValueError(
+            f"invalid broker URL: whitespace or control character {url[bad]!r} at position {bad} "
+            "(percent-encode it in a user name or password)"
+        )
     parts = urlsplit(url)
     if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
         raise ValueError(f"invalid broker URL {url!r}: expected mqtt://host[:port] or mqtts://host[:port]")

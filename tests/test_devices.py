@@ -33,7 +33,7 @@ def test_override_file_changes_only_its_fields(tmp_path):
         ('base = "rpi4"\n[budget]\nmax_cpu = 50\n', "unknown field(s) budget.max_cpu"),
         ('base = "rpi4"\ncolour = "red"\n', "unknown field(s) colour"),
         ('base = "rpi4"\n[budget]\nmax_rss_mb = "lots"\n', "field 'budget.max_rss_mb' must be int, got 'lots'"),
-        ('base = "rpi4"\nthreads = 0\n', "field 'threads' must be >= 1"),
+        ('base = "rpi4"\nthreads = 0\n', "field 'threads' must be an integer >= 1, got 0"),
         ('base = "rpi9"\n', "unknown profile 'rpi9'"),
         ("threads = [", "not valid TOML"),
     ],
@@ -110,11 +110,11 @@ def test_flash_refuses_a_tampered_bundle(bundle_dir, tmp_path):
 
 
 def test_ssh_target_uses_rsync_then_install(tmp_path):
-    cmds = ssh_commands(tmp_path / "pkg", "pi@raspberrypi.local", "abc")
-    assert (
-        cmds[0][:3] == ["rsync", "-a", "--delete"] and cmds[0][-1] == "pi@raspberrypi.local:/tmp/edgelearn-package-abc/"
-    )
-    assert cmds[1] == ["ssh", "pi@raspberrypi.local", "sudo sh /tmp/edgelearn-package-abc/install.sh /"]
+    remote = "/tmp/edgelearn-package-abc.Xy12Zw9q"
+    cmds = ssh_commands(tmp_path / "pkg", "pi@raspberrypi.local", remote)
+    assert cmds[0][:3] == ["rsync", "-a", "--delete"] and cmds[0][-1] == f"pi@raspberrypi.local:{remote}/"
+    assert cmds[1][:2] == ["ssh", "pi@raspberrypi.local"]
+    assert cmds[1][2].startswith(f"sh -c 'sudo sh {remote}/install.sh /;")
 
 
 def test_aarch64_lock_pins_every_distribution_the_device_agent_imports():

@@ -45,11 +45,12 @@ def test_exec_start_of_the_flashed_unit_becomes_the_agent_argv(tmp_path):
     s = DeviceSettings("pi-7", "lab", "mqtt://127.0.0.1:1883")
     (tmp_path / "device.env").write_text("# written by flash\n" + env_text(s))
     # Execute
-    argv = exec_start_argv(unit_text(s), read_env_file(tmp_path / "device.env"))
-    # Assert
+    env = read_env_file(tmp_path / "device.env")
+    argv = exec_start_argv(unit_text(s), env)
+    # Assert: the broker URL (it may hold a password) comes from the environment, not the command line
     assert argv[:2] == ["/opt/edgelearn/venv/bin/edgelearn", "device"]
     pairs = dict(zip(argv[2::2], argv[3::2], strict=True))
-    assert pairs["--broker"] == "mqtt://127.0.0.1:1883"
+    assert "--broker" not in pairs and env["EDGELEARN_BROKER"] == "mqtt://127.0.0.1:1883"
     assert pairs["--id"] == "pi-7"
     assert pairs["--fleet"] == "lab"
     assert pairs["--data"] == "/var/lib/edgelearn/data.safetensors"

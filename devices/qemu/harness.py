@@ -233,7 +233,8 @@ def stop_all(procs: list[subprocess.Popen], grace_s: float = 60.0) -> None:
 def one_round(cfg: QemuConfig, t: Timings, bundle: Path, fake: Path, broker_url: str) -> AgentRun:
     """A host coordinator (1 round, min 1 update) and the flashed agent under QEMU, until v2 is active there."""
     unit = (cfg.rootfs / "etc/systemd/system/edgelearn-device.service").read_text()
-    argv = exec_start_argv(unit, read_env_file(cfg.rootfs / "opt/edgelearn/current/device.env"))
+    env = read_env_file(cfg.rootfs / "opt/edgelearn/current/device.env")  # as systemd's EnvironmentFile= does
+    argv = exec_start_argv(unit, env)
     coord = [*host_cli("coordinator", "--broker", broker_url, "--fleet", cfg.fleet, "--bundle", str(bundle))]
     coord += ["--state", str(cfg.work_dir / "coordinator"), "--min-updates", "1", "--max-rounds", "1"]
     coord += ["--round-timeout", str(cfg.round_timeout_s), "--steps", str(cfg.steps)]
@@ -241,7 +242,7 @@ def one_round(cfg: QemuConfig, t: Timings, bundle: Path, fake: Path, broker_url:
     try:
         with t.step("fedavg_round"):
             procs.append(start(coord, cfg.work_dir / "coordinator.log"))
-            procs.append(start(guest_cmd(cfg, fake, *argv), cfg.work_dir / "agent.log", guest_env(cfg)))
+            procs.append(start(guest_cmd(cfg, fake, *argv), cfg.work_dir / "agent.log", {**guest_env(cfg), **env}))
             state = cfg.rootfs / "var/lib/edgelearn/state"
             return wait_for_round(broker_url, cfg.fleet, cfg.device_id, state, procs, cfg.round_timeout_s + 60)
     except RoundError as e:

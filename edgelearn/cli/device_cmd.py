@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -185,7 +186,13 @@ def _add_device_parser(sub: argparse._SubParsersAction) -> None:
         "local data when a round includes this device (or, when the coordinator runs in asynchronous "
         "mode, whenever the budget allows) and send each update until acked.",
     )
-    v.add_argument("--broker", type=broker_url, required=True, help="mqtt://[user[:pass]@]host[:port] or mqtts://")
+    v.add_argument(
+        "--broker",
+        type=broker_url,
+        default=os.environ.get("EDGELEARN_BROKER"),
+        required="EDGELEARN_BROKER" not in os.environ,
+        help="mqtt://[user[:pass]@]host[:port] or mqtts:// (default: $EDGELEARN_BROKER)",
+    )
     v.add_argument("--fleet", type=fleet_name, required=True, help="fleet name")
     v.add_argument("--id", type=device_id, required=True, help="device id ([A-Za-z0-9_-]{1,64})")
     v.add_argument("--state", type=Path, required=True, help="state directory (releases, outbox, progress)")

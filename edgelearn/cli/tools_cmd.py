@@ -50,10 +50,16 @@ def cmd_flash(a: argparse.Namespace) -> int:
 
     try:
         profile = load_profile(a.profile, a.profile_file)
-        pid = flash(a.bundle, profile, DeviceSettings(a.device_id, a.fleet, a.broker, a.data_path), a.to, a.wheels)
+        settings = DeviceSettings(a.device_id, a.fleet, a.broker, a.data_path, a.public_key)
+        pid = flash(a.bundle, profile, settings, a.to, a.wheels)
     except (FlashError, ProfileError) as e:
         print(f"edgelearn flash: error: {e}", file=sys.stderr)
         return 2
+    if a.public_key is None:
+        print(
+            "edgelearn flash: warning: unsigned fleet, the device accepts any release (see --public-key)",
+            file=sys.stderr,
+        )
     print(f"installed package {pid} ({profile.name}, device {a.device_id}) into {a.to}")
     return 0
 
@@ -104,6 +110,13 @@ def _add_flash_parser(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--broker", type=broker_url, required=True, help="broker URL the device connects to")
     f.add_argument("--data-path", default="/var/lib/edgelearn/data.safetensors", help="local data file on device")
     f.add_argument("--wheels", type=Path, default=None, help="folder of wheels to install edgelearn offline")
+    f.add_argument(
+        "--public-key",
+        type=Path,
+        default=None,
+        help="release.pub of a signed fleet: the device refuses releases not signed by its key "
+        "(without it the fleet is unsigned)",
+    )
     f.add_argument("--to", required=True, help="TARGET: a folder (root file system) or user@host")
     f.set_defaults(func=cmd_flash)
 
