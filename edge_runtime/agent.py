@@ -49,7 +49,7 @@ class DeviceConfig:
     state_dir: Path
     topic_root: str = "edgelearn"
     encoding: str = "fp32"
-    ack_timeout_s: float = 10.0
+    ack_timeout_s: float = 30.0  # above a release build (~15 s here): the coordinator acks nothing meanwhile
     max_outbox: int = 100
     tick_s: float = 0.2
     keepalive_s: int = 30

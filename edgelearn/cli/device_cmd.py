@@ -209,7 +209,7 @@ def _add_device_parser(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--max-store-samples", type=int, default=20000, help="sample store bound (default 20000)")
     _add_budget_options(v)
     v.add_argument("--encoding", choices=ENCODINGS, default="fp32", help="update encoding (default fp32)")
-    v.add_argument("--ack-timeout", type=float, default=10.0, help="seconds before re-sending an unacked update")
+    v.add_argument("--ack-timeout", type=float, default=30.0, help="seconds before a re-send (default 30)")
     v.add_argument("--topic-root", default="edgelearn", help="first topic segment (default edgelearn)")
     v.add_argument("--bundle", type=Path, default=None, help="a local bundle to start from (e.g. the flashed one)")
     v.add_argument("--profile", default=None, help="device profile name (see `edgelearn profiles`)")
