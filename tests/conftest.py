@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import queue
 import shutil
+import time
 import uuid
 from pathlib import Path
 
@@ -59,6 +60,16 @@ class Recorder:
 
     def next(self, timeout_s: float = 30.0) -> tuple[str, bytes]:
         return self.messages.get(timeout=timeout_s)
+
+    def next_while_running(self, procs: list, log: Path, deadline_s: float) -> tuple[str, bytes] | None:
+        """The next message within 1 s (None if none came), failing the test with the end of `log` if a process
+        exited or the monotonic `deadline_s` passed."""
+        assert time.monotonic() < deadline_s, log.read_text()[-3000:]
+        assert all(p.poll() is None for p in procs), log.read_text()[-3000:]
+        try:
+            return self.messages.get(timeout=1)
+        except queue.Empty:
+            return None
 
     def close(self) -> None:
         self.link.stop()
