@@ -53,7 +53,8 @@ def unit_text(s: DeviceSettings) -> str:
     """The systemd unit: runs the agent from /opt/edgelearn/current, restarts it on failure.
 
     The broker URL (it may hold a password) reaches the agent as EDGELEARN_BROKER from device.env, never on the
-    command line, which any local user can read in /proc/PID/cmdline.
+    command line, which any local user can read in /proc/PID/cmdline. The sandbox options leave the agent what it
+    needs (its state under /var/lib/edgelearn, /sys and /proc readings for its budget) and nothing else to write.
     """
     signed = f" \\\n  --public-key /opt/edgelearn/current/{PUBLIC_KEY}" if s.public_key else ""
     return f"""[Unit]
@@ -70,6 +71,12 @@ ExecStart=/opt/edgelearn/venv/bin/edgelearn device --fleet ${{EDGELEARN_FLEET}} 
 Restart=on-failure
 RestartSec=5
 Nice=10
+NoNewPrivileges=yes
+ProtectSystem=full
+ProtectHome=yes
+PrivateTmp=yes
+ProtectKernelTunables=yes
+ProtectControlGroups=yes
 
 [Install]
 WantedBy=multi-user.target

@@ -60,6 +60,7 @@ def test_flash_to_a_root_folder(bundle_dir, tmp_path):
     assert load_profile(str(current / "profile.toml")) == load_profile("rpi4")
     unit = (root / "etc/systemd/system/edgelearn-device.service").read_text()
     assert "Restart=on-failure" in unit and "/opt/edgelearn/current/bundle" in unit
+    assert "NoNewPrivileges=yes" in unit and "ProtectSystem=full" in unit  # sandboxed: nothing to write outside state
     wants = root / "etc/systemd/system/multi-user.target.wants/edgelearn-device.service"
     assert os.readlink(wants) == "../edgelearn-device.service"
 
