@@ -88,6 +88,7 @@ class DeviceAgent:
         self.schedule = Scheduler(
             cfg.device_id, cfg.state_dir / "device.json", cfg.async_interval_s, cfg.async_local, cfg.mu
         )
+        self.schedule.recover(self.outbox.pending)
         self.active: Active | None = None
         self.learner: Learner | None = None
         self.store = SampleStore(cfg.state_dir / "samples", cfg.max_store_samples)
@@ -283,6 +284,10 @@ class DeviceAgent:
             return
         if self.schedule.set_mode(mode):
             log.info("%s: coordinator mode %s", self.cfg.device_id, mode)
+            job = self.learner.job if self.learner else None
+            if mode == "sync" and job is not None and job.seq:  # a sync coordinator would reject its update
+                log.info("%s: asynchronous job %d dropped", self.cfg.device_id, job.seq)
+                self.learner.clear(list(self.outbox.pending))
             self.publish_status(self._state())
 
     def outbox_has_room(self) -> bool:
@@ -330,15 +335,8 @@ class DeviceAgent:
         self.outbox.put(update.update_id, encode_update(update))
         self.schedule.finished(job, time.monotonic())
         self.learner.clear(list(self.outbox.pending))
-        log.info(
-            "%s: update %s: %d steps on %d samples in %.2fs, loss %.3f",
-            self.cfg.device_id,
-            update.update_id,
-            job.steps,
-            res.num_samples,
-            job.train_s,
-            job.loss,
-        )
+        log.info("%s: update %s: %d steps on %d samples in %.2fs, loss %.3f", self.cfg.device_id, update.update_id,
+                 job.steps, res.num_samples, job.train_s, job.loss)  # fmt: skip
         self.publish_status("idle")
         self.flush_outbox()
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgelearn.atomic import fsync_dir, write_bytes
-from edgelearn.protocol import ProtocolError, read_metadata
+from edgelearn.protocol import MAX_UPDATE_ID_CHARS, ProtocolError, read_metadata
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,10 @@ class Outbox:
                 uid = read_metadata(p.read_bytes())["update_id"]
             except (ProtocolError, KeyError, OSError):
                 log.warning("outbox: dropping unreadable %s", p.name)
+                p.unlink(missing_ok=True)
+                continue
+            if not 0 < len(uid) <= MAX_UPDATE_ID_CHARS:  # written by an older runtime: can never be acked
+                log.warning("outbox: dropping %s: update_id of %d characters can never be acked", p.name, len(uid))
                 p.unlink(missing_ok=True)
                 continue
             self.pending[uid] = Pending(uid, p)

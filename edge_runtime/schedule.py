@@ -10,6 +10,8 @@ in the outbox, so a job is never trained and sent twice under different ids.
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from edgelearn.protocol import LocalConfig, RoundMsg, Update
 
 log = logging.getLogger(__name__)
 MODES = ("sync", "async")
+_ASYNC_ID = re.compile(r"-a([0-9]{1,15})-v[0-9]+$")
 
 
 class Scheduler:
@@ -31,6 +34,15 @@ class Scheduler:
         self.mode = "sync"  # until the coordinator's status says otherwise
         self.pending_round: RoundMsg | None = None  # for this device, not started yet
         self.last_async_s: float | None = None  # monotonic time the last asynchronous update was queued
+
+    def recover(self, queued_ids: Iterable[str]) -> None:
+        """After a crash between queueing an asynchronous update and saving progress: count the highest
+        `-a{seq}-v{base}` already in the outbox as done, so that seq is never reused on a newer base."""
+        seqs = [int(m.group(1)) for uid in queued_ids if (m := _ASYNC_ID.search(uid))]
+        if seqs and max(seqs) > self.progress.async_seq:
+            log.info("%s: async update %d was queued before a crash; continuing after it", self.device_id, max(seqs))
+            self.progress = replace(self.progress, async_seq=max(seqs))
+            save_progress(self.progress_file, self.progress)
 
     def set_mode(self, mode: object) -> bool:
         """Follow the coordinator's mode; True if it changed (anything but `sync`/`async` is ignored)."""

@@ -77,9 +77,14 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+MAX_MEMBER_NAME_BYTES = 255  # what every common file system takes
+
+
 def _check_member_name(name: str) -> None:
     if not name or "/" in name or "\\" in name or name in (".", "..") or name.startswith(".") or name == MANIFEST:
-        raise BundleError(f"bad file name in bundle: {name!r} (flat names only)")
+        raise BundleError(f"bad file name in bundle: {name[:80]!r} (flat names only)")
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_MEMBER_NAME_BYTES or not name.isprintable():
+        raise BundleError(f"bad file name in bundle: {name[:80]!r} (printable, at most 255 bytes)")
 
 
 def utc_now(unix_s: float | None = None) -> str:

@@ -187,9 +187,13 @@ def _json_float(d: dict, key: str, minimum: float, default: object = _NO_DEFAULT
     value = d.get(key, default)
     if value is _NO_DEFAULT:
         raise KeyError(key)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < minimum:
+    try:  # float() of a 400-digit JSON integer overflows
+        number = float(value) if isinstance(value, int | float) and not isinstance(value, bool) else math.nan
+    except OverflowError:
+        number = math.nan
+    if not math.isfinite(number) or number < minimum:
         raise ValueError(f"{key}={str(value)[:32]!r} is not a finite number >= {minimum}")
-    return float(value)
+    return number
 
 
 @dataclass(frozen=True)

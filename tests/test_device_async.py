@@ -86,6 +86,38 @@ def test_async_job_resumes_after_a_crash_under_the_same_id_and_is_not_redone(bun
     assert third.schedule.progress.async_seq == 1
 
 
+def test_an_async_update_queued_just_before_a_crash_keeps_its_number(bundle_dir, tmp_path):
+    # Prepare: job 1 finishes and its update is queued, then the process dies before device.json is saved
+    crashed = async_agent(tmp_path)
+    crashed.on_release(release_with_version(bundle_dir, tmp_path, 1))
+    crashed.on_coordinator_status(ASYNC)
+    work_until(crashed, lambda: crashed.outbox.pending)
+    (tmp_path / "state" / "device.json").unlink()  # as if the kill came between the two writes
+    # Execute: restart; v2 arrives, the queued update is acked, the next job runs on v2
+    again = async_agent(tmp_path)
+    again.on_release(release_with_version(bundle_dir, tmp_path, 2))
+    again.on_coordinator_status(ASYNC)
+    again.on_ack(Ack("dev1-a1-v1", "accepted", None, 1).encode())
+    work_until(again, lambda: again.outbox.pending)
+    (update,) = queued(again)
+    # Assert: job 1 is not trained again as a1 on v2 (counted twice under two ids): the next one is a2
+    assert update.update_id == "dev1-a2-v2" and again.schedule.progress.async_seq == 2
+
+
+def test_a_switch_to_sync_drops_the_running_async_job(bundle_dir, tmp_path):
+    # Prepare: an asynchronous job of 50 steps, one step in
+    agent = async_agent(tmp_path, steps=50)
+    agent.on_release(release_with_version(bundle_dir, tmp_path, 1))
+    agent.on_coordinator_status(ASYNC)
+    work_until(agent, lambda: agent.learner.job is not None)
+    # Execute: the coordinator restarts in sync mode
+    agent.on_coordinator_status(encode_status("online", version=1, round=1, mode="sync"))
+    for _ in range(5):
+        agent.work()
+    # Assert: no round-less update is queued for a coordinator that would reject it as wrong_round
+    assert agent.learner.job is None and not agent.outbox.pending
+
+
 def test_a_newer_release_mid_job_lets_the_job_finish_on_its_base(bundle_dir, tmp_path):
     # Prepare: an asynchronous job from v1, one step in
     agent = async_agent(tmp_path, steps=4)

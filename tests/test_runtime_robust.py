@@ -105,6 +105,8 @@ BAD_ROUNDS = {
     "round missing": {k: v for k, v in ROUND_OK.items() if k != "round"},
     "steps zero": {**ROUND_OK, "local": {"steps": 0}},
     "lr infinite": {**ROUND_OK, "local": {"lr": float("inf")}},
+    "deadline a 400-digit integer": {**ROUND_OK, "deadline": 10**400},
+    "lr a 400-digit integer": {**ROUND_OK, "local": {"lr": 10**400}},
 }
 
 
@@ -283,3 +285,22 @@ def test_first_resend_never_comes_before_the_ack_timeout():
 def test_backoff_doubles_with_lengthening_jitter_and_a_cap(attempt, low, high):
     rng = random.Random(attempt)
     assert all(low <= backoff_s(attempt, 10.0, max_s=300.0, rng=rng) <= high for _ in range(1000))
+
+
+def test_outbox_drops_an_update_id_no_coordinator_can_ever_ack(tmp_path):
+    # Prepare: an older runtime queued an update whose id is over 64 characters (acked with a null id)
+    box = Outbox(tmp_path / "outbox")
+    box.put("ok", small_update("ok"))
+    box.put("x" * 70, small_update("x" * 70))
+    # Execute: the agent restarts
+    reloaded = Outbox(tmp_path / "outbox")
+    # Assert: the unackable one is gone (it would be re-sent forever and hold async mode back); the other stays
+    assert list(reloaded.pending) == ["ok"] and len(list((tmp_path / "outbox").glob("*.safetensors"))) == 1
+
+
+@pytest.mark.parametrize("name", ["a" * 256, "bad\x00name", "tab\tname"])
+def test_member_names_a_file_system_cannot_take_are_refused(bundle_dir, name):
+    from edgelearn.bundle import BundleError, _check_member_name
+
+    with pytest.raises(BundleError, match="bad file name"):
+        _check_member_name(name)
