@@ -22,7 +22,7 @@ from edge_runtime.ingest import Ingestor, open_source
 from edge_runtime.learner import Job, Learner
 from edge_runtime.outbox import Outbox
 from edge_runtime.release import Active, ReleaseStore, example_batch, load_release, public_key
-from edge_runtime.samples import SampleFormat, SampleStore
+from edge_runtime.samples import SampleStore
 from edge_runtime.schedule import Scheduler
 from edgelearn.bundle import BundleError, pack_release
 from edgelearn.mqtt import MqttLink
@@ -174,8 +174,7 @@ class DeviceAgent:
         if job and self.schedule.done_or_stale(job, m.version):
             self.learner.job = None
         if self.ingest is None:
-            fmt = SampleFormat(m.task, tuple(m.input["shape"][1:]))
-            self.ingest = Ingestor(self.store, fmt, self._source, poll_interval_s=self.cfg.tick_s)
+            self.ingest = Ingestor(self.store, self.active.sample_format(), self._source, self.cfg.tick_s)
         log.info("%s: serving v%d, training engine %s", self.cfg.device_id, m.version, engine.name)
 
     @property

@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 
 RUN, SHRINK, PAUSE = "run", "shrink", "pause"
 QUOTA_WINDOW_S = 3600.0
+TEMP_HOLD_S = 60.0  # a missing temperature read is replaced by the last one this long
 
 
 @dataclass(frozen=True)
@@ -106,13 +107,15 @@ class PsutilSource:
         self._proc = psutil.Process()
         self._n_cpus = psutil.cpu_count() or 1
         self._last = self._cpu_sample()
+        self._last_temp: tuple[float, float] | None = None  # (°C, monotonic s) of the last sensor reading
 
     def _cpu_sample(self) -> tuple[float, float, float, float]:
         """(idle_s, total_s) of the system, this process's CPU seconds, and wall time."""
         t = self._psutil.cpu_times()
         idle = t.idle + getattr(t, "iowait", 0.0)
+        guest = getattr(t, "guest", 0.0) + getattr(t, "guest_nice", 0.0)  # Linux counts these in user/nice too
         own = self._proc.cpu_times()
-        return idle, sum(t), own.user + own.system, time.monotonic()
+        return idle, sum(t) - guest, own.user + own.system, time.monotonic()
 
     def __call__(self) -> Reading:
         ps = self._psutil
@@ -122,14 +125,19 @@ class PsutilSource:
         own = 100.0 * (now[2] - own0) / max(now[3] - wall0, 1e-6)  # % of one core
         temps = _sensor(ps, "sensors_temperatures") or {}
         current = [t.current for entries in temps.values() for t in entries if t.current is not None]
+        if current:
+            self._last_temp = (max(current), now[3])
+        elif self._last_temp and now[3] - self._last_temp[1] <= TEMP_HOLD_S:  # one missed read keeps the limit
+            current = [self._last_temp[0]]
         battery = _sensor(ps, "sensors_battery")
+        plugged = getattr(battery, "power_plugged", None)
         return Reading(
             other_cpu_percent=other_cpu_percent(system, own, self._n_cpus),
             rss_mb=self._proc.memory_info().rss / 2**20,
             available_mb=ps.virtual_memory().available / 2**20,
             temperature_c=max(current) if current else None,
             battery_percent=battery.percent if battery else None,
-            charging=bool(battery.power_plugged) if battery else None,
+            charging=None if plugged is None else bool(plugged),  # None: unknown (the battery limit applies)
         )
 
 

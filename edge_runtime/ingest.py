@@ -34,34 +34,61 @@ class FileTail:
         return [self.path] if self.path.exists() else []
 
     def read(self, offsets: dict[str, int], max_lines: int) -> tuple[list[str], dict[str, int]]:
+        """Complete lines after each file's saved offset, and the new offsets. Positions are keyed by path and
+        inode, so a file rotated into place is read from its start; a file truncated below its offset is read
+        from its start again. A line longer than MAX_LINE_BYTES is skipped (it comes back as one malformed
+        line). The returned offsets name only files that exist (so the index does not grow)."""
         lines: list[str] = []
         new: dict[str, int] = {}
         for f in self.files():
-            key = str(f.resolve())
-            pos = offsets.get(key, 0)
+            try:
+                st = f.stat()
+            except FileNotFoundError:
+                continue
+            key = f"{f.resolve()}#{st.st_ino}"
+            pos = offsets.get(key, offsets.get(str(f.resolve()), 0))  # (positions saved before inode keys)
+            pos = 0 if pos > st.st_size else pos
             with open(f, "rb") as fh:
                 fh.seek(pos)
                 while len(lines) < max_lines:
                     raw = fh.readline(MAX_LINE_BYTES)
-                    if not raw.endswith(b"\n"):
+                    if len(raw) == MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                        raw = _skip_line(fh, raw)  # too long: skipped whole once its end is there
+                        if raw is None:
+                            break
+                    elif not raw.endswith(b"\n"):
                         break  # a line still being written: read it when it is complete
                     pos += len(raw)
-                    lines.append(raw.decode("utf-8", errors="replace"))
+                    lines.append(raw.decode("utf-8", errors="replace") if len(raw) < MAX_LINE_BYTES else "\x00")
             new[key] = pos
         return lines, new
+
+
+def _skip_line(fh, head: bytes) -> bytes | None:
+    """Consume the rest of an over-long line; its bytes (for the offset) or None if it is not complete yet."""
+    n = len(head)
+    while True:
+        chunk = fh.readline(MAX_LINE_BYTES)
+        n += len(chunk)
+        if chunk.endswith(b"\n"):
+            return b"\x00" * n
+        if len(chunk) < MAX_LINE_BYTES:
+            return None
 
 
 class StdinLines:
     """Lines from stdin, read by a daemon thread into a queue (the agent loop never blocks on stdin)."""
 
-    def __init__(self, stream=None) -> None:
-        self.q: queue.Queue[str] = queue.Queue()
-        self.stream = stream or sys.stdin
+    def __init__(self, stream=None, max_queued: int = 10_000) -> None:
+        self.q: queue.Queue[str] = queue.Queue(maxsize=max_queued)  # full: the writer waits (back-pressure)
+        self.stream = stream or sys.stdin.buffer
         threading.Thread(target=self._pump, daemon=True, name="stdin-samples").start()
 
     def _pump(self) -> None:
-        for line in self.stream:
-            self.q.put(line)
+        """Bytes lines (invalid UTF-8 replaced, so such a line is one malformed sample, not the end of input)."""
+        for raw in iter(lambda: self.stream.readline(MAX_LINE_BYTES), b""):
+            line = raw if isinstance(raw, str) else raw.decode("utf-8", errors="replace")
+            self.q.put(line if len(raw) < MAX_LINE_BYTES else "\x00")
 
     def read(self, offsets: dict[str, int], max_lines: int) -> tuple[list[str], dict[str, int]]:
         lines = []
@@ -113,8 +140,10 @@ class Ingestor:
         lines, offsets = self.source.read(self.store.offsets, max_lines)
         for line in lines:
             self.add_line(line)
-        if lines or offsets != {k: self.store.offsets.get(k) for k in offsets}:
-            self.store.flush(offsets)
+        gone = [k for k in self.store.offsets if isinstance(self.source, FileTail) and k.startswith("/")
+                and k not in offsets]  # files deleted or rotated away: forget them  # fmt: skip
+        if lines or gone or offsets != {k: self.store.offsets.get(k) for k in offsets}:
+            self.store.flush(offsets, forget=gone)
         return len(lines)
 
 

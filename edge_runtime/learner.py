@@ -84,6 +84,7 @@ class Learner:
             tmp.unlink(missing_ok=True)
         self.replay = ReplayBuffer(replay_size)
         self.cursor = 0  # next store seq to learn from
+        self.offered = 0  # store seqs below this were offered to the replay reservoir (each exactly once)
         self.job: Job | None = None
         self.base: dict[str, np.ndarray] = engine.state()
         self._seen: list[np.ndarray] = []  # seq ids of the job's batches, compacted now and then
@@ -145,11 +146,13 @@ class Learner:
     def _make_plan(self, batch_size: int, k: int) -> deque:
         """Up to `k` batches from one store read, one reservoir offer and one replay draw (per-step overhead
         matters for small models). The store position advances only as batches are used; a plan dropped
-        for a new batch size re-reads its samples (they are then offered to the reservoir twice)."""
+        (new batch size, job end) re-reads its samples, which are not offered to the reservoir again."""
         fresh = self.store.read(self.cursor, batch_size * k)
         n_fresh = 0 if fresh is None else len(fresh[2])
         if n_fresh:
-            self.replay.offer(*fresh)
+            unseen = fresh[2] >= self.offered  # a plan dropped mid-way re-reads rows already offered
+            self.replay.offer(*(a[unseen] for a in fresh))
+            self.offered = max(self.offered, int(fresh[2][-1]) + 1)
         counts, left = [], n_fresh
         for _ in range(k):
             n_new, n_rep = mix_counts(batch_size, left, len(self.replay))
@@ -194,15 +197,30 @@ class Learner:
         tensors.update({f"base.{n}": v for n, v in self.base.items()})
         tensors.update(self.replay.tensors())
         tensors["seen"] = self.seen_ids()
+        tensors.update(self._plan_tensors())
         meta = {
             "job": asdict(self.job) if self.job else None,
             "cursor": self.cursor,
+            "offered": self.offered,
             "replay_seen": self.replay.n_seen,
             "replay_rng": self.replay.rng.bit_generator.state,
             "pending": pending or [],
+            "plan": [[len(b[2]), b[3]] for b in self._plan],  # rows and cursor of each batch still planned
+            "plan_batch_size": self._plan_batch_size,
         }
         write_bytes(self.path, st_save(tensors, metadata={"meta": json.dumps(meta)}))
         self._last_ckpt_s = time.monotonic()
+
+    def _plan_tensors(self) -> dict[str, np.ndarray]:
+        """The batches of the current plan not yet used: a resume takes exactly these next, so it continues
+        as if never interrupted (the reservoir and its RNG already reflect the whole plan)."""
+        if not self._plan:
+            return {}
+        return {f"plan_{k}": np.concatenate([b[i] for b in self._plan]) for i, k in enumerate(("x", "y", "seq"))}
+
+    def _restore_plan(self, tensors: dict[str, np.ndarray], plan: list[list[int]], batch_size: int) -> None:
+        self._plan = _split_plan(tensors, plan) if plan and "plan_seq" in tensors else deque()
+        self._plan_batch_size = batch_size if self._plan else 0
 
     def restore(self) -> bool:
         """Load the checkpoint if there is one; False if none. A damaged one is logged and ignored."""
@@ -217,8 +235,10 @@ class Learner:
             log.error("checkpoint %s unreadable (%s): starting from the release weights", self.path, e)
             return False
         self.cursor = int(meta["cursor"])
+        self.offered = int(meta.get("offered", self.cursor))
         self.replay.restore(tensors, int(meta["replay_seen"]), meta["replay_rng"])
         self._seen = [tensors["seen"]]
+        self._restore_plan(tensors, meta.get("plan", []), int(meta.get("plan_batch_size", 0)))
         self.job = Job(**meta["job"]) if meta["job"] else None
         if self.job:
             self.base = {k[5:]: v for k, v in tensors.items() if k.startswith("base.")}
@@ -226,6 +246,16 @@ class Learner:
             self.engine.load_trainable({k[2:]: v for k, v in tensors.items() if k.startswith("w.")})
         log.info("resumed from checkpoint: job %s, store position %d", self.job, self.cursor)
         return True
+
+
+def _split_plan(tensors: dict[str, np.ndarray], plan: list[list[int]]) -> deque:
+    """The saved batches still planned, as (x, y, seq, cursor) (the inverse of `Learner._plan_tensors`)."""
+    out, at = deque(), 0
+    for n, cursor in plan:
+        x, y, seq = (tensors[f"plan_{k}"][at : at + n] for k in ("x", "y", "seq"))
+        out.append((x, y, seq, int(cursor)))
+        at += n
+    return out
 
 
 def _metadata(data: bytes) -> dict[str, str]:

@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save as st_save
 
-from edge_runtime.agent import example_batch
 from edge_runtime.budget import Budget, Governor, PsutilSource, ReadingSource
 from edge_runtime.engines import make_engine
 from edge_runtime.ingest import Ingestor, open_source
 from edge_runtime.learner import Job, Learner
-from edge_runtime.samples import SampleFormat, SampleStore
+from edge_runtime.release import example_batch, load_release
+from edge_runtime.samples import SampleStore
 from edgelearn.atomic import write_bytes
 from edgelearn.bundle import TRAIN_PTE, load_weights, verify_bundle
 
@@ -55,7 +55,7 @@ class LocalRun:
         self.engine = make_engine(cfg.engine, m.model_id, m.task, weights, train_pte, example_batch(m), m.trainable)
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         self.store = SampleStore(cfg.state_dir / "samples")
-        fmt = SampleFormat(m.task, tuple(m.input["shape"][1:]))
+        fmt = load_release(cfg.bundle_dir, m).sample_format()  # smoke-tests infer.pte; knows the class count
         self.ingest = Ingestor(self.store, fmt, open_source(cfg.samples), poll_interval_s=0.2)
         self.governor = Governor(cfg.budget, reading_source or PsutilSource())
         self.learner = Learner(

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_runtime.inference import InferenceProgram
+from edge_runtime.samples import SampleFormat
 from edgelearn.atomic import write_bytes
 from edgelearn.bundle import (
     INFER_PTE,
@@ -105,6 +106,12 @@ class Active:
     infer: InferenceProgram
     train_pte: bytes | None
     weights: dict[str, np.ndarray]
+    classes: int | None = None  # classify: width of the logits (labels must be below it)
+
+    def sample_format(self) -> SampleFormat:
+        """How sample lines become (x, y) for this release; classify labels are checked against `classes`."""
+        m = self.manifest
+        return SampleFormat(m.task, tuple(m.input["shape"][1:]), classes=self.classes)
 
 
 def example_batch(manifest: Manifest) -> tuple[np.ndarray, np.ndarray]:
@@ -124,7 +131,8 @@ def load_release(bundle_dir: Path, manifest: Manifest) -> Active:
     if not np.isfinite(out).all():
         raise ValueError("smoke inference returned non-finite values")
     train_pte = (bundle_dir / TRAIN_PTE).read_bytes() if TRAIN_PTE in manifest.files else None
-    return Active(manifest, infer, train_pte, weights)
+    classes = int(out.shape[-1]) if manifest.task == "classify" else None
+    return Active(manifest, infer, train_pte, weights, classes)
 
 
 def public_key(path: Path | None) -> object | None:

@@ -30,13 +30,16 @@ class SampleFormat:
     task: str
     x_shape: tuple[int, ...]  # one sample, without the batch dimension
     vocab: int = 256
+    classes: int | None = None  # classify: labels must be in 0..classes-1 (None: not checked)
 
     def parse(self, line: str) -> tuple[np.ndarray, np.ndarray]:
-        """Raises ValueError naming the problem for a malformed line."""
+        """Raises ValueError naming the problem for a malformed line (whatever the line holds)."""
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"not JSON ({e.msg})") from None
+        except RecursionError:
+            raise ValueError("not JSON (nested too deeply)") from None
         if not isinstance(obj, dict):
             raise ValueError("not a JSON object")
         if self.task == "lm":
@@ -46,10 +49,12 @@ class SampleFormat:
         try:
             x = np.asarray(obj["x"], dtype=np.float32).reshape(self.x_shape)
             y = np.asarray(int(obj["y"]), dtype=np.int64)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"bad x or y: {e}") from None
+        except (TypeError, ValueError, OverflowError) as e:
+            raise ValueError(f"bad x or y: {str(e)[:80]}") from None
         if not np.isfinite(x).all():
             raise ValueError("x has non-finite values")
+        if isinstance(obj["y"], bool) or obj["y"] != int(y) or y < 0 or (self.classes and y >= self.classes):
+            raise ValueError(f"label {str(obj['y'])[:32]} is not a class id 0..{(self.classes or 0) - 1}")
         return x, y
 
     def _parse_text(self, obj: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -80,6 +85,8 @@ class ReplayBuffer:
         """Algorithm R for a batch, vectorized: item number t (0-based, over all offers) fills slot t while
         the buffer is not full, else replaces slot j ~ U{0..t} if j < capacity (if two items of one batch
         draw the same slot, the later one wins, as in the sequential algorithm)."""
+        if not len(seq):
+            return
         if self.x is None:
             self.x = np.zeros((self.capacity, *x.shape[1:]), x.dtype)
             self.y = np.zeros((self.capacity, *y.shape[1:]), y.dtype)
@@ -104,12 +111,13 @@ class ReplayBuffer:
         self.n_seen = n_seen
         self.rng.bit_generator.state = rng_state
         if "replay_x" in tensors:
-            n = len(tensors["replay_seq"])
-            x, y = tensors["replay_x"], tensors["replay_y"]
+            n = min(len(tensors["replay_seq"]), self.capacity)  # the capacity may have been lowered since
+            x, y = tensors["replay_x"][:n], tensors["replay_y"][:n]
             self.x = np.zeros((self.capacity, *x.shape[1:]), x.dtype)
             self.y = np.zeros((self.capacity, *y.shape[1:]), y.dtype)
             self.seq = np.full(self.capacity, -1, np.int64)
-            self.x[:n], self.y[:n], self.seq[:n] = x, y, tensors["replay_seq"]
+            self.x[:n], self.y[:n], self.seq[:n] = x, y, tensors["replay_seq"][:n]
+            self.n_seen = max(n_seen, n)
 
 
 class SampleStore:
@@ -144,10 +152,13 @@ class SampleStore:
         if flush_when_full and len(self._buf) >= self.segment_size:
             self.flush()
 
-    def flush(self, offsets: dict[str, int] | None = None) -> None:
-        """Write buffered samples as one segment, then the index with `offsets` (segment first: crash-safe)."""
+    def flush(self, offsets: dict[str, int] | None = None, forget: list[str] | None = None) -> None:
+        """Write buffered samples as one segment, then the index with `offsets` (segment first: crash-safe);
+        `forget`: source positions to drop from the index."""
         if offsets:
             self.index["offsets"].update(offsets)
+        for key in forget or ():
+            self.index["offsets"].pop(key, None)
         if self._buf:
             seg_id, first = int(self.index["next_id"]), self.next_seq
             seq = np.arange(first, first + len(self._buf), dtype=np.int64)
@@ -156,15 +167,20 @@ class SampleStore:
             self.index["segments"].append([seg_id, first, len(self._buf)])
             self.index["next_id"], self.index["next_seq"] = seg_id + 1, first + len(self._buf)
             self._buf = []
-        self._drop_oldest()
+        dropped = self._drop_oldest()
         write_bytes(self.folder / INDEX, json.dumps(self.index).encode())
+        for seg_id in dropped:  # only once the index no longer names them (a crash leaves orphans, removed on open)
+            (self.folder / f"seg-{seg_id:08d}.safetensors").unlink(missing_ok=True)
 
-    def _drop_oldest(self) -> None:
+    def _drop_oldest(self) -> list[int]:
+        """Take the oldest segments off the index until at most `max_samples` rows remain; their ids."""
+        dropped = []
         while sum(s[2] for s in self.index["segments"]) > self.max_samples and len(self.index["segments"]) > 1:
             seg_id, first, n = self.index["segments"].pop(0)
             log.info("sample store full (%d): dropped samples %d..%d", self.max_samples, first, first + n - 1)
             self._cache.pop(seg_id, None)
-            (self.folder / f"seg-{seg_id:08d}.safetensors").unlink(missing_ok=True)
+            dropped.append(seg_id)
+        return dropped
 
     def read(self, from_seq: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """Up to `k` durable samples with seq ≥ from_seq (the next ones); None when there are none."""

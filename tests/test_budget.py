@@ -164,6 +164,24 @@ def test_psutil_source_survives_missing_sensor_files():
     assert reading.rss_mb > 10
 
 
+def test_psutil_source_holds_a_missed_temperature_and_reports_unknown_power_as_unknown():
+    # Prepare: sensors that answer 90 °C, then nothing for one read; a battery whose plug state is unknown
+    import types
+
+    import psutil
+
+    temps = [{"cpu": [types.SimpleNamespace(current=90.0)]}, {}]
+    source = PsutilSource()
+    source._psutil = types.SimpleNamespace(**{n: getattr(psutil, n) for n in dir(psutil) if not n.startswith("_")})
+    source._psutil.sensors_temperatures = lambda: temps.pop(0)
+    source._psutil.sensors_battery = lambda: types.SimpleNamespace(percent=50.0, power_plugged=None)
+    # Execute
+    first, second = source(), source()
+    # Assert: the hot reading is kept across the missed one (a pause must not lift on a sensor hiccup)
+    assert (first.temperature_c, second.temperature_c) == (90.0, 90.0)
+    assert second.charging is None and second.battery_percent == 50.0
+
+
 @pytest.mark.parametrize("bad", [{"threads": 0}, {"batch_size": 0}, {"soft_fraction": 0}, {"interval_s": 0}])
 def test_bad_budget_is_refused_with_a_clear_error(bad):
     with pytest.raises(ValueError, match="budget"):

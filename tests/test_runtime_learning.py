@@ -169,3 +169,106 @@ def test_learner_pauses_within_one_step_and_shrinks_the_batch_first(bundle_dir, 
     assert learner.step() == "paused" and learner.job.steps_done == 1 and gov.decision.action == PAUSE
     now["r"] = Reading(0.0, 100.0, 4000.0, temperature_c=40.0)
     assert learner.step() == "stepped" and learner.job.steps_done == 2 and learner.cursor == 8 + 16
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        '{"x": ' + json.dumps([1.0] * 64) + ', "y": 1e400}',
+        '{"x": ' + json.dumps([1.0] * 64) + ', "y": 1' + "0" * 30 + "}",
+        '{"x": [1' + "0" * 400 + "] , " + '"y": 1}',
+        "[" * 100_000,
+        '{"x": ' + json.dumps([1.0] * 64) + ', "y": 10}',  # 10 classes: labels 0..9
+        '{"x": ' + json.dumps([1.0] * 64) + ', "y": -100}',  # torch's ignore_index
+        '{"x": ' + json.dumps([1.0] * 64) + ', "y": 2.5}',
+    ],
+)
+def test_hostile_lines_are_malformed_samples_not_crashes(tmp_path, bad):
+    ing = Ingestor(SampleStore(tmp_path / "s"), SampleFormat("classify", (64,), classes=10))
+    assert not ing.add_line(bad) and ing.add_line(line(9)) and (ing.accepted, ing.malformed) == (1, 1)
+
+
+def test_a_crash_while_dropping_old_segments_loses_nothing_still_indexed(tmp_path, monkeypatch):
+    # Prepare: a full store; the next flush must drop its oldest segment
+    import edge_runtime.samples as samples
+
+    store = SampleStore(tmp_path / "s", max_samples=8, segment_size=4)
+    for k in range(8):
+        store.add(np.full(64, k, np.float32), np.int64(k % 10))
+    store.add(np.zeros(64, np.float32), np.int64(0), flush_when_full=False)
+    real = samples.write_bytes
+
+    def die_at_index(path, data):
+        if path.name == samples.INDEX:
+            raise KeyboardInterrupt("killed before the index was written")
+        real(path, data)
+
+    monkeypatch.setattr(samples, "write_bytes", die_at_index)
+    # Execute: the process dies between writing the new segment and the index
+    with pytest.raises(KeyboardInterrupt):
+        store.flush()
+    monkeypatch.setattr(samples, "write_bytes", real)
+    again = SampleStore(tmp_path / "s", max_samples=8, segment_size=4)
+    # Assert: every indexed segment is still there and readable
+    assert len(again) == 8 and list(again.read(0, 100)[2]) == list(range(8))
+
+
+def test_file_source_skips_overlong_lines_and_rereads_truncated_and_rotated_files(tmp_path, monkeypatch):
+    import edge_runtime.ingest as ingest
+
+    monkeypatch.setattr(ingest, "MAX_LINE_BYTES", 1024)
+    f = tmp_path / "in.jsonl"
+    f.write_text(line(1) + "{" + "x" * 3000 + "}\n" + line(2))
+    ing = Ingestor(SampleStore(tmp_path / "s"), FMT, FileTail(f))
+    read_all = ing.poll()
+    f.write_text(line(3))  # truncated below the saved offset (e.g. by `> in.jsonl`)
+    after_truncation = ing.poll()
+    f.rename(tmp_path / "old.jsonl")
+    f.write_text(line(4) + line(5))  # rotated: a new file under the same name, longer than the old offset
+    after_rotation = ing.poll()
+    assert (read_all, after_truncation, after_rotation) == (3, 1, 2)
+    assert (ing.accepted, ing.malformed) == (5, 1) and len(ing.store.offsets) == 1  # the old file is forgotten
+
+
+def test_invalid_utf8_on_stdin_is_one_malformed_line(tmp_path, monkeypatch):
+    raw = line(5).encode() + b"\xff\xfe junk\n" + line(6).encode()
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8"))  # as a pipe is
+    ing = Ingestor(SampleStore(tmp_path / "s"), FMT, StdinLines())
+    end = time.monotonic() + 5
+    while ing.accepted + ing.malformed < 3 and time.monotonic() < end:
+        ing.poll()
+    assert (ing.accepted, ing.malformed) == (2, 1)
+
+
+def test_resume_after_a_crash_mid_plan_gives_the_same_weights(bundle_dir, tmp_path):
+    # Prepare: the same store and job twice; checkpoints as often as allowed (between plans)
+    m, w = verify_bundle(bundle_dir), load_weights(bundle_dir)
+
+    stores = {}
+
+    def learner(state):
+        if state not in stores:
+            state.mkdir()
+            stores[state] = filled_store(state)  # the same 256 samples in each store
+        eng = make_engine("eager", m.model_id, m.task, w, None, example_batch(m))
+        return Learner(eng, SampleStore(state / "s"), state, None, replay_size=16, checkpoint_every_s=0.0)
+
+    job = Job(1, 1, 20, 8, 0.05)
+    straight = learner(tmp_path / "a")
+    straight.start(job, w)
+    while straight.step() == "stepped":
+        pass
+    crashed = learner(tmp_path / "b")
+    crashed.start(Job(1, 1, 20, 8, 0.05), w)
+    for _ in range(13):  # dies in the middle of its second plan of 8 batches
+        crashed.step()
+    # Execute: a new process resumes from the checkpoint
+    resumed = learner(tmp_path / "b")
+    resumed.restore()
+    resumed.start(Job(1, 1, 20, 8, 0.05), w)
+    while resumed.step() == "stepped":
+        pass
+    # Assert: bit-identical to the uninterrupted run, and no sample offered to the reservoir twice
+    for name, v in straight.engine.state().items():
+        np.testing.assert_array_equal(resumed.engine.state()[name], v)
+    assert resumed.replay.n_seen == straight.replay.n_seen
