@@ -55,7 +55,13 @@ def sample_weight(num_samples: int, max_samples: int | None) -> float:
     return float(min(num_samples, max_samples) if max_samples else num_samples)
 
 
-def gaussian_noise(shapes: dict[str, tuple[int, ...]], std: float, seed: int) -> Tensors:
+def noise_seed(secret: int, rnd: int) -> np.random.SeedSequence:
+    """The seed of round `rnd`'s DP noise: SeedSequence(secret, spawn_key=(rnd,)) — the same after a crash and
+    redo, independent across rounds, and not guessable from the releases without the ≥128-bit secret."""
+    return np.random.SeedSequence(secret, spawn_key=(rnd,))
+
+
+def gaussian_noise(shapes: dict[str, tuple[int, ...]], std: float, seed: int | np.random.SeedSequence) -> Tensors:
     """z_t ~ N(0, std²) i.i.d. per coordinate, from a seeded generator (reproducible after a restart)."""
     rng = np.random.default_rng(seed)
     return {n: rng.normal(0.0, std, size=s).astype(np.float32) for n, s in sorted(shapes.items())}
@@ -137,7 +143,7 @@ class TrimmedMean(_Buffered):
         self.trim_fraction = trim_fraction
 
     def reduce(self, stacked: np.ndarray) -> np.ndarray:
-        k = math.floor(self.trim_fraction * stacked.shape[0])
+        k = math.floor(self.trim_fraction * stacked.shape[0] + 1e-9)  # 0.35 × 180 is 62.99999999999999
         s = np.sort(stacked, axis=0)
         return s[k : stacked.shape[0] - k].mean(axis=0).astype(np.float32)
 
@@ -149,8 +155,14 @@ class DpConfig:
     clip_norm: float  # C
     noise_multiplier: float  # σ
 
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.clip_norm) and self.clip_norm > 0):
+            raise ValueError(f"DP clip norm C={self.clip_norm} must be a number > 0")
+        if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0):
+            raise ValueError(f"DP noise multiplier σ={self.noise_multiplier} must be a number >= 0")
 
-def dp_mean(sum_of_clipped: Tensors, count: int, dp: DpConfig, seed: int) -> Tensors:
+
+def dp_mean(sum_of_clipped: Tensors, count: int, dp: DpConfig, seed: int | np.random.SeedSequence) -> Tensors:
     """Δ̄ = (Σ_k clip_C(Δ_k) + z) / K with z ~ N(0, (σ·C)²·I): uniform weights, sensitivity C."""
     if count == 0:
         raise ValueError("no updates to aggregate")

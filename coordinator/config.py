@@ -56,3 +56,9 @@ class CoordinatorConfig:
             raise ValueError("keep_releases must be >= 1")
         if self.min_updates < 1 or self.buffer_size < 1:
             raise ValueError("min_updates and buffer_size must be >= 1")
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            raise ValueError(f"clip norm {self.clip_norm} must be > 0 (leave it out for no clipping)")
+        if self.local.steps < 1 or self.local.batch_size < 1 or not self.local.lr >= 0:
+            raise ValueError("local steps and batch size must be >= 1 and lr >= 0")
+        if not 0.0 <= self.trim_fraction < 0.5:
+            raise ValueError(f"trim fraction {self.trim_fraction} must be in [0, 0.5)")

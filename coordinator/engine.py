@@ -65,6 +65,15 @@ def import_bundle(bundle_dir: Path, releases: Path) -> Manifest:
     return manifest
 
 
+def dp_secret(state_dir: Path) -> int:
+    """The 256-bit secret behind every round's DP noise, `state_dir/dp.secret` (mode 0600, made on first use).
+    Anyone who learns it can subtract the noise from the releases: it never leaves the state folder."""
+    path = state_dir / "dp.secret"
+    if not path.exists():
+        write_bytes(path, os.urandom(32).hex().encode())  # mkstemp: 0600 from creation on
+    return int(path.read_text().strip(), 16)
+
+
 class _Pending:
     """Committed update ids plus those accepted earlier in the same batch."""
 
@@ -92,7 +101,7 @@ class Engine:
             self.store.add_release(
                 m.version,
                 f"imported from {cfg.bundle_dir}",
-                {"version": m.version, "round": 1, "dp_seed": int.from_bytes(os.urandom(4), "little")},
+                {"version": m.version, "round": 1},
             )
             log.info("fleet %s: starting from bundle %s (v%d)", cfg.fleet, cfg.bundle_dir, m.version)
         self.version = int(self.store.get("version"))
@@ -110,7 +119,9 @@ class Engine:
         return self.releases / f"v{version}"
 
     def _opt_path(self, version: int) -> Path:
-        return self.cfg.state_dir / "opt" / f"v{version}.safetensors"
+        """Server-optimizer state after release `version`, per optimizer: a restart with another
+        `--server-opt` starts that optimizer's state afresh instead of reading the other's."""
+        return self.cfg.state_dir / "opt" / f"v{version}.{self.cfg.server_opt.name}.safetensors"
 
     def _load_opt_state(self) -> dict[str, np.ndarray]:
         p = self._opt_path(self.version)
@@ -130,7 +141,6 @@ class Engine:
         self.devices: list[str] = []
         rejected, self.duplicates = self.store.counts(self.round)
         self.rejected: Counter[str] = Counter(rejected)
-        self.opened_s = time.monotonic()
 
     def _refold(self) -> None:
         """Re-fold the committed updates of the open round, in arrival order, from the spool."""
@@ -216,7 +226,8 @@ class Engine:
     def aggregated_delta(self) -> dict[str, np.ndarray]:
         """Δ̄ of the open round: weighted mean (sync), FedBuff Σ α(s)n Δ / Σ n (async), robust rule, or DP mean."""
         if self.cfg.dp is not None:
-            return agg.dp_mean(self.agg.sum, self.count, self.cfg.dp, int(self.store.get("dp_seed", "0")) + self.round)
+            seed = agg.noise_seed(dp_secret(self.cfg.state_dir), self.round)
+            return agg.dp_mean(self.agg.sum, self.count, self.cfg.dp, seed)
         if self.cfg.mode == "async" and isinstance(self.agg, agg.StreamingMean):
             return self.agg.result(self.n_total)
         return self.agg.result()
@@ -233,7 +244,7 @@ class Engine:
             write_bytes(self._opt_path(v + 1), dump_weights(opt_state))
         summary = RoundSummary(
             rnd, v + 1, tuple(sorted(self.devices)), self.count, dict(self.rejected), self.duplicates,
-            dict(self.manifest.metrics), time.monotonic() - self.opened_s,
+            dict(self.manifest.metrics), time.time() - self.store.round_opened(rnd),  # across restarts too
         )  # fmt: skip
         self.store.close_round(
             rnd, v + 1, summary.__dict__ | {"rejected": summary.rejected}, {"version": v + 1, "round": rnd + 1}
@@ -252,7 +263,8 @@ class Engine:
         """Keep the newest `keep_releases` release directories (and their optimizer state)."""
         for version, _, _ in self.store.releases()[: -self.cfg.keep_releases]:
             shutil.rmtree(self.release_dir(version), ignore_errors=True)
-            self._opt_path(version).unlink(missing_ok=True)
+            for p in (self.cfg.state_dir / "opt").glob(f"v{version}.*safetensors"):
+                p.unlink(missing_ok=True)
             self.store.drop_release(version)
 
     def open_round(self, participants: list[str] | None) -> None:

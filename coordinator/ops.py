@@ -47,7 +47,8 @@ def rollback(state_dir: Path, to_version: int, rebuild: Rebuild) -> Manifest:
         verify_bundle(src)
         new = version + 1
         manifest = rebuild(src, load_weights(src), new, state_dir / "releases" / f"v{new}")
-        (state_dir / "opt" / f"v{new}.safetensors").unlink(missing_ok=True)  # from a close that crashed
+        for p in (state_dir / "opt").glob(f"v{new}.*safetensors"):  # from a close that crashed
+            p.unlink(missing_ok=True)
         store.roll_back(rnd, new, f"rollback to v{to_version}")
         store.close()
         Spool(state_dir / "spool").drop_round(rnd)
@@ -90,8 +91,9 @@ def fleet_rounds_lines(state_dir: Path, limit: int = 20) -> list[str]:
     lines = [f"{head}  rejected  metrics"]
     for r in rows:
         invited = json.loads(r["participants"] or "null")
+        out = r["version_out"] or ("—" if r["closed"] else "open")  # closed without a release: abandoned
         lines.append(
-            f"{r['round']:>5} {r['base_version']:>4} {r['version_out'] or 'open':>4} "
+            f"{r['round']:>5} {r['base_version']:>4} {out:>4} "
             f"{'any' if invited is None else len(invited):>7} {r['n_updates']:>8} {r['duplicates']:>4} "
             f"{r['seconds'] if r['seconds'] is None else round(r['seconds'], 1)!s:>8}  {r['rejected']}  {r['metrics']}"
         )

@@ -57,10 +57,10 @@ def eligible(statuses: dict[str, dict], rules: tuple[Eligibility, ...]) -> list[
 
 def over_selected(target: int, factor: float) -> int:
     """⌈target · factor⌉: how many to invite so that `target` report despite dropouts."""
-    return max(target, math.ceil(target * factor))
+    return max(target, math.ceil(target * factor - 1e-9))  # 100 × 1.1 is 110.00000000000001 in floats
 
 
-def select(candidates: list[str], target: int, factor: float, seed: int) -> list[str]:
+def select(candidates: list[str], target: int, factor: float, seed: int | str) -> list[str]:
     """A uniform random sample of min(⌈target·factor⌉, |candidates|) devices, reproducible from `seed`."""
     k = min(over_selected(target, factor), len(candidates))
     return sorted(random.Random(seed).sample(sorted(candidates), k))

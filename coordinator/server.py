@@ -55,10 +55,12 @@ class Coordinator:
         self.topics = Topics(cfg.fleet, cfg.topic_root)
         self.metrics = Metrics()
         self.metrics.version.set(self.engine.version)
+        self.metrics.round_accepted.set(self.engine.count)
         self.metrics.dp_noise_multiplier.set(cfg.dp.noise_multiplier if cfg.dp else 0.0)
         self.statuses: dict[str, dict] = {}
-        self.participants: list[str] | None = None
-        self.selected = cfg.target_participants is None  # no selection configured: any online device
+        self.participants = self.engine.store.invited(self.engine.round)  # the open round's, kept across restarts
+        self.selected = cfg.target_participants is None or self.participants is not None  # None: any online device
+        self.attempt_round, self.attempt = 0, 0  # selections drawn for round `attempt_round`
         self.connected_at: float | None = None
         self.rounds_done = 0
         self.events: queue.Queue[tuple[str, bytes]] = queue.Queue()
@@ -94,8 +96,11 @@ class Coordinator:
     def select_participants(self) -> None:
         """Invite ⌈target·over_selection⌉ eligible online devices (reproducibly, seeded by the round)."""
         candidates = eligible(self.statuses, self.cfg.eligibility)
+        rnd = self.engine.round
+        self.attempt = self.attempt + 1 if self.attempt_round == rnd else 0  # a re-announce draws anew
+        self.attempt_round = rnd
         self.participants = select(
-            candidates, self.cfg.target_participants or 0, self.cfg.over_selection, self.engine.round
+            candidates, self.cfg.target_participants or 0, self.cfg.over_selection, f"{rnd}/{self.attempt}"
         )
         self.selected = True
         log.info("round %d: selected %d of %d eligible devices", self.engine.round, len(self.participants),

@@ -119,6 +119,12 @@ class Store:
                 (rnd, base_version, time.time(), json.dumps(participants)),
             )
 
+    def invited(self, rnd: int) -> list[str] | None:
+        """The devices invited to round `rnd` (None: any online device, or not opened yet)."""
+        row = self.db.execute("SELECT participants FROM rounds WHERE round=?", (rnd,)).fetchone()
+        invited = json.loads(row[0]) if row and row[0] else None
+        return [str(d) for d in invited] if isinstance(invited, list) else None
+
     def round_opened(self, rnd: int) -> float:
         """Unix time round `rnd` was first opened (recorded once, kept across restarts)."""
         row = self.db.execute("SELECT opened FROM rounds WHERE round=?", (rnd,)).fetchone()
@@ -211,9 +217,15 @@ class Store:
             version = version if isinstance(version, int) and 0 <= version < 2**53 else None  # fits SQLite
             state = str(status.get("state", "?"))[:64]
             rows.append((device_id, state, version, now, json.dumps(status)))
-        with self.db:
+        with self.db:  # an unchanged status (the broker re-delivering the retained one) keeps its last_seen
             self.db.execute("BEGIN IMMEDIATE")
-            self.db.executemany("INSERT OR REPLACE INTO devices VALUES(?, ?, ?, ?, ?)", rows)
+            self.db.executemany(
+                "INSERT INTO devices VALUES(?, ?, ?, ?, ?) ON CONFLICT(device_id) DO UPDATE SET "
+                "state=excluded.state, version=excluded.version, status=excluded.status, "
+                "last_seen=CASE WHEN devices.status = excluded.status "
+                "THEN devices.last_seen ELSE excluded.last_seen END",
+                rows,
+            )
 
     def devices(self) -> list[dict]:
         cur = self.db.execute("SELECT device_id, state, version, last_seen, status FROM devices ORDER BY device_id")

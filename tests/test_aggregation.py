@@ -121,3 +121,23 @@ def test_sample_weight_clips():
     assert agg.sample_weight(500, 100) == 100.0
     assert agg.sample_weight(50, None) == 50.0
     assert math.isclose(agg.l2_norm(d(3, 4)), 5.0)
+
+
+@pytest.mark.parametrize(("clip", "sigma"), [(0.0, 1.0), (-1.0, 1.0), (1.0, -0.5), (float("nan"), 1.0)])
+def test_dp_settings_that_would_disable_or_reverse_it_are_refused(clip, sigma):
+    with pytest.raises(ValueError, match="DP"):
+        agg.DpConfig(clip, sigma)
+
+
+def test_dp_noise_seed_is_secret_stable_and_fresh_per_round(tmp_path):
+    from coordinator.engine import dp_secret
+
+    # Prepare / Execute: two fleets' secrets, and the seeds of rounds 1, 1 again and 2 of one of them
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    a, b = dp_secret(tmp_path / "a"), dp_secret(tmp_path / "b")
+    z = [agg.gaussian_noise({"w": (4,)}, 1.0, agg.noise_seed(a, r))["w"] for r in (1, 1, 2)]
+    # Assert: 256 random bits per fleet, kept owner-only; the same round gives the same noise (a redone close),
+    # another round or fleet other noise
+    assert a != b and a.bit_length() > 200 and dp_secret(tmp_path / "a") == a
+    assert (tmp_path / "a" / "dp.secret").stat().st_mode & 0o777 == 0o600
+    assert np.array_equal(z[0], z[1]) and not np.array_equal(z[0], z[2])

@@ -32,3 +32,32 @@ def test_over_selection_and_reproducible_sample():
     assert s1 == s2 and len(s1) == 13 and len(set(s1)) == 13
     assert select(devices, 10, 1.3, seed=5) != s1
     assert select(["x", "y"], 10, 1.3, seed=1) == ["x", "y"]  # fewer candidates than wanted: all of them
+
+
+def test_over_selection_and_trimming_round_exactly():
+    import numpy as np
+
+    from coordinator.aggregate import TrimmedMean
+
+    # 100 × 1.1 and 0.35 × 180 are 110.00000000000001 and 62.99999999999999 in floats
+    assert over_selected(100, 1.1) == 110
+    stacked = (np.arange(180, dtype=np.float32) ** 2).reshape(180, 1)
+    mean = TrimmedMean({"w": (1,)}, 0.35).reduce(stacked)
+    np.testing.assert_allclose(mean, (np.arange(63, 117, dtype=np.float32) ** 2).mean(keepdims=True))
+
+
+def test_a_reannounced_round_draws_new_participants():
+    devices = [f"d{k:02d}" for k in range(30)]
+    first, again = select(devices, 5, 1.0, "7/0"), select(devices, 5, 1.0, "7/1")
+    assert first != again and first == select(devices, 5, 1.0, "7/0")
+
+
+def test_participants_set_the_close_threshold_unless_min_updates_is_given():
+    from edgelearn.cli import build_parser
+    from edgelearn.cli.coordinator_cmd import _coordinator_config
+
+    base = ["coordinator", "--broker", "mqtt://h", "--fleet", "f", "--bundle", "b", "--state", "s"]
+    with_target = _coordinator_config(build_parser().parse_args([*base, "--participants", "10"]))
+    explicit = _coordinator_config(build_parser().parse_args([*base, "--participants", "10", "--min-updates", "3"]))
+    plain = _coordinator_config(build_parser().parse_args(base))
+    assert (with_target.min_updates, explicit.min_updates, plain.min_updates) == (10, 3, 2)

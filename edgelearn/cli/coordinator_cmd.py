@@ -22,7 +22,7 @@ def _coordinator_config(a: argparse.Namespace):
         a.bundle,
         a.state,
         a.topic_root,
-        a.min_updates,
+        a.min_updates if a.min_updates is not None else (a.participants or 2),
         a.round_timeout,
         LocalConfig(a.steps, a.batch_size, a.lr),
         a.max_update_norm,
@@ -34,7 +34,7 @@ def _coordinator_config(a: argparse.Namespace):
         aggregator=a.aggregator,
         trim_fraction=a.trim_fraction,
         clip_norm=a.clip_norm,
-        dp=DpConfig(a.dp_clip, a.dp_noise) if a.dp_clip else None,
+        dp=DpConfig(a.dp_clip, a.dp_noise) if a.dp_clip is not None else None,
         server_opt=ServerOptConfig(a.server_opt, a.server_lr, a.server_momentum),
         keep_releases=a.keep_releases,
         metrics_port=a.metrics_port,
@@ -136,7 +136,8 @@ def _add_coordinator_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--fleet", type=fleet_name, default=None, help="fleet name ([A-Za-z0-9_-]{1,64})")
     c.add_argument("--bundle", type=Path, default=None, help="bundle directory of release 1")
     c.add_argument("--state", type=Path, default=None, help="state directory (releases, spool, state.sqlite)")
-    c.add_argument("--min-updates", type=int, default=2, help="accepted updates that close a round (default 2)")
+    c.add_argument("--min-updates", type=int, default=None,
+                   help="accepted updates that close a round (default: --participants, else 2)")  # fmt: skip
     c.add_argument("--round-timeout", type=float, default=60.0, help="round deadline in seconds (default 60)")
     c.add_argument("--steps", type=int, default=20, help="local SGD steps per round (default 20)")
     c.add_argument("--batch-size", type=int, default=32, help="local batch size (default 32)")
