@@ -170,7 +170,7 @@ agent.on_release(pack_release(bundle))
 agent.learner.start(Job(1, agent.version, 300, 32, 0.01), agent.active.weights)
 while agent.learner.step() in ("stepped", "paused"):
     pass
-agent.finish_round()
+agent.finish_job()
 for _ in range(200):
     agent.active.infer.predict(x[:1])
 """

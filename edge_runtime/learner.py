@@ -150,8 +150,11 @@ class Learner:
         fresh = self.store.read(self.cursor, batch_size * k)
         n_fresh = 0 if fresh is None else len(fresh[2])
         if n_fresh:
-            unseen = fresh[2] >= self.offered  # a plan dropped mid-way re-reads rows already offered
-            self.replay.offer(*(a[unseen] for a in fresh))
+            if fresh[2][0] >= self.offered:  # the usual case: all new, offered without a copy
+                self.replay.offer(*fresh)
+            else:  # a plan dropped mid-way re-reads rows already offered
+                unseen = fresh[2] >= self.offered
+                self.replay.offer(*(a[unseen] for a in fresh))
             self.offered = max(self.offered, int(fresh[2][-1]) + 1)
         counts, left = [], n_fresh
         for _ in range(k):
