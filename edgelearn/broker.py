@@ -70,33 +70,49 @@ def size_broker(devices: int, model_bytes: int, release_bytes: int | None = None
 DEFAULT_SIZING = size_broker(devices=1000, model_bytes=16 * MIB, release_bytes=100 * MIB)
 
 
+def is_loopback(host: str) -> bool:
+    return host == "localhost" or host == "::1" or host.startswith("127.")
+
+
 def mosquitto_config(
     port: int,
     data_dir: Path,
-    max_queued_messages: int = DEFAULT_SIZING.max_queued_messages,
-    max_packet_bytes: int = DEFAULT_SIZING.max_packet_bytes,
+    sizing: BrokerSizing = DEFAULT_SIZING,
     bind: str = "127.0.0.1",
+    password_file: Path | None = None,
+    acl_file: Path | None = None,
 ) -> str:
     """A mosquitto.conf for one fleet broker: persistence on, MQTT 5-capable listener, queues sized for the fleet.
 
-    `max_packet_bytes` must stay below 256 MiB: mosquitto then announces it in CONNACK, and paho rejects
-    a MaximumPacketSize of 2^28 or more as a malformed packet.
+    Anonymous clients are allowed on a loopback listener only: anywhere else anyone on the network could
+    publish a release or fake acks, so a `password_file` (mosquitto_passwd) is required and an `acl_file` is
+    recommended. `max_packet_bytes` must stay below 256 MiB: mosquitto then announces it in CONNACK, and paho
+    rejects a MaximumPacketSize of 2^28 or more as a malformed packet.
     """
-    if max_packet_bytes > MAX_PACKET_LIMIT_BYTES:
-        raise ValueError(f"max_packet_bytes {max_packet_bytes} must be < 256 MiB (paho rejects larger)")
+    if sizing.max_packet_bytes > MAX_PACKET_LIMIT_BYTES:
+        raise ValueError(f"max_packet_bytes {sizing.max_packet_bytes} must be < 256 MiB (paho rejects larger)")
+    if password_file is None and not is_loopback(bind):
+        raise ValueError(f"listening on {bind} needs --password-file (and --acl-file): anonymous clients could "
+                         "publish releases and acks")  # fmt: skip
+    auth = (
+        ["allow_anonymous true"]
+        if password_file is None
+        else ["allow_anonymous false", f"password_file {password_file}"]
+    )
+    auth += [f"acl_file {acl_file}"] if acl_file else []
     return "\n".join(
         [
             f"# edgelearn fleet broker (generated): persistence on, MQTT 5 clients on port {port}",
             f"listener {port} {bind}",
             "protocol mqtt",
-            "allow_anonymous true",
+            *auth,
             "persistence true",
             f"persistence_location {data_dir}/",
             "autosave_interval 1",
-            f"max_queued_messages {max_queued_messages}",
-            "max_queued_bytes 0",
+            f"max_queued_messages {sizing.max_queued_messages}",
+            f"max_queued_bytes {sizing.backlog_bytes}",  # per client: bounds an offline coordinator's backlog
             "max_inflight_messages 100",
-            f"max_packet_size {max_packet_bytes}",
+            f"max_packet_size {sizing.max_packet_bytes}",
             "persistent_client_expiration 7d",
             f"log_dest file {data_dir}/mosquitto.log",
             "log_type error",
@@ -121,7 +137,7 @@ class Mosquitto:
         data_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(data_dir, 0o777)  # mosquitto drops privileges to user `mosquitto` when started as root
         self.conf = data_dir / "mosquitto.conf"
-        self.conf.write_text(mosquitto_config(self.port, data_dir, sizing.max_queued_messages, sizing.max_packet_bytes))
+        self.conf.write_text(mosquitto_config(self.port, data_dir, sizing))
 
     @property
     def url(self) -> str:

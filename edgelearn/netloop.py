@@ -80,35 +80,55 @@ class NetLoop:
         next_misc = 0.0
         while True:
             try:
-                for key, mask in self.sel.select(timeout=self.tick_s):
-                    client: mqtt.Client = key.data
-                    if mask & selectors.EVENT_READ:
-                        client.loop_read()
-                    if mask & selectors.EVENT_WRITE and client.socket() is key.fileobj:
-                        client.loop_write()
-                        self._settle(client, key.fileobj)
-                now = time.monotonic()
-                if now >= next_misc:
-                    next_misc = now + self.tick_s
-                    self._housekeeping(now)
-            except Exception:  # one client's failure must not stop the others' network
-                log.exception("network loop error")
+                events = self.sel.select(timeout=self.tick_s)
+            except OSError:
+                log.exception("network loop select failed")
+                time.sleep(self.tick_s)
+                continue
+            for key, mask in events:
+                self._serve(key.data, key.fileobj, mask)
+            now = time.monotonic()
+            if now >= next_misc:
+                next_misc = now + self.tick_s
+                self._housekeeping(now)
+
+    def _serve(self, client: mqtt.Client, sock: object, mask: int) -> None:
+        """Read and write for one ready socket; a failure is this client's alone (logged)."""
+        try:
+            if mask & selectors.EVENT_READ:
+                client.loop_read()
+                while _tls_pending(client.socket()):  # bytes TLS already decrypted: epoll will not see them
+                    client.loop_read()
+            if mask & selectors.EVENT_WRITE and client.socket() is sock:
+                client.loop_write()
+                self._settle(client, sock)
+        except Exception:  # one client's failure must not stop the others' network
+            log.exception("network loop error")
 
     def _housekeeping(self, now: float) -> None:
         """Keep-alive pings for connected clients; (re)connect the others when their backoff has passed."""
         with self.lock:
             peers = list(self.peers.items())
         for client, peer in peers:
-            if client.loop_misc() != mqtt.MQTT_ERR_NO_CONN or now < peer.retry_at_s:
-                if client.is_connected():
-                    peer.delay_s = 1.0
-                continue
             try:
+                if client.loop_misc() != mqtt.MQTT_ERR_NO_CONN or now < peer.retry_at_s:
+                    if client.is_connected():
+                        peer.delay_s = 1.0
+                    continue
+                with self.lock:
+                    if client not in self.peers:  # stopped meanwhile: never reconnect it
+                        continue
                 client.reconnect()
-            except OSError as e:
+            except Exception as e:  # OSError and anything else (a bad host name): this client's alone
                 log.info("connection attempt failed (%s); next in %.0fs", e, peer.delay_s)
             peer.retry_at_s = now + peer.delay_s
             peer.delay_s = min(2 * peer.delay_s, self.max_delay_s)
+
+
+def _tls_pending(sock: object) -> bool:
+    """True when an SSL socket holds decrypted bytes not yet read (plain sockets have no `pending`)."""
+    pending = getattr(sock, "pending", None)
+    return bool(pending and pending() > 0)
 
 
 _shared: NetLoop | None = None

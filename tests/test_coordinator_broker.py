@@ -2,7 +2,7 @@
 
 import pytest
 
-from edgelearn.broker import MIB, mosquitto_config, size_broker
+from edgelearn.broker import MIB, BrokerSizing, mosquitto_config, size_broker
 from edgelearn.cli import main
 
 
@@ -18,7 +18,7 @@ def test_packets_of_256_mib_or_more_are_refused():
     with pytest.raises(ValueError, match="256 MiB"):
         size_broker(10, 100 * MIB)  # release 400 MiB
     with pytest.raises(ValueError, match="256 MiB"):
-        mosquitto_config(1883, "/tmp", max_packet_bytes=256 * MIB)
+        mosquitto_config(1883, "/tmp", BrokerSizing(10_000, 256 * MIB, MIB))
 
 
 def test_cli_writes_the_config(tmp_path, capsys):
@@ -29,3 +29,20 @@ def test_cli_writes_the_config(tmp_path, capsys):
     assert "persistence true" in text and "listener 1883 127.0.0.1" in text
     assert main(["broker", "config", "--devices", "1", "--model-bytes", str(300 * MIB)]) == 2
     assert "256 MiB" in capsys.readouterr().err
+
+
+def test_a_listener_off_loopback_needs_a_password_file(tmp_path, capsys):
+    # Execute: anonymous on 0.0.0.0 (refused), then with a password file and an ACL
+    refused = main(["broker", "config", "--devices", "10", "--model-bytes", "1000", "--bind", "0.0.0.0"])
+    err = capsys.readouterr().err
+    out = tmp_path / "m.conf"
+    auth = ["--password-file", "/etc/mosquitto/passwd", "--acl-file", "/etc/mosquitto/acl"]
+    ok = main(
+        ["broker", "config", "--devices", "10", "--model-bytes", "1000", "--bind", "0.0.0.0", *auth, "--out", str(out)]
+    )
+    text = out.read_text()
+    # Assert
+    assert refused == 2 and "needs --password-file" in err and "\n" not in err.strip()
+    assert ok == 0 and "allow_anonymous false" in text and "password_file /etc/mosquitto/passwd" in text
+    assert "acl_file /etc/mosquitto/acl" in text and "allow_anonymous true" not in text
+    assert "max_queued_bytes 0" not in text  # an offline coordinator's backlog is bounded

@@ -82,3 +82,23 @@ def test_publishes_from_many_threads_are_all_sent_at_once(mosquitto) -> None:
     finally:
         rx.stop()
         tx.stop()
+
+
+def test_a_client_that_cannot_even_resolve_its_host_does_not_stop_the_others(mosquitto) -> None:
+    # Prepare: one link whose host name is invalid (a 300-character label: idna raises UnicodeError, not OSError)
+    net, inbox = NetLoop(tick_s=0.05), queue.Queue()
+    bad = MqttLink("mqtt://" + "h" * 300 + ":1883", "netloop-bad", [], lambda t, p: None, net=net)
+    bad.start(wait_s=0)
+    time.sleep(0.3)  # a few housekeeping rounds with the failing client first in line
+    rx, tx = link(mosquitto.url, "after-bad-rx", net, inbox), link(mosquitto.url, "after-bad-tx", net)
+    try:
+        # Execute
+        ok = rx.start(wait_s=10) and tx.start(wait_s=10)
+        tx.publish("nl/after-bad-rx", b"hi")
+        got = inbox.get(timeout=10)
+        # Assert: the healthy links connect and exchange a message
+        assert ok and got == ("nl/after-bad-rx", b"hi")
+    finally:
+        for x in (rx, tx, bad):
+            with contextlib.suppress(Exception):
+                x.stop()

@@ -106,10 +106,10 @@ def cmd_broker(a: argparse.Namespace) -> int:
 
     try:
         sizing = size_broker(a.devices, a.model_bytes, a.release_bytes)
+        text = mosquitto_config(a.port, a.data_dir, sizing, a.bind, a.password_file, a.acl_file)
     except ValueError as e:
         print(f"edgelearn broker config: error: {e}", file=sys.stderr)
         return 2
-    text = mosquitto_config(a.port, a.data_dir, sizing.max_queued_messages, sizing.max_packet_bytes, a.bind)
     if a.out:
         a.out.write_text(text)
         backlog_mib = sizing.backlog_bytes / 2**20
@@ -184,7 +184,9 @@ def _add_ops_parsers(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--model-bytes", type=int, required=True, help="bytes of the model's float32 weights")
     b.add_argument("--release-bytes", type=int, default=None, help="bytes of a release archive (default 4× model)")
     b.add_argument("--port", type=int, default=1883, help="listener port (default 1883)")
-    b.add_argument("--bind", default="127.0.0.1", help="listener address (default 127.0.0.1; anonymous access)")
+    b.add_argument("--bind", default="127.0.0.1", help="listener address (default 127.0.0.1: anonymous access)")
+    b.add_argument("--password-file", type=Path, default=None, help="mosquitto_passwd file (needed off loopback)")
+    b.add_argument("--acl-file", type=Path, default=None, help="mosquitto ACL file (topics per user)")
     b.add_argument("--data-dir", type=Path, default=Path("/var/lib/mosquitto"), help="persistence folder")
     b.add_argument("--out", type=Path, default=None, help="file to write (default: print)")
     b.set_defaults(func=cmd_broker)
