@@ -36,6 +36,8 @@ def test_override_file_changes_only_its_fields(tmp_path):
         ('base = "rpi4"\nthreads = 0\n', "field 'threads' must be an integer >= 1, got 0"),
         ('base = "rpi9"\n', "unknown profile 'rpi9'"),
         ("threads = [", "not valid TOML"),
+        ("base = 3\n", "field 'base' must be a profile name (a string), got 3"),
+        ('base = "../profiles/rpi4"\n', "unknown profile '../profiles/rpi4'"),
     ],
 )
 def test_bad_profile_files_name_the_problem(tmp_path, text, message):

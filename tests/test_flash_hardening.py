@@ -301,21 +301,6 @@ def test_out_of_range_profile_values_name_the_field_and_range(tmp_path, text, me
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize(
-    ("text", "message"),
-    [
-        ("base = 3\n", "field 'base' must be a profile name (a string), got 3"),
-        ('base = "../profiles/rpi4"\n', "unknown profile '../profiles/rpi4'"),
-    ],
-)
-def test_a_bad_base_is_a_profile_error(tmp_path, text, message):
-    f = tmp_path / "bad.toml"
-    f.write_text(text)
-    with pytest.raises(ProfileError) as e:
-        load_profile("rpi5", f)
-    assert message in str(e.value) and "\n" not in str(e.value)
-
-
 def test_profiles_command_shows_a_complete_profile_file_without_base(tmp_path, capsys):
     # Prepare: a complete profile (as flash ships it), no base, no profile name on the command line
     f = tmp_path / "profile.toml"
