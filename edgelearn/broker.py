@@ -125,12 +125,18 @@ def mosquitto_config(
 class Mosquitto:
     """A mosquitto process on a loopback port with a generated config; `stop()`/`kill()`/`start()` for tests."""
 
-    def __init__(self, data_dir: Path, port: int | None = None, sizing: BrokerSizing = DEFAULT_SIZING) -> None:
-        self.exe = shutil.which("mosquitto") or next(
+    @staticmethod
+    def find_exe() -> str:
+        """The mosquitto executable; FileNotFoundError saying how to install it."""
+        exe = shutil.which("mosquitto") or next(
             (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.path.exists(p)), None
         )
-        if self.exe is None:
+        if exe is None:
             raise FileNotFoundError("mosquitto not found: install it (Debian: apt-get install mosquitto)")
+        return exe
+
+    def __init__(self, data_dir: Path, port: int | None = None, sizing: BrokerSizing = DEFAULT_SIZING) -> None:
+        self.exe = self.find_exe()
         self.data_dir = data_dir
         self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None

@@ -51,6 +51,7 @@ class ExportConfig:
     temperature: float = 4.0
     seed: int = 0
     text: str | None = None  # char-lm training text (file or directory); None: the shipped corpus
+    text_sha256: str | None = None  # of that text at export: later releases are lowered from the same text
     sparsity: float = 0.5  # magnitude pruning of Linear weights; 0 skips the step
     quant: str | None = None  # PT2E int8: "static" (calibrated activations), "dynamic" (Linear only); None: model's
     train_subset: str = "all"  # what train.pte trains: all, last (last block + head) or head
@@ -197,6 +198,8 @@ def export_bundle(cfg: ExportConfig, out: str | Path) -> Manifest:
         check_bundle_target(out)  # before minutes of training, not after
     except BundleError as e:
         raise ExportError(f"--out: {e}") from None
+    if cfg.text is not None:  # export.json names it absolutely, with its hash (the coordinator re-lowers from it)
+        cfg = replace(cfg, text=str(Path(cfg.text).resolve()), text_sha256=text_digest(cfg.text))
     stages = Stages()
     data = spec.load_data(cfg)
     stages.done("data", f"{len(data.server.y)} training / {len(data.test.y)} test examples")
@@ -213,6 +216,15 @@ def export_bundle(cfg: ExportConfig, out: str | Path) -> Manifest:
     return make_bundle(out, spec, student, cfg, 1, programs, metrics, extra)
 
 
+def text_digest(path: str) -> str:
+    """sha256 of the training text as the exporter reads it (a file, or a folder's files joined)."""
+    import hashlib
+
+    from export.text import read_text
+
+    return hashlib.sha256(read_text(path)).hexdigest()
+
+
 def rebuild_bundle(
     prev_dir: Path, weights: dict[str, np.ndarray], version: int, out: Path, created: str = ""
 ) -> Manifest:
@@ -221,6 +233,9 @@ def rebuild_bundle(
     the same bytes."""
     prev = verify_bundle(prev_dir)
     cfg = ExportConfig(**json.loads((prev_dir / EXPORT_JSON).read_bytes()))
+    if cfg.text is not None and cfg.text_sha256 and text_digest(cfg.text) != cfg.text_sha256:
+        raise ExportError(f"text {cfg.text} changed since release 1 was exported: its calibration data and test "
+                          "split would differ (restore it, or export a new release 1)")  # fmt: skip
     spec = check_config(replace(cfg, compare=False))
     student = spec.make_student()
     student.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})

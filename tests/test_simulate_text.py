@@ -207,3 +207,40 @@ def test_prepare_data_path_gives_each_device_one_speakers_windows_outside_the_ex
         assert window in speakers[row["speaker"].split("#")[0]] and window not in parts.server
         said = {m.decode() for w in dev.data.x.astype(np.uint8) for m in re.findall(rb"of ([a-z ]+) says", w.tobytes())}
         assert said == {row["speaker"].split("#")[0].lower()}
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--seed", "3"], "was exported with seed 0, server fraction 0.05: its test split would overlap"),
+        (["--hot", "sim9999"], "device 'sim9999' is not in this fleet (sim0000 … sim0019)"),
+        (["--outage", "sim0001:9:2"], "outage of sim0001 in round 9: rounds are 1 … 5"),
+        (["--broker", "bogus"], "bogus"),
+    ],
+)
+def test_simulate_mistakes_are_one_line_before_anything_runs(bundle_dir, tmp_path, capsys, argv, message) -> None:
+    from edgelearn.cli import main
+
+    rc = main(["simulate", "--bundle", str(bundle_dir), "--out", str(tmp_path / "o"), *argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_release_is_not_relowered_from_a_changed_text(tmp_path) -> None:
+    from export import ExportError
+    from export.pipeline import ExportConfig, rebuild_bundle, text_digest
+
+    # Prepare: a bundle folder whose export.json names a text and its hash; then the text is edited
+    text = tmp_path / "t.txt"
+    text.write_text("ALICE:\nhello there\n" * 50)
+    cfg = ExportConfig(model_id="char-lm", text=str(text), text_sha256=text_digest(str(text)))
+    small_bundle = tmp_path / "b"
+    from tests.test_bundle import small_bundle as make
+
+    make(small_bundle)
+    (small_bundle / "export.json").write_text(json.dumps(cfg.__dict__))
+    text.write_text("BOB:\nsomething else\n" * 50)
+    # Execute / Assert
+    with pytest.raises(ExportError, match="changed since release 1 was exported"):
+        rebuild_bundle(small_bundle, {}, 2, tmp_path / "v2")

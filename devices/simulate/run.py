@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import queue
-import tempfile
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -79,16 +79,51 @@ class SimConfig:
             raise ValueError(f"text {self.text}: only char-lm trains on text (model is {self.model})")
         if self.alpha is not None and self.model == "char-lm":
             raise ValueError("alpha: char-lm devices hold one speaker each, there is no class mix to draw")
+        self._check_devices_named()
+        self._check_broker()
         if self.bundle is not None:
-            from edgelearn.bundle import verify_bundle
-
-            held = verify_bundle(self.bundle).model_id  # BundleError is a ValueError
-            if held != self.model:
-                raise ValueError(f"bundle {self.bundle} holds {held}, not {self.model}: give --model {held}")
+            self._check_bundle()
         if self.model == "char-lm":
             from devices.simulate.speakers import check_text
 
             check_text(self.text, self.devices, self.bundle)
+
+    def _check_devices_named(self) -> None:
+        """Scripted outages and hot enclosures must name devices of this fleet (sim0000 …) and its rounds."""
+        known = {f"sim{k:04d}" for k in range(self.devices)}
+        for dev in [o.device_id for o in self.outages] + list(self.hot):
+            if dev not in known:
+                raise ValueError(f"device {dev!r} is not in this fleet (sim0000 … sim{self.devices - 1:04d})")
+        for o in self.outages:
+            if not 1 <= o.round <= self.rounds:
+                raise ValueError(f"outage of {o.device_id} in round {o.round}: rounds are 1 … {self.rounds}")
+
+    def _check_broker(self) -> None:
+        if self.broker == "mosquitto":
+            from edgelearn.broker import Mosquitto
+
+            Mosquitto.find_exe()  # FileNotFoundError (an OSError) naming the package when it is missing
+        elif self.broker != "embedded":
+            from edgelearn.protocol import parse_broker_url
+
+            parse_broker_url(self.broker)  # ValueError naming the problem
+
+    def _check_bundle(self) -> None:
+        """The bundle holds `model`; a digits bundle was exported with this seed and server fraction (else its
+        held-out test split would overlap the devices' data)."""
+        import json
+
+        from edgelearn.bundle import verify_bundle
+
+        held = verify_bundle(self.bundle).model_id  # BundleError is a ValueError
+        if held != self.model:
+            raise ValueError(f"bundle {self.bundle} holds {held}, not {self.model}: give --model {held}")
+        if self.model == "digits-mlp":
+            made = json.loads((self.bundle / "export.json").read_bytes())
+            if (made.get("seed"), made.get("server_fraction")) != (self.seed, self.server_fraction):
+                raise ValueError(f"bundle {self.bundle} was exported with seed {made.get('seed')}, server fraction "
+                                 f"{made.get('server_fraction')}: its test split would overlap the devices' data; give "
+                                 f"--seed {made.get('seed')} or export with --seed {self.seed}")  # fmt: skip
 
     @property
     def cohort(self) -> int:
@@ -125,7 +160,7 @@ def prepare(cfg: SimConfig, say: Callable[[str], None]) -> tuple[Path, list]:
 
         pool = load_digits(cfg.server_fraction, seed=cfg.seed).pool
         shards = device_shards(pool, cfg.devices, cfg.samples_per_device, cfg.alpha, seed=cfg.seed)
-        export = ExportConfig(server_fraction=cfg.server_fraction, compare=False)
+        export = ExportConfig(server_fraction=cfg.server_fraction, compare=False, seed=cfg.seed)  # same test split
     if cfg.bundle is None:
         say(f"[sim] exporting {cfg.model} (teacher → student → int8 XNNPACK .pte)")
         export_bundle(export, bundle)
@@ -135,17 +170,38 @@ def prepare(cfg: SimConfig, say: Callable[[str], None]) -> tuple[Path, list]:
 
 
 def simulate(cfg: SimConfig, say: Callable[[str], None] = print) -> dict:
-    """Run the fleet for `cfg.rounds` rounds; write the report to `cfg.out`; return it."""
-    from export.pipeline import rebuild_bundle
-
+    """Run the fleet for `cfg.rounds` rounds; write the report to `cfg.out` (also after Ctrl-C or an error,
+    with the rounds done so far); return it."""
     t0 = time.monotonic()
     use_shared_loop()  # hundreds of MQTT clients in this process: one epoll thread, not a select() thread each
     cfg.out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="state-", dir=cfg.out))
     bundle, devices = prepare(cfg, say)
-    brk, url, v311 = start_broker(cfg.broker, work)
-    fleet = Fleet(devices, url, cfg.fleet, work / "devices", v311)
-    closed: queue.Queue[RoundSummary] = queue.Queue()
+    work = cfg.out / "state"  # the last run's coordinator and device state (the next run replaces it)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    records: list[RoundRecord] = []
+    brk = fleet = None
+    try:
+        brk, url, v311 = start_broker(cfg.broker, work)
+        fleet = Fleet(devices, url, cfg.fleet, work / "devices", v311)
+        _serve(cfg, bundle, fleet, (url, v311), work, records, say)
+    finally:
+        if fleet is not None:
+            fleet.close()
+        if brk is not None:
+            brk.stop()
+        if fleet is not None:
+            report = write_report(cfg, records, fleet, time.monotonic() - t0)
+            say(f"[sim] {len(records)} rounds in {report['seconds']:.1f}s; report in {cfg.out}")
+    return report
+
+
+def _serve(cfg: SimConfig, bundle: Path, fleet: Fleet, broker: tuple[str, bool], work: Path, records: list,
+           say: Callable[[str], None]) -> None:  # fmt: skip
+    """The coordinator on this thread, the round driver on another, until the rounds are done or one fails."""
+    from export.pipeline import rebuild_bundle
+
+    (url, v311), closed = broker, queue.Queue()
     ccfg = CoordinatorConfig(
         url, cfg.fleet, bundle, work / "coordinator", min_updates=cfg.quorum, round_timeout_s=cfg.round_timeout_s,
         local=cfg.local, max_rounds=cfg.rounds, mqtt_v311=v311, target_participants=cfg.participants,
@@ -156,7 +212,6 @@ def simulate(cfg: SimConfig, say: Callable[[str], None] = print) -> dict:
     say(f"[sim] {cfg.devices} devices ({', '.join(f'{p}:{w:g}' for p, w in cfg.profiles)}), {cfg.cohort} online "
         f"per round{invited}, quorum {cfg.quorum}, broker {url}")  # fmt: skip
     stop = threading.Event()
-    records: list[RoundRecord] = []
     progress = (lambda: coord.engine.count, say)  # accepted so far (an int read from the driver thread)
     driver = threading.Thread(target=_drive, args=(cfg, fleet, closed, records, stop, progress), daemon=True)
     try:
@@ -164,21 +219,24 @@ def simulate(cfg: SimConfig, say: Callable[[str], None] = print) -> dict:
             _start_all(fleet, sorted(fleet.devices), say)
         driver.start()
         coord.run(stop)
-        driver.join(timeout=60)
     finally:
         stop.set()
-        fleet.close()
-        if brk is not None:
-            brk.stop()
-    report = write_report(cfg, records, fleet, time.monotonic() - t0)
-    say(f"[sim] {len(records)} rounds in {report['seconds']:.1f}s; report in {cfg.out}")
-    return report
+        if driver.is_alive():
+            driver.join(timeout=60)  # it appends the last record: the report must not race it
 
 
 def _drive(cfg: SimConfig, fleet: Fleet, closed: queue.Queue, records: list, stop: threading.Event,
            progress: tuple[Callable[[], int], Callable[[str], None]]) -> None:  # fmt: skip
     """Per round: bring the cohort online (or keep everyone online), wait for the coordinator to close the
-    round, take the cohort offline."""
+    round, take the cohort offline. Whatever ends it (the last round, a failure) stops the coordinator too."""
+    try:
+        _drive_rounds(cfg, fleet, closed, records, stop, progress)
+    finally:
+        stop.set()
+
+
+def _drive_rounds(cfg: SimConfig, fleet: Fleet, closed: queue.Queue, records: list, stop: threading.Event,
+                  progress: tuple[Callable[[], int], Callable[[str], None]]) -> None:  # fmt: skip
     ids, (accepted, say) = sorted(fleet.devices), progress
     always_on = cfg.online is None  # every device was started before the coordinator (simulate)
     for rnd in range(1, cfg.rounds + 1):

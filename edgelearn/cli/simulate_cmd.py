@@ -62,7 +62,7 @@ def cmd_simulate(a: argparse.Namespace) -> int:
             round_timeout_s=a.round_timeout,
             outages=tuple(a.outage), outage_rate=a.outage_rate, hot=tuple(a.hot), seed=a.seed,
         )  # fmt: skip
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # OSError: e.g. --broker mosquitto without mosquitto installed
         print(f"edgelearn simulate: error: {e}", file=sys.stderr)
         return 2
     if not a.verbose:  # budget pauses and late-update rejections are counted in the report, not logged
