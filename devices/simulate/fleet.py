@@ -112,7 +112,8 @@ class Fleet:
         self.meter = Meter()
         self.live: dict[str, Live] = {}
         self.lock = threading.Lock()
-        self.outages: dict[tuple[str, int], Outage] = {}
+        self.outages: dict[tuple[str, int], Outage] = {}  # (device, round) -> its outage; under `lock`
+        self.wanted: set[str] | None = None  # devices meant to be online now (None: all); outages return only those
         self.closing = threading.Event()
         self.timers: list[threading.Thread] = []
 
@@ -181,7 +182,12 @@ class Fleet:
     def _went_down(self, agent: SimAgent) -> None:
         """Called on the agent's thread: finish the outage on another thread (it joins this one)."""
         dev = agent.cfg.device_id
-        outage = next(o for (i, _), o in self.outages.items() if i == dev)
+        with self.lock:
+            outage = self.outages.get((dev, self.meter.round)) or next(
+                (o for (i, _), o in self.outages.items() if i == dev), None
+            )
+        if outage is None:  # its round closed meanwhile (the outage was cleared): it simply stays online
+            return
         t = threading.Thread(target=self._outage, args=(dev, outage), daemon=True)
         self.timers.append(t)
         t.start()
@@ -194,9 +200,21 @@ class Fleet:
         d.events.append({"event": "outage", "round": outage.round, "seconds": outage.seconds, "outbox": pending})
         if self.closing.wait(outage.seconds):
             return
-        self.outages.pop((device_id, outage.round), None)
-        self.start(device_id, outage.round)
-        d.events.append({"event": "reconnect", "round": outage.round})
+        with self.lock:
+            self.outages.pop((device_id, outage.round), None)
+            back = self.wanted is None or device_id in self.wanted
+        if back:  # not when a later round's cohort no longer includes it
+            self.start(device_id, outage.round)
+            d.events.append({"event": "reconnect", "round": outage.round})
+
+    def end_round(self, rnd: int, cohort: list[str]) -> None:
+        """Cohort mode, at a round's close: take its devices offline and forget its outages (planned ones that
+        never fired, and running ones, whose devices then come back only if a later cohort wants them)."""
+        with self.lock:
+            for key in [k for k in self.outages if k[1] == rnd]:
+                del self.outages[key]
+            self.wanted = set()
+        self.stop(cohort)
 
     def close(self) -> None:
         self.closing.set()

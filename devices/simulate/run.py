@@ -247,6 +247,8 @@ def _drive_rounds(cfg: SimConfig, fleet: Fleet, closed: queue.Queue, records: li
         if always_on:
             fleet.arm_outages(rnd)
         else:
+            with fleet.lock:
+                fleet.wanted = set(cohort)
             for dev in cohort:
                 fleet.start(dev, rnd)
         tell = lambda s, r=rnd: say(f"[sim] round {r}: {accepted()}/{cfg.quorum} updates accepted ({s:.0f}s)")  # noqa: E731
@@ -257,7 +259,7 @@ def _drive_rounds(cfg: SimConfig, fleet: Fleet, closed: queue.Queue, records: li
             return
         paused = fleet.paused_since(t0)
         if not always_on:
-            fleet.stop([d for d in cohort if (d, rnd) not in fleet.outages])  # outage devices come back on their own
+            fleet.end_round(rnd, cohort)
         rec = RoundRecord.of(summary, len(cohort), paused, fleet.meter.of_round(rnd), time.monotonic() - t0)
         records.append(rec)
         say(rec.line())
@@ -271,12 +273,13 @@ def _scripted(cfg: SimConfig) -> tuple[str, ...]:
 def _plan_outages(cfg: SimConfig, fleet: Fleet, cohort: list[str], rnd: int) -> None:
     """The scripted outages of round `rnd`, plus each online device with chance `outage_rate` (seeded)."""
     rng = np.random.default_rng([cfg.seed + 2, rnd])
-    for o in cfg.outages:
-        if o.round == rnd:
-            fleet.outages[(o.device_id, rnd)] = o
-    for dev, u in zip(cohort, rng.random(len(cohort)), strict=True):
-        if (dev, rnd) not in fleet.outages and u < cfg.outage_rate:
-            fleet.outages[(dev, rnd)] = Outage(dev, rnd, cfg.outage_s)
+    with fleet.lock:
+        for o in cfg.outages:
+            if o.round == rnd:
+                fleet.outages[(o.device_id, rnd)] = o
+        for dev, u in zip(cohort, rng.random(len(cohort)), strict=True):
+            if (dev, rnd) not in fleet.outages and u < cfg.outage_rate:
+                fleet.outages[(dev, rnd)] = Outage(dev, rnd, cfg.outage_s)
 
 
 def _start_all(fleet: Fleet, ids: list[str], say: Callable[[str], None], limit_s: float = 300.0) -> None:
