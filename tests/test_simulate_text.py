@@ -212,7 +212,7 @@ def test_prepare_data_path_gives_each_device_one_speakers_windows_outside_the_ex
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--seed", "3"], "was exported with seed 0, server fraction 0.05: its test split would overlap"),
+        (["--seed", "3"], "was exported with seed 0: its test split would overlap"),
         (["--hot", "sim9999"], "device 'sim9999' is not in this fleet (sim0000 … sim0019)"),
         (["--outage", "sim0001:9:2"], "outage of sim0001 in round 9: rounds are 1 … 5"),
         (["--broker", "bogus"], "bogus"),

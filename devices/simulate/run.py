@@ -109,8 +109,8 @@ class SimConfig:
             parse_broker_url(self.broker)  # ValueError naming the problem
 
     def _check_bundle(self) -> None:
-        """The bundle holds `model`; a digits bundle was exported with this seed and server fraction (else its
-        held-out test split would overlap the devices' data)."""
+        """The bundle holds `model`; a digits bundle was exported with this seed (the test split depends on the
+        seed alone: another seed's test split would overlap the devices' data)."""
         import json
 
         from edgelearn.bundle import verify_bundle
@@ -120,10 +120,10 @@ class SimConfig:
             raise ValueError(f"bundle {self.bundle} holds {held}, not {self.model}: give --model {held}")
         if self.model == "digits-mlp":
             made = json.loads((self.bundle / "export.json").read_bytes())
-            if (made.get("seed"), made.get("server_fraction")) != (self.seed, self.server_fraction):
-                raise ValueError(f"bundle {self.bundle} was exported with seed {made.get('seed')}, server fraction "
-                                 f"{made.get('server_fraction')}: its test split would overlap the devices' data; give "
-                                 f"--seed {made.get('seed')} or export with --seed {self.seed}")  # fmt: skip
+            if made.get("seed") != self.seed:
+                raise ValueError(f"bundle {self.bundle} was exported with seed {made.get('seed')}: its test split "
+                                 f"would overlap the devices' data; give --seed {made.get('seed')} or export with "
+                                 f"--seed {self.seed}")  # fmt: skip
 
     @property
     def cohort(self) -> int:
