@@ -21,6 +21,8 @@ def _setup_logging(verbose: bool, quiet: bool = False) -> None:
     for noisy in ("torch", "executorch", "torchao", "amqtt", "transitions"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if quiet and not verbose:  # a fleet in one process re-lowers programs every round: hide library chatter
+        import torch  # noqa: F401  (its import configures the "torch" logger: quiet it afterwards)
+
         for noisy in ("torch", "torchao"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", category=FutureWarning)  # torch.export deprecations, per re-lowering
