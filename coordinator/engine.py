@@ -65,6 +65,12 @@ def import_bundle(bundle_dir: Path, releases: Path) -> Manifest:
     return manifest
 
 
+def drop_opt_state(state_dir: Path, version: int) -> None:
+    """Delete the server-optimizer state saved after release `version` (whichever optimizer wrote it)."""
+    for p in (state_dir / "opt").glob(f"v{version}.*safetensors"):
+        p.unlink(missing_ok=True)
+
+
 def dp_secret(state_dir: Path) -> int:
     """The 256-bit secret behind every round's DP noise, `state_dir/dp.secret` (mode 0600, made on first use).
     Anyone who learns it can subtract the noise from the releases: it never leaves the state folder."""
@@ -237,14 +243,16 @@ class Engine:
         t0 = time.perf_counter()
         rnd, v = self.round, self.version
         theta, opt_state = optim.apply(self.cfg.server_opt, self.weights, self.aggregated_delta(), self.opt_state)
-        created = utc_now(self.store.round_opened(rnd))  # from state: a redone close writes the same bytes
-        self.manifest = self.rebuild(self.release_dir(v), theta, v + 1, self.release_dir(v + 1), created=created)
+        opened = self.store.round_opened(rnd)  # from state: a redone close writes the same bytes
+        self.manifest = self.rebuild(
+            self.release_dir(v), theta, v + 1, self.release_dir(v + 1), created=utc_now(opened)
+        )
         if opt_state:
             self._opt_path(v + 1).parent.mkdir(exist_ok=True)
             write_bytes(self._opt_path(v + 1), dump_weights(opt_state))
         summary = RoundSummary(
             rnd, v + 1, tuple(sorted(self.devices)), self.count, dict(self.rejected), self.duplicates,
-            dict(self.manifest.metrics), time.time() - self.store.round_opened(rnd),  # across restarts too
+            dict(self.manifest.metrics), time.time() - opened,  # across restarts too
         )  # fmt: skip
         self.store.close_round(
             rnd, v + 1, summary.__dict__ | {"rejected": summary.rejected}, {"version": v + 1, "round": rnd + 1}
@@ -263,8 +271,7 @@ class Engine:
         """Keep the newest `keep_releases` release directories (and their optimizer state)."""
         for version, _, _ in self.store.releases()[: -self.cfg.keep_releases]:
             shutil.rmtree(self.release_dir(version), ignore_errors=True)
-            for p in (self.cfg.state_dir / "opt").glob(f"v{version}.*safetensors"):
-                p.unlink(missing_ok=True)
+            drop_opt_state(self.cfg.state_dir, version)
             self.store.drop_release(version)
 
     def open_round(self, participants: list[str] | None) -> None:

@@ -7,7 +7,7 @@ import logging
 import time
 from pathlib import Path
 
-from coordinator.engine import Rebuild
+from coordinator.engine import Rebuild, drop_opt_state
 from coordinator.server import lock_state
 from coordinator.spool import Spool
 from coordinator.store import Store
@@ -47,8 +47,7 @@ def rollback(state_dir: Path, to_version: int, rebuild: Rebuild) -> Manifest:
         verify_bundle(src)
         new = version + 1
         manifest = rebuild(src, load_weights(src), new, state_dir / "releases" / f"v{new}")
-        for p in (state_dir / "opt").glob(f"v{new}.*safetensors"):  # from a close that crashed
-            p.unlink(missing_ok=True)
+        drop_opt_state(state_dir, new)  # from a close that crashed
         store.roll_back(rnd, new, f"rollback to v{to_version}")
         store.close()
         Spool(state_dir / "spool").drop_round(rnd)

@@ -153,9 +153,7 @@ class Coordinator:
                 log.info("%s update %s from %s", verdict.status, verdict.update_id, device_id)
             self.link.publish(self.topics.device(device_id, "ack"), Ack(*_ack_fields(verdict, e.version)).encode())
         log.info("round %d: %d accepted so far", e.round, e.count)
-        self.metrics.round_accepted.set(e.count)
-        if self.ready():
-            self.close_round()
+        self.metrics.round_accepted.set(e.count)  # `tick` closes the round once it is ready
 
     def ready(self) -> bool:
         """min_updates (sync) / K (async) accepted, or every invited participant has reported."""
@@ -181,7 +179,7 @@ class Coordinator:
     def tick(self) -> None:
         """Deadline handling (sync): close with ≥ min_updates, else re-select and re-announce."""
         e = self.engine
-        if self.connected_at is not None and e.count and self.ready():  # e.g. restarted after a crash mid-close
+        if self.connected_at is not None and self.ready():  # enough updates (also when restarted mid-close)
             self.close_round()
             return
         waited_s = time.monotonic() - self.connected_at if self.connected_at else 0.0

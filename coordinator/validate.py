@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgelearn.protocol import ProtocolError, Update, decode_update, is_finite, read_metadata
+from edgelearn.protocol import MAX_UPDATE_ID_CHARS, ProtocolError, Update, decode_update, is_finite, read_metadata
 
 log = logging.getLogger(__name__)
 HEADER_SLACK_BYTES = 64 * 1024
@@ -41,7 +41,7 @@ def update_id_of(payload: bytes) -> str | None:
         uid = read_metadata(payload, max_header_bytes=HEADER_SLACK_BYTES).get("update_id")
     except ProtocolError:
         return None
-    return uid if isinstance(uid, str) and 0 < len(uid) <= 64 else None
+    return uid if isinstance(uid, str) and 0 < len(uid) <= MAX_UPDATE_ID_CHARS else None
 
 
 def check_names(u: Update, rules: Rules) -> str | None:

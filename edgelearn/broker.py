@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgelearn.protocol import parse_broker_url
+
 log = logging.getLogger(__name__)
 
 
@@ -213,15 +215,25 @@ class EmbeddedBroker:
         self._thread.join(timeout=5)
 
 
+def check_broker(kind: str) -> None:
+    """Raise at once if `start_broker(kind, …)` could not work: an unknown kind or a bad URL (ValueError),
+    mosquitto not installed (FileNotFoundError)."""
+    if kind == "mosquitto":
+        Mosquitto.find_exe()
+    elif kind != "embedded":
+        if "://" not in kind:
+            raise ValueError(f"unknown broker {kind!r}: use embedded, mosquitto or an mqtt://host:port URL")
+        parse_broker_url(kind)
+
+
 def start_broker(kind: str, work: Path) -> tuple[EmbeddedBroker | Mosquitto | None, str, bool]:
     """(broker we started or None, its URL, whether clients must speak MQTT 3.1.1) for `kind`: `embedded`
     (amqtt, 3.1.1 only), `mosquitto` (a local one in work/mosquitto, MQTT 5) or an mqtt:// URL (not ours)."""
-    if "://" in kind:
-        return None, kind, False
+    check_broker(kind)
     if kind == "embedded":
         brk: EmbeddedBroker | Mosquitto = EmbeddedBroker().start()
         return brk, brk.url, True
     if kind == "mosquitto":
         brk = Mosquitto(work / "mosquitto").start()
         return brk, brk.url, False
-    raise ValueError(f"unknown broker {kind!r}: use embedded, mosquitto or an mqtt://host:port URL")
+    return None, kind, False

@@ -19,7 +19,7 @@ from coordinator.server import Coordinator, CoordinatorConfig, RoundSummary
 from devices.simulate.data import device_shards
 from devices.simulate.fleet import Fleet, Outage, make_devices
 from devices.simulate.report import RoundRecord, write_report
-from edgelearn.broker import start_broker
+from edgelearn.broker import check_broker, start_broker
 from edgelearn.mqtt import use_shared_loop
 from edgelearn.protocol import LocalConfig
 
@@ -80,7 +80,7 @@ class SimConfig:
         if self.alpha is not None and self.model == "char-lm":
             raise ValueError("alpha: char-lm devices hold one speaker each, there is no class mix to draw")
         self._check_devices_named()
-        self._check_broker()
+        check_broker(self.broker)
         if self.bundle is not None:
             self._check_bundle()
         if self.model == "char-lm":
@@ -97,16 +97,6 @@ class SimConfig:
         for o in self.outages:
             if not 1 <= o.round <= self.rounds:
                 raise ValueError(f"outage of {o.device_id} in round {o.round}: rounds are 1 … {self.rounds}")
-
-    def _check_broker(self) -> None:
-        if self.broker == "mosquitto":
-            from edgelearn.broker import Mosquitto
-
-            Mosquitto.find_exe()  # FileNotFoundError (an OSError) naming the package when it is missing
-        elif self.broker != "embedded":
-            from edgelearn.protocol import parse_broker_url
-
-            parse_broker_url(self.broker)  # ValueError naming the problem
 
     def _check_bundle(self) -> None:
         """The bundle holds `model`; a digits bundle was exported with this seed (the test split depends on the
