@@ -20,6 +20,7 @@ from edge_runtime.samples import SampleFormat, SampleStore
 
 log = logging.getLogger(__name__)
 MAX_LINE_BYTES = 1 << 20
+OVERLONG_LINE = "\x00"  # what a line of MAX_LINE_BYTES or more comes back as: one malformed sample
 
 
 class FileTail:
@@ -45,34 +46,39 @@ class FileTail:
                 st = f.stat()
             except FileNotFoundError:
                 continue
-            key = f"{f.resolve()}#{st.st_ino}"
-            pos = offsets.get(key, offsets.get(str(f.resolve()), 0))  # (positions saved before inode keys)
+            path = str(f.resolve())
+            key = f"{path}#{st.st_ino}"
+            pos = offsets.get(key, offsets.get(path, 0))  # (positions saved before inode keys)
             pos = 0 if pos > st.st_size else pos
             with open(f, "rb") as fh:
                 fh.seek(pos)
                 while len(lines) < max_lines:
                     raw = fh.readline(MAX_LINE_BYTES)
-                    if len(raw) == MAX_LINE_BYTES and not raw.endswith(b"\n"):
-                        raw = _skip_line(fh, raw)  # too long: skipped whole once its end is there
-                        if raw is None:
-                            break
-                    elif not raw.endswith(b"\n"):
+                    n = len(raw) if raw.endswith(b"\n") else _rest_of_line(fh, len(raw))
+                    if n is None:
                         break  # a line still being written: read it when it is complete
-                    pos += len(raw)
-                    lines.append(raw.decode("utf-8", errors="replace") if len(raw) < MAX_LINE_BYTES else "\x00")
+                    pos += n
+                    lines.append(raw.decode("utf-8", errors="replace") if n < MAX_LINE_BYTES else OVERLONG_LINE)
             new[key] = pos
         return lines, new
 
+    def forget(self, saved: dict[str, int], current: dict[str, int]) -> list[str]:
+        """Saved positions of this source's files that `read` no longer returns (deleted or rotated away)."""
+        root = str(self.path.resolve())
+        return [k for k in saved if k.startswith(root) and k not in current]
 
-def _skip_line(fh, head: bytes) -> bytes | None:
-    """Consume the rest of an over-long line; its bytes (for the offset) or None if it is not complete yet."""
-    n = len(head)
+
+def _rest_of_line(fh, n: int) -> int | None:
+    """Bytes of a line whose first `n` came without its newline: when that first read filled MAX_LINE_BYTES,
+    the line is consumed to its end (it is skipped); None while the line is not complete yet."""
+    if n < MAX_LINE_BYTES:
+        return None
     while True:
         chunk = fh.readline(MAX_LINE_BYTES)
         n += len(chunk)
         if chunk.endswith(b"\n"):
-            return b"\x00" * n
-        if len(chunk) < MAX_LINE_BYTES:
+            return n
+        if len(chunk) < MAX_LINE_BYTES:  # its end is not written yet
             return None
 
 
@@ -88,7 +94,7 @@ class StdinLines:
         """Bytes lines (invalid UTF-8 replaced, so such a line is one malformed sample, not the end of input)."""
         for raw in iter(lambda: self.stream.readline(MAX_LINE_BYTES), b""):
             line = raw if isinstance(raw, str) else raw.decode("utf-8", errors="replace")
-            self.q.put(line if len(raw) < MAX_LINE_BYTES else "\x00")
+            self.q.put(line if len(raw) < MAX_LINE_BYTES else OVERLONG_LINE)
 
     def read(self, offsets: dict[str, int], max_lines: int) -> tuple[list[str], dict[str, int]]:
         lines = []
@@ -98,6 +104,9 @@ class StdinLines:
             except queue.Empty:
                 break
         return lines, {}
+
+    def forget(self, saved: dict[str, int], current: dict[str, int]) -> list[str]:
+        return []  # stdin keeps no positions
 
 
 class Ingestor:
@@ -140,8 +149,7 @@ class Ingestor:
         lines, offsets = self.source.read(self.store.offsets, max_lines)
         for line in lines:
             self.add_line(line)
-        gone = [k for k in self.store.offsets if isinstance(self.source, FileTail) and k.startswith("/")
-                and k not in offsets]  # files deleted or rotated away: forget them  # fmt: skip
+        gone = self.source.forget(self.store.offsets, offsets)
         if lines or gone or offsets != {k: self.store.offsets.get(k) for k in offsets}:
             self.store.flush(offsets, forget=gone)
         return len(lines)
