@@ -20,8 +20,8 @@ import torch
 
 from edgelearn.bundle import load_weights
 from export.metrics import pte_latency_us, pte_logits, quality
-from export.models import get_spec
 from export.pipeline import REPORT_JSON, ExportConfig, export_bundle
+from models.registry import get_spec
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -55,7 +55,7 @@ def one_round(broker: Mosquitto, bundle: Path, n: int, work: Path) -> dict:
     assert link.start(wait_s=10)
     args = ["--broker", broker.url, "--fleet", fleet, "--bundle", str(bundle), "--state", str(work / fleet)]
     log = (work / f"{fleet}.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "edgelearn.cli", "coordinator", *args, "--min-updates", str(n),
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "coordinator", *args, "--min-updates", str(n),
                              "--round-timeout", "600"], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)  # fmt: skip
     try:
         _, rel = wait(q, lambda tp, p: tp == t.model_latest, 120)

@@ -50,7 +50,7 @@ def random_batch(manifest, n: int, rng: np.random.Generator) -> tuple[np.ndarray
 
 def bare_eager_sps(manifest, weights, x, y, steps: int) -> float:
     """The reference: the student in a bare loop on one fixed batch, manual SGD."""
-    from export.models import TrainStep, get_spec
+    from models.registry import TrainStep, get_spec
 
     step = TrainStep(get_spec(manifest.model_id).make_student())
     step.net.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()}, strict=False)
@@ -154,7 +154,7 @@ def peak_rss_mb(code: str) -> float:
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child would report the bench's own peak.
 RSS = "import re; print(int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())[1]) / 1024)"
 FLOOR = f"import torch, executorch.runtime\n{RSS}"
-LEAN_FLOOR = f"from edge_runtime.et_import import runtime_modules\nruntime_modules()\n{RSS}"
+LEAN_FLOOR = f"from edgelearn.et_import import runtime_modules\nruntime_modules()\n{RSS}"
 DEVICE = (
     """
 import sys, tempfile, numpy as np

@@ -24,10 +24,10 @@ import torch
 from devices.simulate.speakers import speaker_shards
 from edge_runtime.engines import EagerEngine
 from edgelearn.bundle import load_weights
-from export.charlm import CONTEXT
 from export.metrics import quality
-from export.models import get_spec
-from export.text import read_text, text_splits
+from models.charlm import CONTEXT
+from models.registry import get_spec
+from models.text import read_text, text_splits
 
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
 RECIPES = ((20, 16, 0.1), (100, 16, 0.1), (20, 16, 0.2), (10, 16, 0.5), (10, 64, 0.5))

@@ -1,7 +1,7 @@
 """Training engines: one SGD step θ ← θ − η(∇ℓ(θ; x, y) + μ(θ − θ_global)) on any model whose training step
 takes (x, y) and returns the loss first.
 
-- `EagerEngine`: eager PyTorch on the bundle's fp32 weights (the model from `export.models`).
+- `EagerEngine`: eager PyTorch on the bundle's fp32 weights (the model from `models.registry`).
 - `ExecuTorchEngine`: the bundle's `train.pte` run by the ExecuTorch training runtime (what a C++ device runs).
 
 Both take and give weights as `{name: float32 ndarray}` by the student's parameter names.
@@ -56,12 +56,12 @@ def _as_tensor(a: np.ndarray) -> torch.Tensor:
 
 
 class EagerEngine:
-    """The student `nn.Module` wrapped in export.models.TrainStep; manual SGD (torch.optim would import dynamo)."""
+    """The student `nn.Module` wrapped in models.registry.TrainStep; manual SGD (torch.optim would import dynamo)."""
 
     name = "eager"
 
     def __init__(self, model_id: str, weights: dict[str, np.ndarray], trainable: list[str] | None = None) -> None:
-        from export.models import TrainStep, get_spec
+        from models.registry import TrainStep, get_spec
 
         spec = get_spec(model_id)
         net = spec.make_student()

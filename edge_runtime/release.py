@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from edge_runtime.inference import InferenceProgram
 from edge_runtime.samples import SampleFormat
 from edgelearn.atomic import write_bytes
 from edgelearn.bundle import (
@@ -19,10 +19,11 @@ from edgelearn.bundle import (
     BundleError,
     Manifest,
     load_weights,
-    read_release,
     verify_bundle,
     write_bundle,
 )
+from edgelearn.programs import InferenceProgram
+from edgelearn.signing import load_public, read_signed_release
 
 log = logging.getLogger(__name__)
 KEEP_RELEASES = 2
@@ -64,7 +65,7 @@ class ReleaseStore:
         Raises BundleError for a corrupt, tampered, unsigned (in a signed fleet) or other-model
         archive; nothing is written then.
         """
-        manifest, files = read_release(payload, self.public_key)
+        manifest, files = read_signed_release(payload, self.public_key)
         current = self.active_version()
         running = self._model_id(current)
         if running is not None and manifest.model_id != running:
@@ -135,9 +136,6 @@ def load_release(bundle_dir: Path, manifest: Manifest) -> Active:
     return Active(manifest, infer, train_pte, weights, classes)
 
 
-def public_key(path: Path | None) -> object | None:
-    if path is None:
-        return None
-    from edgelearn.signing import load_public
-
-    return load_public(path)
+def public_key(path: Path | None) -> Ed25519PublicKey | None:
+    """The fleet's release-signing key at `path`, or None for an unsigned fleet."""
+    return None if path is None else load_public(path)

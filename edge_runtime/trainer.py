@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-WRAPPER_PREFIX = "net."  # export.models.TrainStep holds the model as `net`
+WRAPPER_PREFIX = "net."  # models.registry.TrainStep holds the model as `net`
 
 
 class TrainProgram:
     """The `forward` method of a training program (returns loss first); parameters alias program memory."""
 
     def __init__(self, pte: bytes, weights: dict[str, np.ndarray], example: tuple[np.ndarray, np.ndarray]) -> None:
-        from edge_runtime.et_import import runtime_modules
+        from edgelearn.et_import import runtime_modules
 
         self._pte = pte  # the loader keeps no reference: dropping the buffer segfaults forward_backward
         self._x_dtype = np.asarray(example[0]).dtype  # the program's input dtype (the manifest's `input.dtype`)

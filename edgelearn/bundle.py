@@ -14,6 +14,7 @@ import shutil
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -159,11 +160,11 @@ def pack_release(bundle_dir: str | Path) -> bytes:
     return buf.getvalue()
 
 
-def read_release(payload: bytes, public_key: object | None = None) -> tuple[Manifest, dict[str, bytes]]:
+def read_release(payload: bytes, check: Callable[[Manifest], None] | None = None) -> tuple[Manifest, dict[str, bytes]]:
     """Parse and verify a release archive in memory: (manifest, {file name: bytes}); BundleError if bad.
 
-    With `public_key` (an Ed25519PublicKey: the fleet is signed) the manifest's signature is checked
-    first; every member's sha256 is checked before anything else reads it.
+    `check(manifest)` (e.g. the signature check of `signing.read_signed_release`) runs first and raises
+    BundleError to refuse; every member's sha256 is checked before anything else reads it.
     """
     try:
         with tarfile.open(fileobj=io.BytesIO(payload), mode="r:") as tar:
@@ -181,10 +182,8 @@ def read_release(payload: bytes, public_key: object | None = None) -> tuple[Mani
     try:  # retained on the broker: anything that escaped here would crash the device at every restart
         manifest = Manifest.from_json(data.pop(MANIFEST))
         check_manifest_fields(manifest)
-        if public_key is not None:
-            from edgelearn.signing import verify
-
-            verify(manifest, public_key)  # type: ignore[arg-type]
+        if check is not None:
+            check(manifest)
     except RecursionError:
         raise BundleError("manifest.json is nested too deeply") from None
     except TypeError as e:  # e.g. `files` a number or a list of numbers, met by Manifest.from_json's own checks

@@ -3,6 +3,10 @@
 Importing this package is cheap; ExecuTorch's exporter is imported only by `export.lower`.
 """
 
+from models import ModelError
 
-class ExportError(Exception):
-    """A mistake in what the user asked for (unknown model or target, bad data, unlowerable operator)."""
+
+class ExportError(ModelError):
+    """A mistake in what the user asked for (unknown target, unlowerable operator, bad settings).
+
+    Mistakes in the model or its data are `models.ModelError`, this class's base: catch that for both."""

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import logging
 import re
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from export import ExportError
-from export.models import TARGETS, TrainStep
+from models.registry import ModelSpec, TrainStep
 
 log = logging.getLogger(__name__)
+TARGETS = ("xnnpack-int8", "xnnpack-fp32", "portable")  # what `--target` takes
 # ExecuTorch's GPU backends for a Jetson: investigated with the packaged executorch (docs/export.md).
 GPU_TARGETS = {
     "cuda": "CudaBackend",
@@ -19,6 +21,11 @@ GPU_TARGETS = {
 }
 CALIB_ROWS = 128  # calibration examples for static int8 (batch-1 calls, the program's shape)
 OP_PATTERN = re.compile(r"\b(?:aten(?:::|\.)\w+|[a-z_]+::\w+)(?:\.\w+)?")  # aten.add.Tensor, mylib::op
+
+
+def quant_mode(spec: ModelSpec, cfg: Any) -> str:
+    """The PT2E int8 mode of an export: the user's `--quant`, else the model's default."""
+    return cfg.quant or spec.default_quant
 
 
 def runtime_backends() -> list[str]:

@@ -80,7 +80,7 @@ def pte_latency_us(pte: bytes, x: torch.Tensor, runs: int = LATENCY_RUNS) -> flo
 
 def pte_logits(pte: bytes, x: np.ndarray) -> np.ndarray:
     """`forward` of a `.pte` on each row of `x` (batch 1, as the device runs it), stacked (N, C)."""
-    from edge_runtime.inference import InferenceProgram
+    from edgelearn.programs import InferenceProgram
 
     prog = InferenceProgram(pte)
     return np.concatenate([prog.predict(x[i : i + 1]) for i in range(len(x))])

@@ -30,9 +30,12 @@ from edgelearn.bundle import (
 )
 from export import ExportError
 from export.distill import fit, predict_logits
-from export.metrics import quality
-from export.models import SUBSETS, ModelSpec, TaskData, get_spec, param_count
+from export.lower import check_target, export_train, lower_infer, quant_mode
+from export.metrics import pte_logits, quality
 from export.prune import magnitude_prune
+from export.report import build_report
+from models.registry import SUBSETS, ModelSpec, TaskData, get_spec, param_count
+from models.text import read_text
 
 log = logging.getLogger(__name__)
 TRAIN_MAX_BATCH = 1024
@@ -59,8 +62,6 @@ class ExportConfig:
 
 
 def check_config(cfg: ExportConfig) -> ModelSpec:
-    from export.lower import check_target
-
     check_target(cfg.target)
     if not 0.0 < cfg.server_fraction <= 1.0:
         raise ExportError(f"server fraction {cfg.server_fraction} must be in (0, 1]")
@@ -89,10 +90,6 @@ class Stages:
         self.seconds[name] = round(now - self._t0, 3)
         log.info("[%s] %s (%.1fs)", name, detail, now - self._t0)
         self._t0 = now
-
-
-def quant_mode(spec: ModelSpec, cfg: ExportConfig) -> str:
-    return cfg.quant or spec.default_quant
 
 
 def _fit(spec: ModelSpec, cfg: ExportConfig, data: TaskData, model: nn.Module, teacher: nn.Module | None, epochs: int):
@@ -139,8 +136,6 @@ def lower_programs(
     spec: ModelSpec, student: nn.Module, cfg: ExportConfig, data: TaskData, target: str | None = None
 ) -> dict[str, bytes]:
     """infer.pte for `target` (default cfg.target) and train.pte (dynamic batch) for the trainable subset."""
-    from export.lower import export_train, lower_infer
-
     target = target or cfg.target
     example = (torch.zeros(spec.input_shape),)
     infer = lower_infer(student, example, target, torch.from_numpy(data.server.x[:512]), quant_mode(spec, cfg))
@@ -153,8 +148,6 @@ def lower_programs(
 
 def release_metrics(spec: ModelSpec, student: nn.Module, infer_pte: bytes, data: TaskData) -> dict[str, float]:
     """Eager fp32 quality of `student` and quality of its `infer.pte` run by ExecuTorch, on the test split."""
-    from export.metrics import pte_logits
-
     eager = _quality(spec, student, data)
     pte = quality(pte_logits(infer_pte, data.test.x), data.test.y, spec.task)
     return {**eager, **{f"{k}_pte": v for k, v in pte.items()}}
@@ -191,8 +184,6 @@ def make_bundle(
 
 def export_bundle(cfg: ExportConfig, out: str | Path) -> Manifest:
     """Release 1: train, distill, prune, quantize, lower, measure and write the bundle (atomically) to `out`."""
-    from export.report import build_report
-
     spec = check_config(cfg)
     try:
         check_bundle_target(out)  # before minutes of training, not after
@@ -219,8 +210,6 @@ def export_bundle(cfg: ExportConfig, out: str | Path) -> Manifest:
 def text_digest(path: str) -> str:
     """sha256 of the training text as the exporter reads it (a file, or a folder's files joined)."""
     import hashlib
-
-    from export.text import read_text
 
     return hashlib.sha256(read_text(path)).hexdigest()
 

@@ -10,8 +10,9 @@ import torch
 import torch.nn as nn
 
 from edgelearn.bundle import INFER_PTE, TRAIN_PTE
+from export.lower import TARGETS, lower_infer, quant_mode
 from export.metrics import eager_latency_us, pte_latency_us, pte_logits, quality, sparsity
-from export.models import TARGETS, ModelSpec, TaskData
+from models.registry import ModelSpec, TaskData
 
 log = logging.getLogger(__name__)
 THREADS = 1  # eager and ExecuTorch both run on one thread: 2 threads on 2 shared cores spike 5–100×
@@ -27,9 +28,6 @@ def set_threads(n: int) -> None:
 
 def target_programs(spec: ModelSpec, cfg: Any, student: nn.Module, data: TaskData, shipped: bytes) -> dict:
     """infer.pte bytes for every target in the report: the shipped one, plus the others when cfg.compare."""
-    from export.lower import lower_infer
-    from export.pipeline import quant_mode
-
     progs = {cfg.target: shipped}
     if cfg.compare:
         calib = torch.from_numpy(data.server.x[:512])
@@ -60,7 +58,7 @@ def build_report(spec: ModelSpec, cfg: Any, student: nn.Module, data: TaskData, 
         "config": {k: v for k, v in vars(cfg).items()},
         "params": {**trained["params"], "student_fraction": _fraction(trained["params"])},
         "sparsity": sparsity(student),
-        "quant": cfg.quant or spec.default_quant,
+        "quant": quant_mode(spec, cfg),
         "quality": q,
         "quality_pte": pte_q,
         "bytes": {**{f"{t}.pte": len(p) for t, p in progs.items()}, "train.pte": len(programs[TRAIN_PTE])},

@@ -2,8 +2,8 @@
 
 import pytest
 
+from cli import main
 from edgelearn.broker import MIB, BrokerSizing, mosquitto_config, size_broker
-from edgelearn.cli import main
 
 
 def test_sizing_from_fleet_and_model():

@@ -226,8 +226,8 @@ def test_crash_after_release_written_before_commit_redoes_the_close(bundle_dir, 
 
 
 def test_rollback_cli_errors_are_one_line(bundle_dir, tmp_path, capsys):
+    from cli import main
     from coordinator.server import lock_state
-    from edgelearn.cli import main
 
     Engine(make_cfg(bundle_dir, tmp_path), weights_only_rebuild).store.close()
     assert main(["coordinator", "rollback", "--to", "7", "--state", str(tmp_path)]) == 2

@@ -23,7 +23,7 @@ from edgelearn.protocol import Ack, RoundMsg, Topics, Update, encode_status, enc
 def start_coordinator(url: str, fleet: str, bundle_dir, state, log, *extra: str) -> subprocess.Popen:
     args = ["--broker", url, "--fleet", fleet, "--bundle", str(bundle_dir), "--state", str(state)]
     return subprocess.Popen(
-        [sys.executable, "-m", "edgelearn.cli", "coordinator", *args, "--min-updates", "3", *extra],
+        [sys.executable, "-m", "cli", "coordinator", *args, "--min-updates", "3", *extra],
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -149,7 +149,7 @@ def test_bad_input_is_counted_and_the_coordinator_keeps_serving(mosquitto, bundl
         _, p = wait_for(rec, ack_of(t, "ok"))
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
         status = subprocess.run(
-            [sys.executable, "-m", "edgelearn.cli", "fleet", "status", "--state", str(tmp_path / "state")],
+            [sys.executable, "-m", "cli", "fleet", "status", "--state", str(tmp_path / "state")],
             capture_output=True,
             text=True,
             timeout=60,

@@ -53,8 +53,8 @@ def test_a_reannounced_round_draws_new_participants():
 
 
 def test_participants_set_the_close_threshold_unless_min_updates_is_given():
-    from edgelearn.cli import build_parser
-    from edgelearn.cli.coordinator_cmd import _coordinator_config
+    from cli import build_parser
+    from cli.coordinator_cmd import _coordinator_config
 
     base = ["coordinator", "--broker", "mqtt://h", "--fleet", "f", "--bundle", "b", "--state", "s"]
     with_target = _coordinator_config(build_parser().parse_args([*base, "--participants", "10"]))

@@ -24,7 +24,7 @@ HOT = Reading(other_cpu_percent=0.0, rss_mb=100.0, available_mb=4000.0, temperat
 def coordinator(url: str, fleet: str, bundle_dir: Path, state: Path, log) -> subprocess.Popen:
     args = ["--broker", url, "--fleet", fleet, "--bundle", str(bundle_dir), "--state", str(state)]
     args += ["--min-updates", "2", "--round-timeout", "600", "--steps", "5", "--batch-size", "8"]
-    return subprocess.Popen([sys.executable, "-m", "edgelearn.cli", "coordinator", *args], stdout=log, stderr=log)
+    return subprocess.Popen([sys.executable, "-m", "cli", "coordinator", *args], stdout=log, stderr=log)
 
 
 def device(url: str, fleet: str, k: int, tmp_path: Path, hot: threading.Event, sent: dict) -> DeviceAgent:

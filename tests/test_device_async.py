@@ -12,8 +12,8 @@ import numpy as np
 from edge_runtime.agent import DeviceAgent, DeviceConfig
 from edge_runtime.budget import Budget
 from edgelearn.bundle import read_release
-from edgelearn.demo import write_shards
 from edgelearn.protocol import OFFLINE, Ack, LocalConfig, Topics, decode_update, encode_status
+from models.shards import write_shards
 from tests.conftest import SERVER_FRACTION
 from tests.test_device import release_with_version
 
@@ -136,7 +136,7 @@ def test_a_newer_release_mid_job_lets_the_job_finish_on_its_base(bundle_dir, tmp
 
 
 def spawn(*args: str, log) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "edgelearn.cli", *args], stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.Popen([sys.executable, "-m", "cli", *args], stdout=log, stderr=subprocess.STDOUT)
 
 
 def test_async_coordinator_and_two_device_processes_advance_the_release(

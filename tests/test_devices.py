@@ -5,9 +5,9 @@ import os
 
 import pytest
 
+from cli import main
 from devices.flash import DeviceSettings, FlashError, build_package, flash, ssh_commands
 from devices.profiles import ProfileError, builtin_names, list_profiles, load_profile
-from edgelearn.cli import main
 
 SETTINGS = DeviceSettings("pi-kitchen", "home", "mqtt://broker.local:1883")
 
@@ -131,7 +131,7 @@ def test_aarch64_lock_pins_every_distribution_the_device_agent_imports():
 
     args = ["device", "--broker", "mqtt://127.0.0.1:1", "--fleet", "f", "--id", "d", "--state", "unused"]
     args += ["--data", "/nonexistent"]
-    code = f"import sys; from edgelearn.cli import main; main({args!r}); "
+    code = f"import sys; from cli import main; main({args!r}); "
     code += "print(' '.join(sorted(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     loaded = out.split()

@@ -9,23 +9,22 @@ import time
 
 import numpy as np
 
-from edgelearn.bundle import read_release
-from edgelearn.demo import write_shards
 from edgelearn.protocol import Topics, decode_update
-from edgelearn.signing import generate_keys, load_public
+from edgelearn.signing import generate_keys, load_public, read_signed_release
+from models.shards import write_shards
 from tests.conftest import SERVER_FRACTION
 
 N_DEVICES = 3
 
 
 def spawn(*args: str, log) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "edgelearn.cli", *args], stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.Popen([sys.executable, "-m", "cli", *args], stdout=log, stderr=subprocess.STDOUT)
 
 
 def weights_of(payload: bytes, public_key) -> tuple[int, dict[str, np.ndarray]]:
     from safetensors.numpy import load
 
-    manifest, files = read_release(payload, public_key)  # raises unless signed by the fleet key
+    manifest, files = read_signed_release(payload, public_key)  # raises unless signed by the fleet key
     return manifest.version, load(files["weights.safetensors"])
 
 

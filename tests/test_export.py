@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from edgelearn.bundle import INFER_PTE, TRAIN_PTE, load_weights, verify_bundle
-from export import ExportError
 from export.distill import kd_loss
-from export.models import get_spec
+from models import ModelError
+from models.registry import get_spec
 
 
 def test_kd_loss_hand_computed():
@@ -58,7 +58,7 @@ def test_bundle_has_protocol_files(bundle_dir):
 
 
 def test_infer_pte_matches_eager(bundle_dir):
-    from edge_runtime.inference import InferenceProgram
+    from edgelearn.programs import InferenceProgram
 
     student = get_spec("digits-mlp").make_student()
     student.load_state_dict({k: torch.from_numpy(v) for k, v in load_weights(bundle_dir).items()})
@@ -96,7 +96,7 @@ def test_train_pte_loss_and_step_match_eager(bundle_dir):
 def test_bad_request_writes_no_bundle(tmp_path, kw, message):
     from export.pipeline import ExportConfig, export_bundle
 
-    with pytest.raises(ExportError, match=message):
+    with pytest.raises(ModelError, match=message):
         export_bundle(ExportConfig(**kw), tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -106,13 +106,13 @@ def test_export_refuses_a_folder_that_is_not_a_bundle_before_training(tmp_path):
 
     (tmp_path / "notes.txt").write_text("mine")
     t0 = time.monotonic()
-    with pytest.raises(ExportError, match="non-empty folder that is not a bundle"):
+    with pytest.raises(ModelError, match="non-empty folder that is not a bundle"):
         export_bundle(ExportConfig(), tmp_path)
     assert (tmp_path / "notes.txt").read_text() == "mine" and time.monotonic() - t0 < 5  # no training ran
 
 
 def test_cli_reports_bad_target_in_one_line(tmp_path, capsys):
-    from edgelearn.cli import main
+    from cli import main
 
     assert main(["export", "--target", "tpu", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()

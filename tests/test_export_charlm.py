@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from export import ExportError
-from export.charlm import MASK_VALUE, CharLM, LMConfig, causal_mask, trainable_names
-from export.models import TARGETS, get_spec, param_count
-from export.text import read_text, text_splits, windows
+from export.lower import TARGETS
+from models import ModelError
+from models.charlm import MASK_VALUE, CharLM, LMConfig, causal_mask, trainable_names
+from models.registry import get_spec, param_count
+from models.text import read_text, text_splits, windows
 
 TINY = LMConfig(n_layer=1, n_head=2, d_model=32, context=16)
 
@@ -75,12 +76,12 @@ def test_text_directory_is_joined(tmp_path):
 def test_bad_text_is_one_clear_error(tmp_path, content, message):
     f = tmp_path / "t.txt"
     f.write_bytes(content)
-    with pytest.raises(ExportError, match=message):
+    with pytest.raises(ModelError, match=message):
         read_text(f)
 
 
 def test_missing_text_is_an_error(tmp_path):
-    with pytest.raises(ExportError, match="does not exist"):
+    with pytest.raises(ModelError, match="does not exist"):
         read_text(tmp_path / "nope.txt")
 
 

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from edgelearn.bundle import INFER_PTE, load_weights, verify_bundle
-from export.models import TARGETS, get_spec
+from export.lower import TARGETS
 from export.pipeline import REPORT_JSON
+from models.registry import get_spec
 
 
 def _student(bundle_dir):
@@ -59,7 +60,7 @@ def test_fp32_targets_run_in_executorch_like_eager(bundle_dir, target):
 
 def test_cli_exports_portable_target_with_report(tmp_path, capsys):
     # Prepare
-    from edgelearn.cli import main
+    from cli import main
     from export.metrics import pte_logits
 
     out = tmp_path / "b"

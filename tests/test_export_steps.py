@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from export import ExportError
 from export.metrics import perplexity, quality, sparsity, top1
 from export.prune import magnitude_prune
+from models import ModelError
 
 
 def test_perplexity_is_exp_of_mean_cross_entropy():
@@ -50,5 +50,5 @@ def test_magnitude_pruning_zeroes_smallest_weights_and_keeps_them_zero_through_f
 
 
 def test_sparsity_out_of_range_is_refused():
-    with pytest.raises(ExportError, match="sparsity 1.0 must be in"):
+    with pytest.raises(ModelError, match="sparsity 1.0 must be in"):
         magnitude_prune(torch.nn.Linear(2, 2), 1.0, lambda m: None)

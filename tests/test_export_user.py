@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from edgelearn.bundle import INFER_PTE, load_weights, verify_bundle
-from export import ExportError
-from export.data import Split
 from export.examples.iris import make
-from export.user import UserModel
+from models import ModelError
+from models.data import Split
+from models.user import UserModel
 
 HERE = "tests.test_export_user"
 
@@ -86,7 +86,7 @@ def test_user_model_exports_and_runs_like_eager(tmp_path):
         (["--target", "vulkan"], "target 'vulkan' is not supported: the packaged executorch runtime has no Vulkan"),
         (["--target", "cuda"], "target 'cuda' is not supported: the packaged executorch runtime has no CudaBackend"),
         (["--model", f"{HERE}:raising_factory"], "raised RuntimeError: no GPU in this lab"),
-        (["--model", f"{HERE}:wrong_type_factory"], "returned dict, not export.user.UserModel"),
+        (["--model", f"{HERE}:wrong_type_factory"], "returned dict, not models.user.UserModel"),
         (["--model", f"{HERE}:empty_data_factory"], "train split must be non-empty"),
         (["--model", f"{HERE}:float_labels_factory"], "train split y must be 1-D integer class ids"),
         (["--model", f"{HERE}:unknown_trainable_factory"], "trainable is names no student parameter has: fc9.w"),
@@ -102,7 +102,7 @@ def test_user_model_exports_and_runs_like_eager(tmp_path):
 )
 def test_bad_input_is_one_line_exit_2_no_bundle(tmp_path, capsys, argv, message):
     # Prepare
-    from edgelearn.cli import main
+    from cli import main
 
     (tmp_path / "empty.txt").write_bytes(b"")
     (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
@@ -119,5 +119,5 @@ def test_bad_input_is_one_line_exit_2_no_bundle(tmp_path, capsys, argv, message)
 def test_unlowerable_operator_names_op_and_target():
     from export.lower import lower_infer
 
-    with pytest.raises(ExportError, match=r"cannot lower operator aten\.linalg_inv_ex\.default to portable"):
+    with pytest.raises(ModelError, match=r"cannot lower operator aten\.linalg_inv_ex\.default to portable"):
         lower_infer(Inverse(), (torch.zeros(1, 4),), "portable", torch.zeros(4, 4))

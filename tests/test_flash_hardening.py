@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from cli import build_parser, main
 from devices.flash import (
     DeviceSettings,
     FlashError,
@@ -22,7 +23,6 @@ from devices.flash import (
 from devices.profiles import ProfileError, load_profile
 from devices.qemu.guest import exec_start_argv, read_env_file
 from edgelearn.bundle import BundleError, verify_bundle
-from edgelearn.cli import build_parser, main
 from edgelearn.protocol import parse_broker_url
 from edgelearn.signing import generate_keys, load_private, load_public, sign, verify
 

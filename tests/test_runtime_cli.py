@@ -2,8 +2,8 @@
 
 import pytest
 
+from cli import _budget, build_parser, main
 from edge_runtime.budget import PROFILES
-from edgelearn.cli import _budget, build_parser, main
 
 BASE = ["device", "--broker", "mqtt://127.0.0.1:1", "--fleet", "f", "--id", "d", "--state", "/tmp/unused"]
 
@@ -30,8 +30,8 @@ def test_learn_with_a_missing_bundle_says_so(tmp_path, capsys):
 
 
 def test_async_options_reach_the_device_config():
+    from cli.device_cmd import _device_config
     from edge_runtime.budget import Budget
-    from edgelearn.cli.device_cmd import _device_config
     from edgelearn.protocol import LocalConfig
 
     a = build_parser().parse_args([*BASE, "--async-interval", "2.5", "--local-steps", "7", "--local-batch-size", "4",

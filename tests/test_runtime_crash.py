@@ -29,7 +29,7 @@ def learn(bundle_dir: Path, state: Path, samples: Path, steps: int, every_s: flo
         [
             sys.executable,
             "-m",
-            "edgelearn.cli",
+            "cli",
             "learn",
             *args,
             "--checkpoint-every",

@@ -62,15 +62,15 @@ def test_signed_release_archive_round_trip(keys, tmp_path):
     import numpy as np
 
     from edgelearn.bundle import dump_weights, pack_release, read_release, write_bundle
-    from edgelearn.signing import sign_bundle
+    from edgelearn.signing import read_signed_release, sign_bundle
 
     files = {"weights.safetensors": dump_weights({"w": np.zeros(2, np.float32)}), "infer.pte": b"P"}
     write_bundle(tmp_path / "b", replace(M, files={}), files)
     unsigned = pack_release(tmp_path / "b")
     with pytest.raises(BundleError, match="not signed"):
-        read_release(unsigned, keys[1])
+        read_signed_release(unsigned, keys[1])
     sign_bundle(tmp_path / "b", keys[0])
-    manifest, _ = read_release(pack_release(tmp_path / "b"), keys[1])
+    manifest, _ = read_signed_release(pack_release(tmp_path / "b"), keys[1])
     assert manifest.signature["alg"] == "ed25519"
     assert read_release(unsigned)[0].signature is None  # an unsigned fleet still reads it
 

@@ -7,13 +7,13 @@ import json
 import numpy as np
 import pytest
 
+from cli import main
 from devices.simulate.data import device_shards
 from devices.simulate.fleet import Outage, assign_profiles, parse_mix
 from devices.simulate.run import SimConfig, simulate
 from devices.simulate.traces import TRACES, TraceSource, cool, next_battery
-from edgelearn.cli import main
 from edgelearn.protocol import LocalConfig
-from export.data import Split
+from models.data import Split
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

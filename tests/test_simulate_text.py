@@ -21,7 +21,7 @@ from devices.simulate.speakers import (
     speaker_texts,
     split_point,
 )
-from export.text import text_splits, windows
+from models.text import text_splits, windows
 
 PLAY = (
     b"a stage direction before anyone speaks\n\n"
@@ -160,7 +160,7 @@ def test_bundle_not_exported_from_this_text_is_refused(tmp_path) -> None:
 
 def test_simulate_rejects_a_bundle_of_another_model(bundle_dir, tmp_path, capsys) -> None:
     # Prepare
-    from edgelearn.cli import main
+    from cli import main
 
     # Execute
     rc = main(["simulate", "--model", "char-lm", "--bundle", str(bundle_dir), "--out", str(tmp_path / "o")])
@@ -187,7 +187,7 @@ def test_prepare_data_path_gives_each_device_one_speakers_windows_outside_the_ex
     # Prepare: the full text from a file, 100 devices (more than its speakers: the largest are split)
     from devices.simulate.fleet import make_devices
     from devices.simulate.speakers import lm_shards
-    from export.charlm import CONTEXT
+    from models.charlm import CONTEXT
 
     text = _play(3000)
     (tmp_path / "play.txt").write_bytes(text)
@@ -219,7 +219,7 @@ def test_prepare_data_path_gives_each_device_one_speakers_windows_outside_the_ex
     ],
 )
 def test_simulate_mistakes_are_one_line_before_anything_runs(bundle_dir, tmp_path, capsys, argv, message) -> None:
-    from edgelearn.cli import main
+    from cli import main
 
     rc = main(["simulate", "--bundle", str(bundle_dir), "--out", str(tmp_path / "o"), *argv])
     err = capsys.readouterr().err
@@ -228,8 +228,8 @@ def test_simulate_mistakes_are_one_line_before_anything_runs(bundle_dir, tmp_pat
 
 
 def test_a_release_is_not_relowered_from_a_changed_text(tmp_path) -> None:
-    from export import ExportError
     from export.pipeline import ExportConfig, rebuild_bundle, text_digest
+    from models import ModelError
 
     # Prepare: a bundle folder whose export.json names a text and its hash; then the text is edited
     text = tmp_path / "t.txt"
@@ -242,5 +242,5 @@ def test_a_release_is_not_relowered_from_a_changed_text(tmp_path) -> None:
     (small_bundle / "export.json").write_text(json.dumps(cfg.__dict__))
     text.write_text("BOB:\nsomething else\n" * 50)
     # Execute / Assert
-    with pytest.raises(ExportError, match="changed since release 1 was exported"):
+    with pytest.raises(ModelError, match="changed since release 1 was exported"):
         rebuild_bundle(small_bundle, {}, 2, tmp_path / "v2")

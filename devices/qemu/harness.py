@@ -102,7 +102,7 @@ def guest_env(cfg: QemuConfig) -> dict[str, str]:
 
 
 def host_cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "edgelearn.cli", *args]
+    return [sys.executable, "-m", "cli", *args]
 
 
 def check_host(cfg: QemuConfig) -> None:
@@ -133,7 +133,7 @@ def prepare_rootfs(cfg: QemuConfig, t: Timings, logs: Path) -> None:
 
 def build_inputs(cfg: QemuConfig, t: Timings, logs: Path) -> tuple[Path, Path, Path]:
     """The project wheel, the bundle (exported unless given) and the device's data shard, all on the host."""
-    from edgelearn.demo import write_shards
+    from models.shards import write_shards
 
     with t.step("project_wheel"):
         out = cfg.work_dir / "dist"

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from export.data import Split, shard_non_iid
+from models.data import Split
+from models.digits import shard_non_iid
 
 
 def class_mix(
     k: int, n_classes: int, alpha: float | None, classes_per_device: int, rng: np.random.Generator
 ) -> np.ndarray:
     """Device k's class probabilities: Dirichlet(α·1) if α is given, else uniform over the label-skew
-    classes k·s … k·s + s − 1 (mod C) of `export.data.shard_non_iid`, s = classes_per_device."""
+    classes k·s … k·s + s − 1 (mod C) of `models.digits.shard_non_iid`, s = classes_per_device."""
     if alpha is not None:
         return rng.dirichlet(np.full(n_classes, alpha))
     p = np.zeros(n_classes)
@@ -25,7 +26,7 @@ def device_shards(
 ) -> list[Split]:  # fmt: skip
     """`samples_per_device` examples per device, class counts ~ Multinomial(m, mix_k).
 
-    Label skew without `samples_per_device` partitions the pool instead (`export.data.shard_non_iid`:
+    Label skew without `samples_per_device` partitions the pool instead (`models.digits.shard_non_iid`:
     every example on exactly one of the devices that own its class) while that leaves each device at
     least 32 examples; past that, examples are drawn as above with m = 32.
 

@@ -19,7 +19,7 @@ from devices.profiles import load_profile, runtime_budget
 from devices.simulate.agent import Body, Meter, SimAgent
 from devices.simulate.traces import TRACES, TraceSource
 from edge_runtime.agent import DeviceConfig
-from export.data import Split
+from models.data import Split
 
 log = logging.getLogger(__name__)
 

@@ -146,7 +146,7 @@ def prepare(cfg: SimConfig, say: Callable[[str], None]) -> tuple[Path, list]:
         export = ExportConfig(model_id="char-lm", text=str(text_file), compare=False, seed=cfg.seed)
         say(f"[sim] char-lm: {len(shards)} devices, one speaker each, from {cfg.text or 'the shipped corpus'}")
     else:
-        from export.data import load_digits
+        from models.digits import load_digits
 
         pool = load_digits(cfg.server_fraction, seed=cfg.seed).pool
         shards = device_shards(pool, cfg.devices, cfg.samples_per_device, cfg.alpha, seed=cfg.seed)

@@ -4,7 +4,7 @@ The text is in Tiny Shakespeare's format: blocks `NAME:\\nline\\nline\\n\\n`. It
 
     [ server head (9·h bytes) | device part | held-out tail (h bytes) ]
 
-The exporter trains on head + tail written as one file, so `export.text.text_splits` (train on the
+The exporter trains on head + tail written as one file, so `models.text.text_splits` (train on the
 first 90 %, test on the last 10 %) tests exactly on the tail; every release is scored there.
 h = `HELD_OUT_BYTES` gives the 200 test windows the exporter keeps at most. Devices get the speakers
 of the blocks lying wholly in the device part: a speaker's blocks (header lines included) joined in
@@ -26,12 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
-from export.data import Split
-from export.text import read_text, windows
+from models.data import Split
+from models.text import read_text, windows
 
 log = logging.getLogger(__name__)
 
-TEST_FRACTION = 0.1  # export.text.text_splits' default: the test part is the last 10 % of the export text
+TEST_FRACTION = 0.1  # models.text.text_splits' default: the test part is the last 10 % of the export text
 HELD_OUT_BYTES = 200 * 32 + 64 + 1  # 200 windows at stride 32 (= char-lm CONTEXT // 2) of 64 + 1 bytes
 EXPORT_TEXT = "export-text.txt"  # head + tail, in the simulation's out folder (the bundle's export.json names it)
 SHARDS_JSON = "speakers.json"  # device k (sim{k:04d}) ← speaker, bytes, windows
@@ -125,7 +125,7 @@ def assign_speakers(speakers: dict[str, bytes], n_devices: int, min_bytes: int) 
 
 
 def shard_windows(shard: SpeakerShard, context: int, max_windows: int | None = None) -> Split:
-    """The shard's byte windows as `export.text.windows` makes them (stride context/2), the first
+    """The shard's byte windows as `models.text.windows` makes them (stride context/2), the first
     `max_windows` of them if given."""
     tokens = np.frombuffer(shard.text, dtype=np.uint8).astype(np.int64)
     w = windows(tokens, context, stride=max(1, context // 2))
@@ -145,18 +145,18 @@ def speaker_shards(
 
 
 def _read(path: Path | None) -> bytes:
-    from export import ExportError
+    from models import ModelError
 
     try:
         return read_text(path)
-    except ExportError as e:
+    except ModelError as e:
         raise ValueError(str(e)) from None
 
 
 def check_text(path: Path | None, n_devices: int, bundle: Path | None) -> None:
     """ValueError (one line) unless the text splits into `n_devices` speaker shards and `bundle`, if
     given, was exported from this text's head + tail (else its test text could be device text)."""
-    from export.charlm import CONTEXT
+    from models.charlm import CONTEXT
 
     text = _read(path)
     parts = cut_parts(text)
@@ -180,7 +180,7 @@ def exported_text(bundle: Path) -> bytes | None:
 def lm_shards(path: Path | None, n_devices: int, out: Path, max_windows: int | None) -> tuple[Path, list[Split]]:
     """Write out/EXPORT_TEXT (head + tail) and out/SHARDS_JSON; return the text file and each device's windows."""
     from edgelearn.atomic import write_bytes
-    from export.charlm import CONTEXT
+    from models.charlm import CONTEXT
 
     server, shards, splits = speaker_shards(_read(path), n_devices, CONTEXT, max_windows=max_windows)
     text_file = (out / EXPORT_TEXT).resolve()

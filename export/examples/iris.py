@@ -2,7 +2,7 @@
 
     edgelearn export --model export.examples.iris:make --target xnnpack-fp32 --out iris-bundle
 
-The contract (export.user.UserModel) is documented in docs/user-models.md.
+The contract (models.user.UserModel) is documented in docs/user-models.md.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from export.data import Split
-from export.models import MLP
-from export.user import UserModel
+from models.data import Split
+from models.digits import MLP
+from models.user import UserModel
 
 
 def _splits(test_fraction: float = 0.3, seed: int = 0) -> tuple[Split, Split]:

@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from edgelearn.cli.common import broker_url, device_id, fleet_name, stop_on_signals
+from cli.common import broker_url, device_id, fleet_name, stop_on_signals
 from edgelearn.protocol import ENCODINGS, LocalConfig
 
 if TYPE_CHECKING:
@@ -57,8 +57,8 @@ def cmd_device(a: argparse.Namespace) -> int:
     from devices.profiles import ProfileError, load_profile
     from edge_runtime.agent import DeviceAgent
     from edgelearn.bundle import BundleError, verify_bundle
-    from edgelearn.demo import load_shard
     from edgelearn.signing import load_public
+    from models.shards import load_shard
 
     x = y = None
     if a.data is not None:

@@ -1,16 +1,38 @@
-"""Example data: scikit-learn's bundled digits (no download), split into server / device pool / held-out test."""
+"""`digits-mlp`: scikit-learn's bundled digits (no download), split into server / device pool / held-out test,
+and the MLP that classifies them."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.data import Split
 
 
-@dataclass(frozen=True)
-class Split:
-    x: np.ndarray  # (N, 64) float32, pixels / 16
-    y: np.ndarray  # (N,) int64
+class MLP(nn.Module):
+    """Digits classifier: 64 pixels → hidden ReLU layers → 10 logits."""
+
+    def __init__(self, hidden: tuple[int, ...], n_in: int = 64, n_out: int = 10) -> None:
+        super().__init__()
+        sizes = (n_in, *hidden, n_out)
+        for i in range(len(sizes) - 1):
+            self.add_module(f"fc{i + 1}", nn.Linear(sizes[i], sizes[i + 1]))
+        self.n_layers = len(sizes) - 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 64) -> (B, 10)
+        for i in range(1, self.n_layers):
+            x = F.relu(getattr(self, f"fc{i}")(x))
+        return getattr(self, f"fc{self.n_layers}")(x)
+
+
+def mlp_trainable(m: nn.Module, subset: str) -> list[str]:
+    """`all` parameters, or the output layer only for `head` / `last`."""
+    names = [n for n, _ in m.named_parameters()]
+    return names if subset == "all" else [n for n in names if n.startswith(f"fc{m.n_layers}.")]
 
 
 @dataclass(frozen=True)

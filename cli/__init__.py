@@ -11,8 +11,8 @@ import logging
 import sys
 import warnings
 
-from edgelearn.cli import coordinator_cmd, device_cmd, export_cmd, simulate_cmd, tools_cmd
-from edgelearn.cli.device_cmd import _budget  # noqa: F401  (tests build budgets the way the CLI does)
+from cli import coordinator_cmd, device_cmd, export_cmd, simulate_cmd, tools_cmd
+from cli.device_cmd import _budget  # noqa: F401  (tests build budgets the way the CLI does)
 
 
 def _setup_logging(verbose: bool, quiet: bool = False) -> None:

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from edgelearn.cli.common import broker_url, device_id, fleet_name
+from cli.common import broker_url, device_id, fleet_name
 
 
 def cmd_keys(a: argparse.Namespace) -> int:
@@ -65,7 +65,7 @@ def cmd_flash(a: argparse.Namespace) -> int:
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    from edgelearn.demo import run_demo
+    from cli.demo import run_demo
 
     report = run_demo(a.devices, a.rounds, a.broker, a.workdir, say=lambda s: print(s, flush=True))
     return 0 if len(report["rounds"]) == a.rounds else 1

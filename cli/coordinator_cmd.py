@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from edgelearn.cli.common import broker_url, fleet_name, stop_on_signals
+from cli.common import broker_url, fleet_name, stop_on_signals
 from edgelearn.protocol import LocalConfig
 
 

@@ -6,15 +6,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from edgelearn.cli.common import stop_on_signals  # noqa: F401
+from cli.common import stop_on_signals  # noqa: F401
 
 
 def cmd_export(a: argparse.Namespace) -> int:
     import json
 
-    from export import ExportError
     from export.pipeline import REPORT_JSON, ExportConfig, export_bundle
     from export.report import format_table
+    from models import ModelError
 
     cfg = ExportConfig(
         model_id=a.model,
@@ -32,7 +32,7 @@ def cmd_export(a: argparse.Namespace) -> int:
     )
     try:
         m = export_bundle(cfg, a.out)
-    except ExportError as e:
+    except ModelError as e:  # ExportError is a ModelError
         print(f"edgelearn export: error: {e}", file=sys.stderr)
         return 2
     print(format_table(json.loads((a.out / REPORT_JSON).read_bytes())))
@@ -42,7 +42,7 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 def cmd_data(a: argparse.Namespace) -> int:
-    from edgelearn.demo import write_shards
+    from models.shards import write_shards
 
     paths = write_shards(a.out, a.devices, a.server_fraction, a.classes_per_device, a.seed)
     print(f"wrote {len(paths)} device shards and test.safetensors to {a.out}")

@@ -8,36 +8,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from safetensors.numpy import save_file
-
 from edgelearn.bundle import verify_bundle
 from edgelearn.protocol import LocalConfig
-from export.data import Split, load_digits, shard_non_iid
 
 log = logging.getLogger(__name__)
-
-
-def write_shards(
-    out: Path, n_devices: int, server_fraction: float, classes_per_device: int = 4, seed: int = 0
-) -> list[Path]:
-    """Non-IID device shards of the digits pool (+ test.safetensors) as safetensors files {x, y}."""
-    data = load_digits(server_fraction, seed=seed)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for k, shard in enumerate(shard_non_iid(data.pool, n_devices, classes_per_device, seed)):
-        paths.append(out / f"device-{k}.safetensors")
-        save_file({"x": shard.x, "y": shard.y}, str(paths[-1]))
-    save_file({"x": data.test.x, "y": data.test.y}, str(out / "test.safetensors"))
-    return paths
-
-
-def load_shard(path: Path) -> Split:
-    from safetensors.numpy import load_file
-
-    t = load_file(str(path))
-    if "x" not in t or "y" not in t or len(t["x"]) != len(t["y"]) or len(t["y"]) == 0:
-        raise ValueError(f"{path}: expected non-empty tensors 'x' and 'y' of equal length")
-    return Split(t["x"].astype("float32"), t["y"].astype("int64"))
 
 
 DEMO_PROFILES = (("rpi5", 0.5), ("jetson-orin-nano", 0.5))

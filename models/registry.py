@@ -1,4 +1,8 @@
-"""Example models and their registry. Plain nn.Modules, one screen each (nanoGPT style)."""
+"""The model registry: what the export stage trains and the device runs, by model id.
+
+A `ModelSpec` names a model's networks, its trainable subsets and its data loader; `TrainStep` is the
+training step both the exporter's training program and the device's eager engine run.
+"""
 
 from __future__ import annotations
 
@@ -10,25 +14,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from export import ExportError, charlm
-from export.data import Split, load_digits
-from export.text import read_text, text_splits
+from models import ModelError, charlm
+from models.data import Split
+from models.digits import MLP, load_digits, mlp_trainable
+from models.text import read_text, text_splits
+from models.user import load_factory
 
-
-class MLP(nn.Module):
-    """Digits classifier: 64 pixels → hidden ReLU layers → 10 logits."""
-
-    def __init__(self, hidden: tuple[int, ...], n_in: int = 64, n_out: int = 10) -> None:
-        super().__init__()
-        sizes = (n_in, *hidden, n_out)
-        for i in range(len(sizes) - 1):
-            self.add_module(f"fc{i + 1}", nn.Linear(sizes[i], sizes[i + 1]))
-        self.n_layers = len(sizes) - 1
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 64) -> (B, 10)
-        for i in range(1, self.n_layers):
-            x = F.relu(getattr(self, f"fc{i}")(x))
-        return getattr(self, f"fc{self.n_layers}")(x)
+SUBSETS = ("all", "last", "head")
 
 
 class TrainStep(nn.Module):
@@ -70,12 +62,6 @@ class ModelSpec:
     default_quant: str = "static"  # PT2E int8 mode when the user gives none
 
 
-def mlp_trainable(m: nn.Module, subset: str) -> list[str]:
-    """`all` parameters, or the output layer only for `head` / `last`."""
-    names = [n for n, _ in m.named_parameters()]
-    return names if subset == "all" else [n for n in names if n.startswith(f"fc{m.n_layers}.")]
-
-
 def _digits(cfg: Any) -> TaskData:
     d = load_digits(cfg.server_fraction, seed=cfg.seed)
     return TaskData(d.server, d.test)
@@ -109,21 +95,40 @@ MODELS: dict[str, ModelSpec] = {
         default_quant="dynamic",  # static int8 activations cost the trained LM ~20 points of next-byte accuracy
     ),
 }
-TARGETS = ("xnnpack-int8", "xnnpack-fp32", "portable")
-SUBSETS = ("all", "last", "head")
 
 
 def get_spec(model_id: str) -> ModelSpec:
     """A registered model, or a user model `package.module:factory` (see docs/user-models.md)."""
     if ":" in model_id:
-        from export.user import user_spec
-
         return user_spec(model_id)
     if model_id not in MODELS:
-        raise ExportError(
+        raise ModelError(
             f"unknown model {model_id!r}: choose one of {', '.join(MODELS)} or give package.module:factory"
         )
     return MODELS[model_id]
+
+
+def user_spec(ref: str) -> ModelSpec:
+    """A ModelSpec for the user model `ref`; the factory is called once here and again for each new student."""
+    first = load_factory(ref)
+
+    def trainable(student: nn.Module, subset: str) -> list[str]:
+        names = [n for n, _ in student.named_parameters()]
+        if subset != "all":
+            raise ModelError(f"user model {ref!r}: only the trainable subset 'all' (or the factory's list) is known")
+        return list(first.trainable) if first.trainable is not None else names
+
+    return ModelSpec(
+        model_id=ref,
+        task="classify",
+        input_shape=tuple(first.example_inputs[0].shape),
+        make_teacher=lambda: load_factory(ref).teacher,
+        make_student=lambda: load_factory(ref).student,
+        trainable=trainable,
+        load_data=lambda cfg: TaskData(first.train, first.test),
+        default_epochs=first.epochs,
+        lr=first.lr,
+    )
 
 
 def param_count(m: nn.Module) -> int:

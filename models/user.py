@@ -11,8 +11,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from export import ExportError
-from export.data import Split
+from models import ModelError
+from models.data import Split
 
 log = logging.getLogger(__name__)
 
@@ -38,38 +38,38 @@ class UserModel:
 
 
 def load_factory(ref: str) -> UserModel:
-    """Import `package.module`, call `factory()` and check the result; any failure is one ExportError line."""
+    """Import `package.module`, call `factory()` and check the result; any failure is one ModelError line."""
     module_name, _, attr = ref.partition(":")
     if not module_name or not attr:
-        raise ExportError(f"model {ref!r} must look like package.module:factory")
+        raise ModelError(f"model {ref!r} must look like package.module:factory")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:
-        raise ExportError(f"cannot load model factory {ref!r}: {type(e).__name__}: {e}") from None
+        raise ModelError(f"cannot load model factory {ref!r}: {type(e).__name__}: {e}") from None
     try:
         made = factory()
     except Exception as e:  # the user's code: any exception is a bad model, reported in one line
-        raise ExportError(f"model factory {ref!r} raised {type(e).__name__}: {e}") from None
+        raise ModelError(f"model factory {ref!r} raised {type(e).__name__}: {e}") from None
     return check_user_model(ref, made)
 
 
 def check_user_model(ref: str, made: Any) -> UserModel:
-    """Everything about the factory's result that can be checked before training, each as one ExportError."""
+    """Everything about the factory's result that can be checked before training, each as one ModelError."""
     if not isinstance(made, UserModel):
-        raise ExportError(f"model factory {ref!r} returned {type(made).__name__}, not export.user.UserModel")
+        raise ModelError(f"model factory {ref!r} returned {type(made).__name__}, not models.user.UserModel")
     ex = made.example_inputs
     if not (isinstance(ex, tuple) and len(ex) == 1 and isinstance(ex[0], torch.Tensor) and ex[0].dim() >= 1
             and ex[0].shape[0] == 1):  # fmt: skip
-        raise ExportError(f"model factory {ref!r}: example_inputs must be a tuple of one batch-1 tensor")
+        raise ModelError(f"model factory {ref!r}: example_inputs must be a tuple of one batch-1 tensor")
     for name, split in (("train", made.train), ("test", made.test)):
         check_split(ref, name, split)
     names = [n for n, _ in made.student.named_parameters()] if isinstance(made.student, nn.Module) else None
     if names is None:
-        raise ExportError(f"model factory {ref!r}: student must be a torch.nn.Module")
+        raise ModelError(f"model factory {ref!r}: student must be a torch.nn.Module")
     unknown = sorted(set(made.trainable or ()) - set(names))
     if made.trainable is not None and (unknown or not made.trainable):
         what = f"names no student parameter has: {', '.join(unknown[:3])}" if unknown else "an empty list"
-        raise ExportError(f"model factory {ref!r}: trainable is {what}")
+        raise ModelError(f"model factory {ref!r}: trainable is {what}")
     return made
 
 
@@ -77,33 +77,8 @@ def check_split(ref: str, name: str, split: Any) -> None:
     """x: non-empty float32 array, one row per label; y: 1-D integer class ids ≥ 0."""
     x, y = getattr(split, "x", None), getattr(split, "y", None)
     if not (isinstance(x, np.ndarray) and isinstance(y, np.ndarray)):
-        raise ExportError(f"model factory {ref!r}: {name} split must hold numpy arrays x and y")
+        raise ModelError(f"model factory {ref!r}: {name} split must hold numpy arrays x and y")
     if len(y) == 0 or x.ndim < 1 or len(x) != len(y) or x.dtype != np.float32:
-        raise ExportError(f"model factory {ref!r}: {name} split must be non-empty float32 x with one y per row")
+        raise ModelError(f"model factory {ref!r}: {name} split must be non-empty float32 x with one y per row")
     if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
-        raise ExportError(f"model factory {ref!r}: {name} split y must be 1-D integer class ids >= 0, got {y.dtype}")
-
-
-def user_spec(ref: str) -> Any:
-    """A ModelSpec for the user model `ref`; the factory is called once here and again for each new student."""
-    from export.models import ModelSpec, TaskData
-
-    first = load_factory(ref)
-
-    def trainable(student: nn.Module, subset: str) -> list[str]:
-        names = [n for n, _ in student.named_parameters()]
-        if subset != "all":
-            raise ExportError(f"user model {ref!r}: only the trainable subset 'all' (or the factory's list) is known")
-        return list(first.trainable) if first.trainable is not None else names
-
-    return ModelSpec(
-        model_id=ref,
-        task="classify",
-        input_shape=tuple(first.example_inputs[0].shape),
-        make_teacher=lambda: load_factory(ref).teacher,
-        make_student=lambda: load_factory(ref).student,
-        trainable=trainable,
-        load_data=lambda cfg: TaskData(first.train, first.test),
-        default_epochs=first.epochs,
-        lr=first.lr,
-    )
+        raise ModelError(f"model factory {ref!r}: {name} split y must be 1-D integer class ids >= 0, got {y.dtype}")

@@ -1,7 +1,0 @@
-"""`python -m edgelearn.cli`."""
-
-import sys
-
-from edgelearn.cli import main
-
-sys.exit(main())
