@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from cli.common import broker_url, fleet_name, stop_on_signals
-from edgelearn.protocol import LocalConfig
+from edgelearn.protocol import DEFAULT_LOCAL, LocalConfig
 
 
 def _coordinator_config(a: argparse.Namespace):
@@ -139,9 +139,21 @@ def _add_coordinator_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--min-updates", type=int, default=None,
                    help="accepted updates that close a round (default: --participants, else 2)")  # fmt: skip
     c.add_argument("--round-timeout", type=float, default=60.0, help="round deadline in seconds (default 60)")
-    c.add_argument("--steps", type=int, default=20, help="local SGD steps per round (default 20)")
-    c.add_argument("--batch-size", type=int, default=32, help="local batch size (default 32)")
-    c.add_argument("--lr", type=float, default=0.05, help="local learning rate (default 0.05)")
+    c.add_argument(
+        "--steps",
+        type=int,
+        default=DEFAULT_LOCAL.steps,
+        help=f"local SGD steps per round (default {DEFAULT_LOCAL.steps})",
+    )
+    c.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULT_LOCAL.batch_size,
+        help=f"local batch size (default {DEFAULT_LOCAL.batch_size})",
+    )
+    c.add_argument(
+        "--lr", type=float, default=DEFAULT_LOCAL.lr, help=f"local learning rate (default {DEFAULT_LOCAL.lr})"
+    )
     c.add_argument("--max-update-norm", type=float, default=1e3, help="reject updates with a larger L2 norm")
     c.add_argument("--max-samples-per-update", type=int, default=None, help="clip n_k in FedAvg weights")
     c.add_argument("--max-rounds", type=int, default=None, help="exit after this many rounds (default: never)")

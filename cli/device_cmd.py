@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from cli.common import broker_url, device_id, fleet_name, stop_on_signals
-from edgelearn.protocol import ENCODINGS, LocalConfig
-
-if TYPE_CHECKING:
-    from edge_runtime.agent import DeviceConfig
+from devices.profiles import DEFAULT_PROFILE, Profile, ProfileError, load_profile
+from edge_runtime.agent import DeviceAgent, DeviceConfig
+from edge_runtime.budget import Budget
+from edge_runtime.local import LocalRun, LocalRunConfig
+from edgelearn.bundle import BundleError, verify_bundle
+from edgelearn.protocol import DEFAULT_LOCAL, ENCODINGS, LocalConfig
+from edgelearn.signing import load_public
+from models.shards import load_shard
 
 BUDGET_OPTIONS = {  # CLI option dest -> Budget field
     "max_cpu": "max_cpu_percent",
@@ -28,37 +32,33 @@ BUDGET_OPTIONS = {  # CLI option dest -> Budget field
 }
 
 
-def _budget(a: argparse.Namespace, profile: object | None = None):
-    """The device profile's (else --budget-profile's) budget, with every option given on top ('off' disables)."""
-    from devices.profiles import runtime_budget
-    from edge_runtime.budget import PROFILES
+def _profile(a: argparse.Namespace) -> Profile:
+    """`--profile` (else `default`, or only `--profile-file` when that is a complete profile) with the file on top."""
+    name = a.profile or ("" if a.profile_file else DEFAULT_PROFILE)
+    return load_profile(name, a.profile_file)
 
-    base = runtime_budget(profile) if profile is not None else PROFILES[a.budget_profile]  # type: ignore[arg-type]
+
+def _budget(a: argparse.Namespace, profile: Profile | None = None) -> Budget:
+    """The profile's budget with every budget option given on top ('off' disables a limit)."""
+    base = (profile or _profile(a)).budget
     given = {field: getattr(a, dest) for dest, field in BUDGET_OPTIONS.items() if getattr(a, dest) is not _UNSET}
     return replace(base, **{k: None if v == "off" else v for k, v in given.items()})
 
 
-def _device_config(a: argparse.Namespace, budget, profile) -> DeviceConfig:
-    """The agent's config from the command line; a board profile sets the outbox and MQTT keep-alive."""
-    from edge_runtime.agent import DeviceConfig
-
-    cfg = DeviceConfig(a.broker, a.fleet, a.id, a.state, a.topic_root, a.encoding, a.ack_timeout, budget=budget,
-                       engine=a.engine, samples=a.samples, mu=a.mu, replay_size=a.replay_size,
-                       max_store_samples=a.max_store_samples, public_key_path=a.public_key,
-                       async_interval_s=a.async_interval,
-                       async_local=LocalConfig(a.local_steps, a.local_batch_size, a.local_lr))  # fmt: skip
-    if profile:
-        cfg = replace(cfg, ack_timeout_s=profile.outbox.ack_timeout_s, max_outbox=profile.outbox.max_items,
-                      keepalive_s=profile.mqtt.keepalive_s)  # fmt: skip
-    return cfg
+def _device_config(a: argparse.Namespace, profile: Profile) -> DeviceConfig:
+    """The agent's config: the profile's budget, outbox and MQTT keep-alive, with the options given on top."""
+    ack_timeout_s = profile.outbox.ack_timeout_s if a.ack_timeout is _UNSET else a.ack_timeout
+    return DeviceConfig(a.broker, a.fleet, a.id, a.state, a.topic_root, a.encoding, ack_timeout_s,
+                        max_outbox=profile.outbox.max_items, keepalive_s=profile.mqtt.keepalive_s,
+                        budget=_budget(a, profile), engine=a.engine, samples=a.samples, mu=a.mu,
+                        replay_size=a.replay_size, max_store_samples=a.max_store_samples,
+                        public_key_path=a.public_key, async_interval_s=a.async_interval,
+                        async_local=LocalConfig(a.local_steps, a.local_batch_size, a.local_lr))  # fmt: skip
 
 
 def cmd_device(a: argparse.Namespace) -> int:
-    from devices.profiles import ProfileError, load_profile
-    from edge_runtime.agent import DeviceAgent
-    from edgelearn.bundle import BundleError, verify_bundle
-    from edgelearn.signing import load_public
-    from models.shards import load_shard
+    from devices.profiles import ProfileError
+    from edgelearn.bundle import BundleError
 
     x = y = None
     if a.data is not None:
@@ -69,8 +69,7 @@ def cmd_device(a: argparse.Namespace) -> int:
             return 2
         x, y = shard.x, shard.y
     try:
-        profile = load_profile(a.profile, a.profile_file) if (a.profile or a.profile_file) else None
-        budget = _budget(a, profile)
+        cfg = _device_config(a, _profile(a))
         if a.bundle:
             verify_bundle(a.bundle)
         if a.public_key:
@@ -78,7 +77,6 @@ def cmd_device(a: argparse.Namespace) -> int:
     except (OSError, ValueError, ProfileError, BundleError) as e:
         print(f"edgelearn device: error: {e}", file=sys.stderr)
         return 2
-    cfg = _device_config(a, budget, profile)
     agent = DeviceAgent(cfg, x, y)
     if a.bundle:
         agent.seed(a.bundle)
@@ -109,15 +107,34 @@ def _add_async_options(v: argparse.ArgumentParser) -> None:
     g = v.add_argument_group("asynchronous mode (when the coordinator's status says mode=async)")
     g.add_argument("--async-interval", type=_number(float, 0.0), default=10.0,
                    help="least seconds between two queued updates (default 10)")  # fmt: skip
-    g.add_argument("--local-steps", type=_number(int, 1), default=20, help="SGD steps per update (default 20)")
-    g.add_argument("--local-batch-size", type=_number(int, 1), default=32, help="batch size (default 32)")
-    g.add_argument("--local-lr", type=_number(float, 0.0, inclusive=False), default=0.05,
-                   help="learning rate (default 0.05)")  # fmt: skip
+    g.add_argument(
+        "--local-steps",
+        type=_number(int, 1),
+        default=DEFAULT_LOCAL.steps,
+        help=f"SGD steps per update (default {DEFAULT_LOCAL.steps})",
+    )
+    g.add_argument(
+        "--local-batch-size",
+        type=_number(int, 1),
+        default=DEFAULT_LOCAL.batch_size,
+        help=f"batch size (default {DEFAULT_LOCAL.batch_size})",
+    )
+    g.add_argument("--local-lr", type=_number(float, 0.0, inclusive=False), default=DEFAULT_LOCAL.lr,
+                   help=f"learning rate (default {DEFAULT_LOCAL.lr})")  # fmt: skip
+
+
+class _Renamed(argparse.Action):
+    """An option that was renamed: using it is a one-line usage error naming the new option."""
+
+    def __init__(self, option_strings: list[str], dest: str, new: str = "", **kw: object) -> None:
+        super().__init__(option_strings, dest, help=argparse.SUPPRESS, **kw)  # type: ignore[arg-type]
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[no-untyped-def]
+        parser.error(f"{option_string} was replaced by {self.new} {values} (budget presets are profiles now)")
 
 
 def _add_budget_options(v: argparse.ArgumentParser) -> None:
-    from edge_runtime.budget import PROFILES
-
     def limit(value: str) -> float | str:
         if value.lower() == "off":
             return "off"
@@ -126,12 +143,23 @@ def _add_budget_options(v: argparse.ArgumentParser) -> None:
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number or 'off', got {value!r}") from None
 
-    g = v.add_argument_group("budget (defaults from --budget-profile; a limit of 'off' disables it)")
-    g.add_argument("--budget-profile", choices=sorted(PROFILES), default="default", help="base budget (default)")
+    g = v.add_argument_group("budget (defaults from the --profile; a limit of 'off' disables it)")
+    g.add_argument("--profile", default=None,
+                   help=f"device profile: board settings and base budget (default: {DEFAULT_PROFILE}; "
+                   "see `edgelearn profiles`)")  # fmt: skip
+    g.add_argument("--profile-file", type=Path, default=None, help="TOML file overriding profile fields")
+    g.add_argument("--budget-profile", action=_Renamed, new="--profile")
     g.add_argument("--max-cpu", type=limit, default=_UNSET, help="max CPU %% used by other processes")
     g.add_argument("--max-rss-mb", type=limit, default=_UNSET, help="max RSS of this process in MB")
     g.add_argument("--min-available-mb", type=limit, default=_UNSET, help="min available memory in MB")
-    g.add_argument("--max-temp-c", type=limit, default=_UNSET, help="max sensor temperature in °C")
+    g.add_argument(
+        "--max-temperature-c",
+        "--max-temp-c",
+        dest="max_temp_c",
+        type=limit,
+        default=_UNSET,
+        help="max sensor temperature in °C",
+    )
     g.add_argument("--min-battery", type=limit, default=_UNSET, help="min battery %% unless charging")
     g.add_argument("--max-train-s-per-hour", type=limit, default=_UNSET, help="training seconds per hour")
     g.add_argument("--threads", type=int, default=_UNSET, help="training threads")
@@ -139,13 +167,8 @@ def _add_budget_options(v: argparse.ArgumentParser) -> None:
 
 
 def cmd_learn(a: argparse.Namespace) -> int:
-    import json
-
-    from edge_runtime.local import LocalConfig, LocalRun
-    from edgelearn.bundle import BundleError
-
     try:
-        cfg = LocalConfig(
+        cfg = LocalRunConfig(
             a.bundle,
             a.state,
             a.samples,
@@ -158,7 +181,7 @@ def cmd_learn(a: argparse.Namespace) -> int:
             checkpoint_every_s=a.checkpoint_every,
         )
         run = LocalRun(cfg)
-    except (BundleError, ValueError) as e:
+    except (BundleError, ValueError, ProfileError) as e:
         print(f"edgelearn learn: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({"event": "start", "resumed_at_step": run.resumed_at, "engine": run.engine.name}), flush=True)
@@ -209,11 +232,11 @@ def _add_device_parser(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--max-store-samples", type=int, default=20000, help="sample store bound (default 20000)")
     _add_budget_options(v)
     v.add_argument("--encoding", choices=ENCODINGS, default="fp32", help="update encoding (default fp32)")
-    v.add_argument("--ack-timeout", type=float, default=30.0, help="seconds before a re-send (default 30)")
+    v.add_argument(
+        "--ack-timeout", type=float, default=_UNSET, help="seconds before a re-send (default: the profile's)"
+    )
     v.add_argument("--topic-root", default="edgelearn", help="first topic segment (default edgelearn)")
     v.add_argument("--bundle", type=Path, default=None, help="a local bundle to start from (e.g. the flashed one)")
-    v.add_argument("--profile", default=None, help="device profile name (see `edgelearn profiles`)")
-    v.add_argument("--profile-file", type=Path, default=None, help="TOML file overriding profile fields")
     v.add_argument("--public-key", type=Path, default=None, help="signed fleet: refuse releases not signed by it")
     _add_async_options(v)
     v.set_defaults(func=cmd_device)
@@ -230,8 +253,13 @@ def _add_learn_parser(sub: argparse._SubParsersAction) -> None:
     n.add_argument("--state", type=Path, required=True, help="state directory (sample store, checkpoint)")
     n.add_argument("--samples", default=None, help="JSON-lines file, folder of *.jsonl, or - (stdin)")
     n.add_argument("--steps", type=int, required=True, help="SGD steps to take")
-    n.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
-    n.add_argument("--lr", type=float, default=0.05, help="learning rate (default 0.05)")
+    n.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULT_LOCAL.batch_size,
+        help=f"batch size (default {DEFAULT_LOCAL.batch_size})",
+    )
+    n.add_argument("--lr", type=float, default=DEFAULT_LOCAL.lr, help=f"learning rate (default {DEFAULT_LOCAL.lr})")
     n.add_argument("--mu", type=float, default=0.0, help="proximal term μ (default 0)")
     n.add_argument(
         "--engine",

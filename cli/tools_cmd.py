@@ -38,10 +38,14 @@ def cmd_profiles(a: argparse.Namespace) -> int:
     for p in profiles:
         b = p.budget
         print(
-            f"{p.name:18} {p.target:13} {p.threads:>3} {b.max_cpu_percent:>5.0f} {b.max_rss_mb:>7} "
-            f"{b.max_temp_c:>8.0f} {b.max_train_s_per_hour:>9}  {p.description}"
+            f"{p.name:18} {p.target:13} {b.threads:>3} {_limit(b.max_cpu_percent):>5} {_limit(b.max_rss_mb):>7} "
+            f"{_limit(b.max_temperature_c):>8} {_limit(b.max_train_s_per_hour):>9}  {p.description}"
         )
     return 0
+
+
+def _limit(value: float | None) -> str:
+    return "off" if value is None else f"{value:.0f}"
 
 
 def cmd_flash(a: argparse.Namespace) -> int:

@@ -1,18 +1,24 @@
-"""Device profiles: per-board export target, threads, budgets, MQTT and outbox settings (TOML).
+"""Device profiles: per-board export target, budget, MQTT and outbox settings (TOML).
 
 Built-in profiles live in `devices/profiles/*.toml`; a user file overrides any field of
-its `base` profile. Unknown fields and wrong types are errors that name the field.
+its `base` profile. Unknown fields and wrong types are errors that name the field. The `[budget]`
+table is the device's `edge_runtime.budget.Budget`, field for field; a limit may be `"off"`.
+`default` is the profile of a device started without `--profile`.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import tomllib
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import dacite
+
+from edge_runtime.budget import Budget
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 
@@ -22,23 +28,13 @@ class ProfileError(ValueError):
 
 
 @dataclass(frozen=True)
-class BudgetProfile:
-    max_cpu_percent: float = 80.0
-    max_rss_mb: int = 1024
-    min_available_mb: int = 256
-    max_temp_c: float = 80.0
-    min_battery_percent: float = 20.0
-    max_train_s_per_hour: int = 3600
-
-
-@dataclass(frozen=True)
 class MqttProfile:
-    keepalive_s: int = 60
+    keepalive_s: int = 30
 
 
 @dataclass(frozen=True)
 class OutboxProfile:
-    max_items: int = 200
+    max_items: int = 100
     ack_timeout_s: float = 30.0
 
 
@@ -47,8 +43,7 @@ class Profile:
     name: str
     description: str
     target: str
-    threads: int
-    budget: BudgetProfile = field(default_factory=BudgetProfile)
+    budget: Budget = field(default_factory=Budget)
     mqtt: MqttProfile = field(default_factory=MqttProfile)
     outbox: OutboxProfile = field(default_factory=OutboxProfile)
     sources: list[str] = field(default_factory=list)
@@ -58,7 +53,13 @@ class Profile:
         return dump_toml(asdict(self))
 
 
-_NESTED = {"BudgetProfile": BudgetProfile, "MqttProfile": MqttProfile, "OutboxProfile": OutboxProfile}
+DEFAULT_PROFILE = "default"  # a device started without --profile
+OFF = "off"  # a budget limit switched off (None in Budget)
+_NESTED = {"Budget": Budget, "MqttProfile": MqttProfile, "OutboxProfile": OutboxProfile}
+RENAMED = {  # old field -> where it lives now: a one-line error names the new place
+    "threads": "budget.threads",
+    "budget.max_temp_c": "budget.max_temperature_c",
+}
 
 
 @dataclass(frozen=True)
@@ -79,13 +80,16 @@ class Range:
 
 
 RANGES = {  # dotted field -> allowed values; a budget of 0 or below would disable or invert its check
-    "threads": Range(1, integer=True),
+    "budget.threads": Range(1, integer=True),
+    "budget.batch_size": Range(1, integer=True),
     "budget.max_cpu_percent": Range(0, 100, lo_open=True),
-    "budget.max_rss_mb": Range(0, lo_open=True, integer=True),
-    "budget.min_available_mb": Range(0, integer=True),
-    "budget.max_temp_c": Range(0, 150, lo_open=True),
+    "budget.max_rss_mb": Range(0, lo_open=True),
+    "budget.min_available_mb": Range(0),
+    "budget.max_temperature_c": Range(0, 150, lo_open=True),
     "budget.min_battery_percent": Range(0, 100),
-    "budget.max_train_s_per_hour": Range(0, 3600, lo_open=True, integer=True),
+    "budget.max_train_s_per_hour": Range(0, 3600, lo_open=True),
+    "budget.soft_fraction": Range(0, 1, lo_open=True),
+    "budget.interval_s": Range(0, lo_open=True),
     "mqtt.keepalive_s": Range(1, 65535, integer=True),  # MQTT keep-alive is a 16-bit count of seconds
     "outbox.max_items": Range(1, integer=True),
     "outbox.ack_timeout_s": Range(0, lo_open=True),
@@ -102,14 +106,16 @@ def in_range(value: Any, r: Range) -> bool:
     return above and (r.hi is None or value <= r.hi)
 
 
-def range_errors(profile: Profile) -> list[str]:
-    """One message per numeric field outside its allowed range, naming the field and the range."""
-    values = asdict(profile)
+def range_errors(values: dict[str, Any]) -> list[str]:
+    """One message per numeric field of `values` (profile data, nested tables) outside its allowed range,
+    naming the field and the range. Absent fields and values that are no numbers (type errors, "off") pass."""
     out = []
     for path, r in RANGES.items():
         value: Any = values
         for part in path.split("."):
-            value = value[part]
+            value = value.get(part) if isinstance(value, dict) else None
+        if not isinstance(value, (int, float)):  # bools are ints: `threads = true` is out of range
+            continue
         if not in_range(value, r):
             out.append(f"field '{path}' must be {r.describe()}, got {value!r}")
     return out
@@ -141,9 +147,10 @@ def unknown_fields(data: dict[str, Any], cls: type, prefix: str = "") -> list[st
     known = {f.name: f.type for f in fields(cls)}
     out = []
     for k, v in data.items():
-        sub = _NESTED.get(known.get(k)) if isinstance(v, dict) else None
+        sub = _NESTED.get(str(known.get(k))) if isinstance(v, dict) else None
         if k not in known:
-            out.append(prefix + k)
+            moved = RENAMED.get(prefix + k)
+            out.append(prefix + k + (f" (now '{moved}')" if moved else ""))
         elif sub is not None:
             out += unknown_fields(v, sub, f"{prefix}{k}.")
     return out
@@ -154,6 +161,11 @@ def parse_profile(data: dict[str, Any], where: str) -> Profile:
     unknown = unknown_fields(data, Profile)
     if unknown:
         raise ProfileError(f"{where}: unknown field(s) {', '.join(unknown)}")
+    errors = range_errors(data)  # before Budget's own checks, whose messages name no range
+    if errors:
+        raise ProfileError(f"{where}: {'; '.join(errors)}")
+    if isinstance(data.get("budget"), dict):  # "off" switches a limit off
+        data = {**data, "budget": {k: None if v == OFF else v for k, v in data["budget"].items()}}
     try:
         profile = dacite.from_dict(
             Profile, data, config=dacite.Config(strict=True, cast=[], check_types=True, type_hooks={float: _as_float})
@@ -166,9 +178,8 @@ def parse_profile(data: dict[str, Any], where: str) -> Profile:
         ) from None
     except dacite.MissingValueError as e:
         raise ProfileError(f"{where}: missing field '{e.field_path}'") from None
-    errors = range_errors(profile)
-    if errors:
-        raise ProfileError(f"{where}: {'; '.join(errors)}")
+    except ValueError as e:  # Budget's own checks
+        raise ProfileError(f"{where}: {e}") from None
     return profile
 
 
@@ -177,6 +188,10 @@ def _as_float(v: Any) -> Any:
 
 
 def _type_name(t: Any) -> str:
+    """`int`, `float`; an optional budget limit (`float | None`) is `float or 'off'`."""
+    args = typing.get_args(t)
+    if type(None) in args:
+        return " or ".join(_type_name(a) for a in args if a is not type(None)) + f" or {OFF!r}"
     return getattr(t, "__name__", str(t))
 
 
@@ -192,13 +207,27 @@ def load_profile(name: str, override: Path | None = None) -> Profile:
         raise ProfileError(f"{override}: field 'base' must be a profile name (a string), got {base_name!r}")
     if not base_name and override:  # a complete profile file (as flash writes it), no base to merge onto
         return parse_profile(extra, str(override))
-    path = Path(base_name) if base_name.endswith(".toml") else PROFILE_DIR / f"{base_name}.toml"
-    if base_name not in builtin_names() and not (base_name.endswith(".toml") and path.is_file()):
-        raise ProfileError(
-            f"unknown profile {base_name!r}: choose one of {', '.join(builtin_names())} or give a .toml file"
-        )
+    path = _profile_path(base_name)
     where = f"{path.name}" + (f" + {override}" if override else "")
-    return parse_profile(merge(_read_toml(path), extra), where)
+    return parse_profile(merge(_base_data(path), extra), where)
+
+
+def _profile_path(name: str) -> Path:
+    path = Path(name) if name.endswith(".toml") else PROFILE_DIR / f"{name}.toml"
+    if name not in builtin_names() and not (name.endswith(".toml") and path.is_file()):
+        raise ProfileError(f"unknown profile {name!r}: choose one of {', '.join(builtin_names())} or give a .toml file")
+    return path
+
+
+def _base_data(path: Path, depth: int = 0) -> dict[str, Any]:
+    """A profile file's fields merged onto those of its own `base` (a chain of at most 8 files)."""
+    data = _read_toml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or depth >= 8:
+        raise ProfileError(f"{path}: field 'base' must name a profile (no longer chain than 8), got {base!r}")
+    return merge(_base_data(_profile_path(base), depth + 1), data)
 
 
 def list_profiles() -> list[Profile]:
@@ -217,8 +246,8 @@ def dump_toml(d: dict[str, Any]) -> str:
 
 
 def _toml_value(v: Any) -> str:
-    import json
-
+    if v is None:
+        return json.dumps(OFF)  # a budget limit switched off
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):
@@ -228,19 +257,3 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     raise TypeError(f"cannot write {type(v).__name__} as TOML")
-
-
-def runtime_budget(profile: Profile) -> Any:
-    """The device agent's `edge_runtime.budget.Budget` for this profile (same limits, profile's threads)."""
-    from edge_runtime.budget import Budget
-
-    b = profile.budget
-    return Budget(
-        max_cpu_percent=b.max_cpu_percent,
-        max_rss_mb=float(b.max_rss_mb),
-        min_available_mb=float(b.min_available_mb),
-        max_temperature_c=b.max_temp_c,
-        min_battery_percent=b.min_battery_percent,
-        max_train_s_per_hour=float(b.max_train_s_per_hour),
-        threads=profile.threads,
-    )

@@ -17,11 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from edge_runtime.budget import PAUSE, Budget, Governor, PsutilSource, ReadingSource
-from edge_runtime.engines import make_engine
 from edge_runtime.ingest import Ingestor, open_source
 from edge_runtime.learner import Job, Learner
 from edge_runtime.outbox import Outbox
-from edge_runtime.release import Active, ReleaseStore, example_batch, load_release, public_key
+from edge_runtime.release import Active, ReleaseStore, load_release, public_key
 from edge_runtime.samples import SampleStore
 from edge_runtime.schedule import Scheduler
 from edgelearn.bundle import BundleError, pack_release
@@ -111,6 +110,7 @@ class DeviceAgent:
             on_message=lambda t, p: self.events.put((t, p)),
             will=(self.topics.device(cfg.device_id, "status"), OFFLINE),
             mqtt_v311=cfg.mqtt_v311,
+            keepalive_s=cfg.keepalive_s,
             on_connected=lambda: self.events.put(("", b"connected")),
         )
         self._restore_active()
@@ -160,9 +160,7 @@ class DeviceAgent:
     def _activate(self, active: Active) -> None:
         """Serve `active` and give the learner an engine on its weights (resuming a checkpointed job)."""
         m = active.manifest
-        engine = make_engine(
-            self.cfg.engine, m.model_id, m.task, active.weights, active.train_pte, example_batch(m), m.trainable
-        )
+        engine = active.engine(self.cfg.engine)
         self.active = active
         if self.learner is not None:  # keep the store position and replay buffer across releases
             self.learner.save(list(self.outbox.pending))

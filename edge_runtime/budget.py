@@ -23,7 +23,9 @@ TEMP_HOLD_S = 60.0  # a missing temperature read is replaced by the last one thi
 
 @dataclass(frozen=True)
 class Budget:
-    """What training may use. None disables a limit. `soft_fraction` of a limit → shrink; over it → pause."""
+    """What training may use. None disables a limit. `soft_fraction` of a limit → shrink; over it → pause.
+
+    A device profile's `[budget]` table (devices/profiles/*.toml) holds exactly these fields."""
 
     max_cpu_percent: float | None = None  # system CPU used by *other* processes, % of all cores (off: shared hosts)
     max_rss_mb: float | None = 600.0  # this process
@@ -47,16 +49,6 @@ class Budget:
             raise ValueError("budget: soft_fraction must be in (0, 1]")
         if self.interval_s <= 0:
             raise ValueError("budget: interval_s must be > 0")
-
-
-PROFILES = {
-    # a shared host or laptop: no CPU limit (other work would starve training), battery-aware
-    "default": Budget(),
-    # a Raspberry Pi-class board in a drawer: mains power, throttles at ~80 °C, 1–4 GB RAM, yield to its main job
-    "pi": Budget(max_cpu_percent=70.0, max_rss_mb=500.0, min_available_mb=150.0, max_temperature_c=70.0),
-    # a phone-like device on battery: little training per hour, stop early on battery
-    "battery": Budget(min_battery_percent=40.0, max_train_s_per_hour=300.0, max_temperature_c=60.0),
-}
 
 
 @dataclass(frozen=True)

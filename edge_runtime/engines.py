@@ -30,7 +30,9 @@ def default_engine(model_id: str) -> str:
     return DEFAULT_ENGINE.get(model_id, FALLBACK_ENGINE)
 
 
-class Engine(Protocol):
+class TrainEngine(Protocol):
+    """What a learner trains with: weights in and out by parameter name, one step at a time."""
+
     name: str
 
     def load(self, weights: dict[str, np.ndarray]) -> None: ...
@@ -137,7 +139,7 @@ def make_engine(
     train_pte: bytes | None,
     example: tuple[np.ndarray, np.ndarray],
     trainable: list[str] | None = None,
-) -> Engine:
+) -> TrainEngine:
     """`kind` or the model's default; eager falls back to ExecuTorch for a model this host cannot build,
     and the ExecuTorch default falls back to eager for a bundle without train.pte."""
     kind = kind or default_engine(model_id)

@@ -23,7 +23,7 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from edge_runtime.budget import PAUSE, Governor, apply_threads
-from edge_runtime.engines import Engine
+from edge_runtime.engines import TrainEngine
 from edge_runtime.samples import ReplayBuffer, SampleStore
 from edgelearn.atomic import write_bytes
 
@@ -71,7 +71,7 @@ def mix_counts(batch_size: int, n_new: int, n_replay: int) -> tuple[int, int]:
 class Learner:
     def __init__(
         self,
-        engine: Engine,
+        engine: TrainEngine,
         store: SampleStore,
         state_dir: Path,
         governor: Governor | None = None,

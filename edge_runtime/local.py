@@ -17,26 +17,28 @@ import numpy as np
 from safetensors.numpy import save as st_save
 
 from edge_runtime.budget import Budget, Governor, PsutilSource, ReadingSource
-from edge_runtime.engines import make_engine
 from edge_runtime.ingest import Ingestor, open_source
 from edge_runtime.learner import Job, Learner
-from edge_runtime.release import example_batch, load_release
+from edge_runtime.release import load_release
 from edge_runtime.samples import SampleStore
 from edgelearn.atomic import write_bytes
-from edgelearn.bundle import TRAIN_PTE, load_weights, verify_bundle
+from edgelearn.bundle import verify_bundle
+from edgelearn.protocol import DEFAULT_LOCAL
 
 log = logging.getLogger(__name__)
 LOCAL_WEIGHTS = "local-weights.safetensors"
 
 
 @dataclass(frozen=True)
-class LocalConfig:
+class LocalRunConfig:
+    """`edgelearn learn`: one local job of `steps` steps on a bundle, from a sample stream, within a budget."""
+
     bundle_dir: Path
     state_dir: Path
     samples: str | None
     steps: int
-    batch_size: int = 32
-    lr: float = 0.05
+    batch_size: int = DEFAULT_LOCAL.batch_size
+    lr: float = DEFAULT_LOCAL.lr
     mu: float = 0.0
     engine: str | None = None
     budget: Budget = field(default_factory=Budget)
@@ -46,23 +48,20 @@ class LocalConfig:
 
 
 class LocalRun:
-    def __init__(self, cfg: LocalConfig, reading_source: ReadingSource | None = None) -> None:
+    def __init__(self, cfg: LocalRunConfig, reading_source: ReadingSource | None = None) -> None:
         self.cfg = cfg
-        m = verify_bundle(cfg.bundle_dir)
-        self.manifest = m
-        weights = load_weights(cfg.bundle_dir)
-        train_pte = (cfg.bundle_dir / TRAIN_PTE).read_bytes() if TRAIN_PTE in m.files else None
-        self.engine = make_engine(cfg.engine, m.model_id, m.task, weights, train_pte, example_batch(m), m.trainable)
+        m = self.manifest = verify_bundle(cfg.bundle_dir)
+        active = load_release(cfg.bundle_dir, m)  # smoke-tests infer.pte; knows the class count
+        self.engine = active.engine(cfg.engine)
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         self.store = SampleStore(cfg.state_dir / "samples")
-        fmt = load_release(cfg.bundle_dir, m).sample_format()  # smoke-tests infer.pte; knows the class count
-        self.ingest = Ingestor(self.store, fmt, open_source(cfg.samples), poll_interval_s=0.2)
+        self.ingest = Ingestor(self.store, active.sample_format(), open_source(cfg.samples), poll_interval_s=0.2)
         self.governor = Governor(cfg.budget, reading_source or PsutilSource())
         self.learner = Learner(
             self.engine, self.store, cfg.state_dir, self.governor, cfg.replay_size, cfg.checkpoint_every_s
         )
         self.resumed_at = self.learner.job.steps_done if self.learner.restore() and self.learner.job else 0
-        self.learner.start(Job(0, m.version, cfg.steps, cfg.batch_size, cfg.lr, cfg.mu), weights)
+        self.learner.start(Job(0, m.version, cfg.steps, cfg.batch_size, cfg.lr, cfg.mu), active.weights)
 
     def run(self, stop: threading.Event | None = None, until_done: bool = True) -> Job:
         """Ingest and step until the job is done (or `stop`); checkpoints on the way and at the end."""

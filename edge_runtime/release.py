@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from edge_runtime.engines import TrainEngine, make_engine
 from edge_runtime.samples import SampleFormat
 from edgelearn.atomic import write_bytes
 from edgelearn.bundle import (
@@ -113,6 +114,11 @@ class Active:
         """How sample lines become (x, y) for this release; classify labels are checked against `classes`."""
         m = self.manifest
         return SampleFormat(m.task, tuple(m.input["shape"][1:]), classes=self.classes)
+
+    def engine(self, kind: str | None) -> TrainEngine:
+        """A training engine (`kind`, or the model's faster one) on this release's weights and trainable set."""
+        m = self.manifest
+        return make_engine(kind, m.model_id, m.task, self.weights, self.train_pte, example_batch(m), m.trainable)
 
 
 def example_batch(manifest: Manifest) -> tuple[np.ndarray, np.ndarray]:

@@ -169,6 +169,8 @@ class LocalConfig:
     lr: float = 0.05
 
 
+DEFAULT_LOCAL = LocalConfig()  # the one place for the default local recipe
+
 _NO_DEFAULT = object()
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from edge_runtime.agent import example_batch
+from edge_runtime.release import example_batch
 from edge_runtime.budget import PAUSE, Budget, Governor, Reading
 from edge_runtime.engines import make_engine, proximal_sgd_
 from edge_runtime.ingest import FileTail, Ingestor, StdinLines

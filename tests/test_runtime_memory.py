@@ -8,7 +8,7 @@ PROBE = """
 import json, re, sys
 from pathlib import Path
 import numpy as np
-from edge_runtime.agent import example_batch, load_release
+from edge_runtime.release import example_batch, load_release
 from edge_runtime.engines import make_engine
 from edgelearn.bundle import verify_bundle
 b = Path(sys.argv[1]); m = verify_bundle(b)

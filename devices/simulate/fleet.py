@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from devices.profiles import load_profile, runtime_budget
+from devices.profiles import Profile, load_profile
 from devices.simulate.agent import Body, Meter, SimAgent
 from devices.simulate.traces import TRACES, TraceSource
 from edge_runtime.agent import DeviceConfig
@@ -38,10 +38,9 @@ class Outage:
 @dataclass
 class Device:
     device_id: str
-    profile: str
+    profile: Profile
     data: Split
     body: Body
-    budget: object
     events: list[dict] = field(default_factory=list)  # outages, pauses (for the report)
 
 
@@ -93,13 +92,17 @@ def make_devices(
     for k, (shard, name) in enumerate(zip(shards, names, strict=True)):
         dev_id, p = f"sim{k:04d}", profiles[name]
         spec = TRACES.get(name, TRACES["x86-dev"])
-        ambient = p.budget.max_temp_c + 5.0 if dev_id in hot else spec.ambient_c + rng.uniform(0.0, ambient_spread_c)
+        ambient = (
+            (p.budget.max_temperature_c or 75.0) + 5.0
+            if dev_id in hot
+            else spec.ambient_c + rng.uniform(0.0, ambient_spread_c)
+        )
         battery = float(rng.uniform(20.0, 100.0)) if rng.random() < battery_fraction else None
         spec = replace(spec, ambient_c=ambient, battery_percent=battery,
                        cpu_base_percent=float(rng.uniform(0.0, spec.cpu_base_percent * 2.5)))  # fmt: skip
         body = Body(name, STEP_S.get(name, 0.0), float(rng.uniform(0.0, max_link_delay_s)),
                     TraceSource(spec, phase=float(rng.uniform(0, 2 * np.pi))))  # fmt: skip
-        out.append(Device(dev_id, name, shard, body, runtime_budget(p)))
+        out.append(Device(dev_id, p, shard, body))
     return out
 
 
@@ -118,11 +121,14 @@ class Fleet:
         self.timers: list[threading.Thread] = []
 
     def config(self, d: Device) -> DeviceConfig:
-        """tick_s 0.5: an idle agent wakes twice a second (messages wake it at once), so 1000 idle agents
-        cost little CPU."""
+        """The profile's budget, keep-alive and outbox bound; a simulation's own pace: re-send after 5 s, and
+        tick_s 0.5 (an idle agent wakes twice a second, messages wake it at once: 1000 idle agents cost
+        little CPU)."""
+        p = d.profile
         return DeviceConfig(
             self.broker_url, self.fleet, d.device_id, self.state_dir / d.device_id, mqtt_v311=self.v311,
-            budget=d.budget, ack_timeout_s=5.0, checkpoint_every_s=60.0, tick_s=0.5,
+            budget=p.budget, keepalive_s=p.mqtt.keepalive_s, max_outbox=p.outbox.max_items, ack_timeout_s=5.0,
+            checkpoint_every_s=60.0, tick_s=0.5,
         )  # fmt: skip
 
     def start(self, device_id: str, rnd: int) -> None:

@@ -70,13 +70,13 @@ def totals(records: list[RoundRecord]) -> dict[str, Any]:
 
 def write_report(cfg: Any, records: list[RoundRecord], fleet: Any, seconds: float) -> dict[str, Any]:
     """report.json (config, rounds, totals, per-device events) and the plots, in `cfg.out`."""
-    devices = {d.device_id: {"profile": d.profile, "events": d.events} for d in fleet.devices.values() if d.events}
+    devices = {d.device_id: {"profile": d.profile.name, "events": d.events} for d in fleet.devices.values() if d.events}
     report = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
         "seconds": round(seconds, 2),
         "rounds": [asdict(r) for r in records],
         "totals": totals(records),
-        "profiles": _count(d.profile for d in fleet.devices.values()),
+        "profiles": _count(d.profile.name for d in fleet.devices.values()),
         "devices": devices,
         "plots": [],
     }
