@@ -47,7 +47,7 @@ def _coordinator_config(a: argparse.Namespace):
 
 def cmd_rollback(a: argparse.Namespace) -> int:
     from coordinator.ops import OpsError, rollback
-    from coordinator.server import StateLockedError
+    from coordinator.state import StateLockedError
     from export.pipeline import rebuild_bundle
 
     if a.state is None or a.to is None:
@@ -65,7 +65,8 @@ def cmd_rollback(a: argparse.Namespace) -> int:
 def cmd_coordinator(a: argparse.Namespace) -> int:
     if a.action == "rollback":
         return cmd_rollback(a)
-    from coordinator.server import Coordinator, StateLockedError
+    from coordinator.server import Coordinator
+    from coordinator.state import StateLockedError
     from edgelearn.bundle import BundleError, verify_bundle
     from edgelearn.signing import ensure_signed, load_private, signing_rebuild
     from export.pipeline import rebuild_bundle
@@ -81,7 +82,7 @@ def cmd_coordinator(a: argparse.Namespace) -> int:
         key = load_private(a.signing_key) if a.signing_key else None
         coord = Coordinator(cfg, signing_rebuild(rebuild_bundle, key) if key else rebuild_bundle)
         if key:  # release 1 (imported from --bundle) is signed too, before anything is published
-            ensure_signed(coord.engine.release_dir(coord.engine.version), key)
+            ensure_signed(coord.rounds.release_dir(coord.rounds.version), key)
     except (BundleError, ValueError, StateLockedError) as e:
         print(f"edgelearn coordinator: error: {e}", file=sys.stderr)
         return 2

@@ -91,9 +91,10 @@ class StreamingMean:
         self.total_weight += weight
         self.count += 1
 
-    def add_flat(self, flat_delta: np.ndarray, weight: float) -> None:
-        """Same as `add` for Δ given as one float32 array in sorted-name order: S ← S + w·Δ in one pass."""
-        self._flat_t.add_(torch.from_numpy(flat_delta), alpha=weight)
+    def add_flat(self, flat_delta: np.ndarray, weight: float, scale: float = 1.0) -> None:
+        """Same as `add` for f·Δ, Δ given as one float32 array in sorted-name order: S ← S + w·f·Δ in one pass
+        (f: a clipping factor; it scales the update, not its weight w in Σ w)."""
+        self._flat_t.add_(torch.from_numpy(flat_delta), alpha=weight * scale)
         self.total_weight += weight
         self.count += 1
 

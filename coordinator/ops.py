@@ -7,11 +7,10 @@ import logging
 import time
 from pathlib import Path
 
-from coordinator.engine import Rebuild, drop_opt_state
-from coordinator.server import lock_state
-from coordinator.spool import Spool
+from coordinator.rounds import Rebuild, Rounds
+from coordinator.state import StateLayout
 from coordinator.store import Store
-from edgelearn.bundle import Manifest, load_weights, verify_bundle
+from edgelearn.bundle import BundleError, Manifest
 
 log = logging.getLogger(__name__)
 
@@ -21,38 +20,26 @@ class OpsError(RuntimeError):
 
 
 def open_store(state_dir: Path) -> Store:
-    db = state_dir / "state.sqlite"
+    db = StateLayout(state_dir).sqlite
     if not db.exists():
         raise OpsError(f"{state_dir}: no state.sqlite (not a coordinator state directory)")
     return Store(db)
 
 
 def rollback(state_dir: Path, to_version: int, rebuild: Rebuild) -> Manifest:
-    """Publish the weights of kept release `to_version` as a new version v+1 (devices never go backwards).
-
-    The coordinator must be stopped (its state lock is taken); it publishes v+1 when it starts. The
-    open round is abandoned: its accepted updates stay recorded (duplicates stay duplicates) but are
-    never aggregated, and the next round starts on v+1; server-optimizer state (momentum) restarts.
-    """
-    lock = lock_state(state_dir, "rolling back")
+    """`Rounds.roll_back` on a stopped coordinator's state (its lock is taken): v+1 carries the weights of
+    kept release `to_version`; the coordinator publishes it when it starts."""
+    layout = StateLayout(state_dir)
+    lock = layout.lock("rolling back")
     try:
-        store = open_store(state_dir)
-        version, rnd = int(store.get("version")), int(store.get("round"))
-        kept = [v for v, _, _ in store.releases()]
-        src = state_dir / "releases" / f"v{to_version}"
-        if to_version not in kept or not src.exists():
-            raise OpsError(f"release v{to_version} is not kept (kept: {', '.join(f'v{v}' for v in kept)})")
-        if to_version == version:
-            raise OpsError(f"v{to_version} is already the current release")
-        verify_bundle(src)
-        new = version + 1
-        manifest = rebuild(src, load_weights(src), new, state_dir / "releases" / f"v{new}")
-        drop_opt_state(state_dir, new)  # from a close that crashed
-        store.roll_back(rnd, new, f"rollback to v{to_version}")
-        store.close()
-        Spool(state_dir / "spool").drop_round(rnd)
-        log.info("rolled back: v%d now carries the weights of v%d", new, to_version)
-        return manifest
+        open_store(state_dir).close()  # OpsError unless this is a coordinator state folder
+        rounds = Rounds.of_state(state_dir, rebuild)
+        try:
+            return rounds.roll_back(to_version)
+        except (ValueError, BundleError) as e:
+            raise OpsError(str(e)) from None
+        finally:
+            rounds.close_state()
     finally:
         lock.close()
 

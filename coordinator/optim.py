@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 Tensors = dict[str, np.ndarray]
+SERVER_OPT_NAMES = ("fedavg", "fedavgm", "fedadam")
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,7 @@ class ServerOptConfig:
     tau: float = 1e-3  # ε-like adaptivity for fedadam
 
     def __post_init__(self) -> None:
-        if self.name not in ("fedavg", "fedavgm", "fedadam"):
+        if self.name not in SERVER_OPT_NAMES:
             raise ValueError(f"unknown server optimizer {self.name!r}: use fedavg, fedavgm or fedadam")
 
 
@@ -49,14 +50,48 @@ def fedadam_step(
     return fedavg_step(theta, step, cfg.lr), m2, v2
 
 
-def apply(cfg: ServerOptConfig, theta: Tensors, delta: Tensors, state: Tensors) -> tuple[Tensors, Tensors]:
-    """One server step; `state` holds `m:{name}` / `v:{name}` arrays; returns (θ', state')."""
-    if cfg.name == "fedavg":
-        return fedavg_step(theta, delta, cfg.lr), {}
-    m = {n[2:]: a for n, a in state.items() if n.startswith("m:")}
-    if cfg.name == "fedavgm":
-        theta2, m2 = fedavgm_step(theta, delta, m, cfg.lr, cfg.momentum)
+class ServerOpt:
+    """A server optimizer: `step(θ, Δ̄, state) -> (θ', state')`; state arrays are keyed `m:{name}` / `v:{name}`."""
+
+    def __init__(self, cfg: ServerOptConfig) -> None:
+        self.cfg = cfg
+
+    def step(self, theta: Tensors, delta: Tensors, state: Tensors) -> tuple[Tensors, Tensors]:
+        raise NotImplementedError
+
+
+class ServerSgd(ServerOpt):
+    """`--server-opt fedavg`: θ' = θ + η · Δ̄ (η = 1 is plain FedAvg); no state."""
+
+    def step(self, theta: Tensors, delta: Tensors, state: Tensors) -> tuple[Tensors, Tensors]:
+        return fedavg_step(theta, delta, self.cfg.lr), {}
+
+
+class ServerMomentum(ServerOpt):
+    """`--server-opt fedavgm`: m' = β · m + Δ̄;  θ' = θ + η · m' (Hsu et al. 2019)."""
+
+    def step(self, theta: Tensors, delta: Tensors, state: Tensors) -> tuple[Tensors, Tensors]:
+        theta2, m2 = fedavgm_step(theta, delta, _part(state, "m"), self.cfg.lr, self.cfg.momentum)
         return theta2, {f"m:{n}": a for n, a in m2.items()}
-    v = {n[2:]: a for n, a in state.items() if n.startswith("v:")}
-    theta2, m2, v2 = fedadam_step(theta, delta, m, v, cfg)
-    return theta2, {**{f"m:{n}": a for n, a in m2.items()}, **{f"v:{n}": a for n, a in v2.items()}}
+
+
+class ServerAdam(ServerOpt):
+    """`--server-opt fedadam`: m' = β₁m + (1−β₁)Δ̄;  v' = β₂v + (1−β₂)Δ̄²;  θ' = θ + η · m' / (√v' + τ)
+    (Reddi et al. 2021)."""
+
+    def step(self, theta: Tensors, delta: Tensors, state: Tensors) -> tuple[Tensors, Tensors]:
+        theta2, m2, v2 = fedadam_step(theta, delta, _part(state, "m"), _part(state, "v"), self.cfg)
+        return theta2, {**{f"m:{n}": a for n, a in m2.items()}, **{f"v:{n}": a for n, a in v2.items()}}
+
+
+SERVER_OPTS: dict[str, type[ServerOpt]] = {"fedavg": ServerSgd, "fedavgm": ServerMomentum, "fedadam": ServerAdam}
+
+
+def make_server_opt(cfg: ServerOptConfig) -> ServerOpt:
+    return SERVER_OPTS[cfg.name](cfg)
+
+
+def _part(state: Tensors, key: str) -> Tensors:
+    """The `key:{name}` arrays of a saved state, by name."""
+    prefix = f"{key}:"
+    return {n[len(prefix) :]: a for n, a in state.items() if n.startswith(prefix)}

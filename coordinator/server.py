@@ -1,12 +1,11 @@
 """The coordinator: publishes releases and rounds, validates and acks updates, aggregates, over MQTT.
 
 paho's thread only enqueues messages; validation, spooling, aggregation and publishing all run on
-the coordinator's own thread. The durable core (state, fold, close) is `engine.Engine`.
+the coordinator's own thread. The durable core (state, fold, close) is `rounds.Rounds`.
 """
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import queue
 import threading
@@ -14,33 +13,18 @@ import time
 from collections.abc import Callable
 
 from coordinator.config import CoordinatorConfig
-from coordinator.engine import Engine, Rebuild, RoundSummary
 from coordinator.metrics import Metrics
+from coordinator.rounds import Rebuild, Rounds, RoundSummary
 from coordinator.selection import eligible, select
+from coordinator.state import StateLayout, StateLockedError
 from edgelearn.bundle import pack_release
 from edgelearn.mqtt import MqttLink
 from edgelearn.protocol import NAME_RE, OFFLINE, Ack, ProtocolError, RoundMsg, Topics, decode_status, encode_status
 
-__all__ = ["Coordinator", "CoordinatorConfig", "RoundSummary", "StateLockedError", "lock_state"]
+__all__ = ["Coordinator", "CoordinatorConfig", "RoundSummary", "StateLockedError"]
 
 log = logging.getLogger(__name__)
 MAX_STATUS_BYTES = 16 * 1024  # a device status is a few hundred bytes; larger ones are not kept
-
-
-class StateLockedError(RuntimeError):
-    """Another process (a running coordinator) holds this state directory."""
-
-
-def lock_state(state_dir, what: str):
-    """An exclusive flock on `state_dir/lock`, held for the life of the returned file object."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    f = open(state_dir / "lock", "a+")  # noqa: SIM115 (held open: the lock lives as long as the file)
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        raise StateLockedError(f"{state_dir} is in use by another process; stop it before {what}") from None
-    return f
 
 
 class Coordinator:
@@ -50,15 +34,15 @@ class Coordinator:
         self, cfg: CoordinatorConfig, rebuild: Rebuild, on_round: Callable[[RoundSummary], None] | None = None
     ) -> None:
         self.cfg, self.on_round = cfg, on_round
-        self._lock = lock_state(cfg.state_dir, "starting a coordinator")
-        self.engine = Engine(cfg, rebuild)
+        self._lock = StateLayout(cfg.state_dir).lock("starting a coordinator")
+        self.rounds = Rounds(cfg, rebuild)
         self.topics = Topics(cfg.fleet, cfg.topic_root)
         self.metrics = Metrics()
-        self.metrics.version.set(self.engine.version)
-        self.metrics.round_accepted.set(self.engine.count)
+        self.metrics.version.set(self.rounds.version)
+        self.metrics.round_accepted.set(self.rounds.count)
         self.metrics.dp_noise_multiplier.set(cfg.dp.noise_multiplier if cfg.dp else 0.0)
         self.statuses: dict[str, dict] = {}
-        self.participants = self.engine.store.invited(self.engine.round)  # the open round's, kept across restarts
+        self.participants = self.rounds.store.invited(self.rounds.round)  # the open round's, kept across restarts
         self.selected = cfg.target_participants is None or self.participants is not None  # None: any online device
         self.attempt_round, self.attempt = 0, 0  # selections drawn for round `attempt_round`
         self.connected_at: float | None = None
@@ -77,12 +61,12 @@ class Coordinator:
     # ------------------------------------------------------------ publishing
 
     def round_msg(self) -> RoundMsg:
-        e = self.engine
+        e = self.rounds
         return RoundMsg(e.round, e.version, e.deadline, self.cfg.min_updates, self.participants, self.cfg.local)
 
     def publish_all(self) -> None:
         """(Re)publish coordinator status, the current release and (sync mode) the current round, retained."""
-        e = self.engine
+        e = self.rounds
         status = encode_status("online", version=e.version, round=e.round, mode=self.cfg.mode)
         self.link.publish(self.topics.coordinator_status, status, retain=True)
         self.link.publish(self.topics.model_latest, pack_release(e.release_dir(e.version)), retain=True)
@@ -90,20 +74,20 @@ class Coordinator:
 
     def publish_round(self) -> None:
         if self.cfg.mode == "sync" and self.selected:
-            self.engine.open_round(self.participants)
+            self.rounds.open_round(self.participants)
             self.link.publish(self.topics.rounds_current, self.round_msg().encode(), retain=True)
 
     def select_participants(self) -> None:
         """Invite ⌈target·over_selection⌉ eligible online devices (reproducibly, seeded by the round)."""
         candidates = eligible(self.statuses, self.cfg.eligibility)
-        rnd = self.engine.round
+        rnd = self.rounds.round
         self.attempt = self.attempt + 1 if self.attempt_round == rnd else 0  # a re-announce draws anew
         self.attempt_round = rnd
         self.participants = select(
             candidates, self.cfg.target_participants or 0, self.cfg.over_selection, f"{rnd}/{self.attempt}"
         )
         self.selected = True
-        log.info("round %d: selected %d of %d eligible devices", self.engine.round, len(self.participants),
+        log.info("round %d: selected %d of %d eligible devices", self.rounds.round, len(self.participants),
                  len(candidates))  # fmt: skip
 
     # ------------------------------------------------------------ messages
@@ -123,7 +107,7 @@ class Coordinator:
             self.statuses[device_id] = status
             seen.append((device_id, status))
         if seen:
-            self.engine.store.see_devices(seen)
+            self.rounds.store.see_devices(seen)
         self.metrics.devices_online.set(sum(s.get("state") != "offline" for s in self.statuses.values()))
 
     def on_messages(self, messages: list[tuple[str, bytes]]) -> None:
@@ -143,7 +127,7 @@ class Coordinator:
             self.on_updates(updates)
 
     def on_updates(self, updates: list[tuple[str, bytes]]) -> None:
-        e = self.engine
+        e = self.rounds
         verdicts = e.handle_batch(updates)  # accepted ones are fsynced and committed when this returns
         for (device_id, _), verdict in zip(updates, verdicts, strict=True):
             self.metrics.update(verdict.status, verdict.reason)
@@ -157,17 +141,17 @@ class Coordinator:
 
     def ready(self) -> bool:
         """min_updates (sync) / K (async) accepted, or every invited participant has reported."""
-        e = self.engine
+        e = self.rounds
         if e.ready():
             return True
         return bool(self.participants) and e.count > 0 and set(self.participants) <= set(e.devices)
 
     def close_round(self) -> None:
         t0 = time.perf_counter()
-        summary = self.engine.close()
+        summary = self.rounds.close()
         self.metrics.aggregation_seconds.observe(time.perf_counter() - t0)
         self.metrics.rounds.inc()
-        self.metrics.version.set(self.engine.version)
+        self.metrics.version.set(self.rounds.version)
         self.metrics.round_accepted.set(0)
         self.rounds_done += 1
         if self.cfg.target_participants is not None:
@@ -178,7 +162,7 @@ class Coordinator:
 
     def tick(self) -> None:
         """Deadline handling (sync): close with ≥ min_updates, else re-select and re-announce."""
-        e = self.engine
+        e = self.rounds
         if self.connected_at is not None and self.ready():  # enough updates (also when restarted mid-close)
             self.close_round()
             return
@@ -238,7 +222,7 @@ class Coordinator:
                 self.serve_batch(self.next_batch())
         finally:
             self.link.stop((self.topics.coordinator_status, OFFLINE))
-            self.engine.store.close()
+            self.rounds.store.close()
             self._lock.close()
 
 

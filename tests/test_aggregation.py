@@ -97,8 +97,8 @@ def test_fedavg_step():
 def test_fedavgm_two_steps():
     # m1 = Δ = [1, 0]; θ1 = 0 + 1·m1; m2 = 0.5·[1,0] + [0,2] = [0.5, 2]; θ2 = θ1 + m2 = [1.5, 2]
     cfg = optim.ServerOptConfig("fedavgm", lr=1.0, momentum=0.5)
-    theta, st = optim.apply(cfg, {"w": np.zeros(2, np.float32)}, d(1, 0), {})
-    theta, st = optim.apply(cfg, theta, d(0, 2), st)
+    theta, st = optim.make_server_opt(cfg).step({"w": np.zeros(2, np.float32)}, d(1, 0), {})
+    theta, st = optim.make_server_opt(cfg).step(theta, d(0, 2), st)
     np.testing.assert_allclose(theta["w"], [1.5, 2.0])
     np.testing.assert_allclose(st["m:w"], [0.5, 2.0])
 
@@ -106,7 +106,7 @@ def test_fedavgm_two_steps():
 def test_fedadam_one_step():
     # β1=0.9, β2=0.99, τ=0.01, η=0.1, Δ=[1, -2]: m=[0.1,-0.2], v=[0.01,0.04], step = m/(√v+τ)
     cfg = optim.ServerOptConfig("fedadam", lr=0.1, beta1=0.9, beta2=0.99, tau=0.01)
-    theta, st = optim.apply(cfg, {"w": np.zeros(2, np.float32)}, d(1, -2), {})
+    theta, st = optim.make_server_opt(cfg).step({"w": np.zeros(2, np.float32)}, d(1, -2), {})
     np.testing.assert_allclose(st["m:w"], [0.1, -0.2], rtol=1e-5)
     np.testing.assert_allclose(st["v:w"], [0.01, 0.04], rtol=1e-5)
     np.testing.assert_allclose(theta["w"], [0.1 * 0.1 / 0.11, 0.1 * -0.2 / 0.21], rtol=1e-5)
@@ -130,7 +130,10 @@ def test_dp_settings_that_would_disable_or_reverse_it_are_refused(clip, sigma):
 
 
 def test_dp_noise_seed_is_secret_stable_and_fresh_per_round(tmp_path):
-    from coordinator.engine import dp_secret
+    from coordinator.state import StateLayout
+
+    def dp_secret(path):
+        return StateLayout(path).dp_secret()
 
     # Prepare / Execute: two fleets' secrets, and the seeds of rounds 1, 1 again and 2 of one of them
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()

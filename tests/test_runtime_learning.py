@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from edge_runtime.release import example_batch
 from edge_runtime.budget import PAUSE, Budget, Governor, Reading
 from edge_runtime.engines import make_engine, proximal_sgd_
 from edge_runtime.ingest import FileTail, Ingestor, StdinLines
 from edge_runtime.learner import Job, Learner, mix_counts
+from edge_runtime.release import example_batch
 from edge_runtime.samples import ReplayBuffer, SampleFormat, SampleStore
 from edgelearn.bundle import load_weights, verify_bundle
 

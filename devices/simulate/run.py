@@ -202,7 +202,7 @@ def _serve(cfg: SimConfig, bundle: Path, fleet: Fleet, broker: tuple[str, bool],
     say(f"[sim] {cfg.devices} devices ({', '.join(f'{p}:{w:g}' for p, w in cfg.profiles)}), {cfg.cohort} online "
         f"per round{invited}, quorum {cfg.quorum}, broker {url}")  # fmt: skip
     stop = threading.Event()
-    progress = (lambda: coord.engine.count, say)  # accepted so far (an int read from the driver thread)
+    progress = (lambda: coord.rounds.count, say)  # accepted so far (an int read from the driver thread)
     driver = threading.Thread(target=_drive, args=(cfg, fleet, closed, records, stop, progress), daemon=True)
     try:
         if cfg.online is None:  # all online before the coordinator's first selection

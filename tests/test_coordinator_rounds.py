@@ -1,4 +1,4 @@
-"""The coordinator's durable core (coordinator/engine.py) without MQTT: modes, aggregators, restarts, retention.
+"""The coordinator's durable core (coordinator/rounds.py) without MQTT: modes, aggregators, restarts, retention.
 
 Releases here are written by `weights_only_rebuild` (new weights, the previous programs copied) so
 that each test takes seconds; the real re-lowering runs in tests/test_e2e.py and the crash test.
@@ -13,9 +13,9 @@ import pytest
 
 from coordinator import aggregate as agg
 from coordinator.config import CoordinatorConfig
-from coordinator.engine import Engine
 from coordinator.ops import OpsError, fleet_rounds_lines, rollback
 from coordinator.optim import ServerOptConfig
+from coordinator.rounds import Rounds
 from edgelearn.bundle import Manifest, dump_weights, load_weights, utc_now, verify_bundle, write_bundle
 from edgelearn.protocol import Update, encode_update
 
@@ -31,7 +31,7 @@ def make_cfg(bundle_dir: Path, state: Path, **kw) -> CoordinatorConfig:
     return CoordinatorConfig("mqtt://127.0.0.1:1", "f", bundle_dir, state, min_updates=3, **kw)
 
 
-def upd(e: Engine, uid: str, n: int, seed: int, base: int | None = None, rnd: int | None = 0, dev: str = "") -> bytes:
+def upd(e: Rounds, uid: str, n: int, seed: int, base: int | None = None, rnd: int | None = 0, dev: str = "") -> bytes:
     rng = np.random.default_rng(seed)
     deltas = {k: rng.normal(0, 0.01, s).astype(np.float32) for k, s in e.shapes.items()}
     return encode_update(
@@ -47,7 +47,7 @@ def decoded(payload: bytes):
 
 def test_sync_round_is_protocol_fedavg(bundle_dir, tmp_path):
     # Prepare
-    e = Engine(make_cfg(bundle_dir, tmp_path), weights_only_rebuild)
+    e = Rounds(make_cfg(bundle_dir, tmp_path), weights_only_rebuild)
     theta = load_weights(e.release_dir(1))
     payloads = [upd(e, f"u{k}", n, k) for k, n in enumerate((10, 30, 60))]
     # Execute
@@ -65,7 +65,7 @@ def test_sync_round_is_protocol_fedavg(bundle_dir, tmp_path):
 
 
 def test_duplicate_counted_once_and_rejections_by_reason(bundle_dir, tmp_path):
-    e = Engine(make_cfg(bundle_dir, tmp_path), weights_only_rebuild)
+    e = Rounds(make_cfg(bundle_dir, tmp_path), weights_only_rebuild)
     p = upd(e, "u1", 5, 1)
     bad_round = upd(e, "u2", 5, 2, rnd=9)
     first, second = e.handle("du1", p), e.handle("du1", p)
@@ -77,23 +77,23 @@ def test_duplicate_counted_once_and_rejections_by_reason(bundle_dir, tmp_path):
     assert e.count == 1 and e.duplicates == 1
     assert e.rejected == {"wrong_round": 1, "not_safetensors": 2, "payload_too_large": 1}
     e.store.close()
-    e2 = Engine(make_cfg(bundle_dir, tmp_path), weights_only_rebuild)  # counts survive a restart
+    e2 = Rounds(make_cfg(bundle_dir, tmp_path), weights_only_rebuild)  # counts survive a restart
     assert (e2.count, e2.duplicates, e2.rejected) == (1, 1, e.rejected)
 
 
 def test_restart_mid_round_gives_identical_release(bundle_dir, tmp_path):
     # Prepare: the same three updates for an uninterrupted engine and one restarted after two
-    e0 = Engine(make_cfg(bundle_dir, tmp_path / "a"), weights_only_rebuild)
+    e0 = Rounds(make_cfg(bundle_dir, tmp_path / "a"), weights_only_rebuild)
     payloads = [upd(e0, f"u{k}", 7 + k, k) for k in range(3)]
     for p in payloads:
         e0.handle(decoded(p).device_id, p)
     e0.close()
-    e1 = Engine(make_cfg(bundle_dir, tmp_path / "b"), weights_only_rebuild)
+    e1 = Rounds(make_cfg(bundle_dir, tmp_path / "b"), weights_only_rebuild)
     for p in payloads[:2]:
         e1.handle(decoded(p).device_id, p)
     e1.store.close()  # the process dies here: nothing else is saved
     # Execute
-    e2 = Engine(make_cfg(bundle_dir, tmp_path / "b"), weights_only_rebuild)
+    e2 = Rounds(make_cfg(bundle_dir, tmp_path / "b"), weights_only_rebuild)
     again = e2.handle(decoded(payloads[1]).device_id, payloads[1])
     e2.handle(decoded(payloads[2]).device_id, payloads[2])
     e2.close()
@@ -104,11 +104,11 @@ def test_restart_mid_round_gives_identical_release(bundle_dir, tmp_path):
 
 
 def test_spooled_but_uncommitted_update_is_dropped_then_accepted_on_resend(bundle_dir, tmp_path):
-    e = Engine(make_cfg(bundle_dir, tmp_path), weights_only_rebuild)
+    e = Rounds(make_cfg(bundle_dir, tmp_path), weights_only_rebuild)
     p = upd(e, "u1", 5, 1)
     e.spool.append(e.round, [p])  # crash between the spool fsync and the SQLite commit
     e.store.close()
-    e2 = Engine(make_cfg(bundle_dir, tmp_path), weights_only_rebuild)
+    e2 = Rounds(make_cfg(bundle_dir, tmp_path), weights_only_rebuild)
     assert e2.count == 0 and e2.spool.log_path(1).stat().st_size == 0  # the uncommitted tail is cut
     assert e2.handle("du1", p).status == "accepted" and e2.count == 1
 
@@ -116,7 +116,7 @@ def test_spooled_but_uncommitted_update_is_dropped_then_accepted_on_resend(bundl
 def test_async_fedbuff_staleness(bundle_dir, tmp_path):
     # Prepare: release v1 → close once so that v2 is current; then updates on v2 (s=0) and v1 (s=1)
     cfg = make_cfg(bundle_dir, tmp_path, mode="async", buffer_size=2, max_staleness=1)
-    e = Engine(cfg, weights_only_rebuild)
+    e = Rounds(cfg, weights_only_rebuild)
     for k in range(2):
         e.handle(f"du{k}", upd(e, f"u{k}", 4, k, rnd=None))
     e.close()
@@ -137,7 +137,7 @@ def test_async_fedbuff_staleness(bundle_dir, tmp_path):
 
 
 def test_batch_group_commit_detects_duplicates_within_the_batch(bundle_dir, tmp_path):
-    e = Engine(make_cfg(bundle_dir, tmp_path), weights_only_rebuild)
+    e = Rounds(make_cfg(bundle_dir, tmp_path), weights_only_rebuild)
     a, b = upd(e, "a", 5, 1), upd(e, "b", 7, 2)
     verdicts = e.handle_batch([("da", a), ("db", b), ("da", a), ("dx", b"junk")])
     assert [v.status for v in verdicts] == ["accepted", "accepted", "duplicate", "rejected"]
@@ -147,7 +147,7 @@ def test_batch_group_commit_detects_duplicates_within_the_batch(bundle_dir, tmp_
 
 
 def test_median_and_dp_through_the_engine(bundle_dir, tmp_path):
-    e = Engine(make_cfg(bundle_dir, tmp_path / "m", aggregator="median"), weights_only_rebuild)
+    e = Rounds(make_cfg(bundle_dir, tmp_path / "m", aggregator="median"), weights_only_rebuild)
     ps = [upd(e, f"u{k}", 1 + k, k) for k in range(3)]
     for p in ps:
         e.handle(decoded(p).device_id, p)
@@ -157,7 +157,7 @@ def test_median_and_dp_through_the_engine(bundle_dir, tmp_path):
     np.testing.assert_allclose(delta[n], np.median([decoded(p).deltas[n] for p in ps], axis=0))
     np.testing.assert_allclose(load_weights(e.release_dir(2))[n], theta[n] + delta[n], atol=1e-7)
     dp = agg.DpConfig(clip_norm=0.01, noise_multiplier=0.0)
-    e2 = Engine(make_cfg(bundle_dir, tmp_path / "d", dp=dp), weights_only_rebuild)
+    e2 = Rounds(make_cfg(bundle_dir, tmp_path / "d", dp=dp), weights_only_rebuild)
     for p in ps:
         e2.handle(decoded(p).device_id, p)
     clipped = [agg.clip(decoded(p).deltas, 0.01) for p in ps]  # σ=0: exactly the mean of the clipped updates
@@ -167,7 +167,7 @@ def test_median_and_dp_through_the_engine(bundle_dir, tmp_path):
 def test_momentum_state_survives_restart_and_releases_are_pruned(bundle_dir, tmp_path):
     cfg = make_cfg(bundle_dir, tmp_path, server_opt=ServerOptConfig("fedavgm", 1.0, 0.5), keep_releases=2)
     for r in range(3):
-        e = Engine(cfg, weights_only_rebuild)
+        e = Rounds(cfg, weights_only_rebuild)
         for k in range(3):
             e.handle(f"du{r}{k}", upd(e, f"u{r}{k}", 5, 10 * r + k))
         prev_m = dict(e.opt_state)
@@ -186,7 +186,7 @@ def test_momentum_state_survives_restart_and_releases_are_pruned(bundle_dir, tmp
 
 
 def test_rollback_publishes_old_weights_as_next_version(bundle_dir, tmp_path):
-    e = Engine(make_cfg(bundle_dir, tmp_path), weights_only_rebuild)
+    e = Rounds(make_cfg(bundle_dir, tmp_path), weights_only_rebuild)
     for k in range(3):
         e.handle(f"du{k}", upd(e, f"u{k}", 5, k))
     e.close()
@@ -196,7 +196,7 @@ def test_rollback_publishes_old_weights_as_next_version(bundle_dir, tmp_path):
     with pytest.raises(OpsError, match="v9 is not kept"):
         rollback(tmp_path, 9, weights_only_rebuild)
     # Assert: v3 = weights of v1, and a restarted engine serves v3 in round 3
-    e2 = Engine(make_cfg(bundle_dir, tmp_path), weights_only_rebuild)
+    e2 = Rounds(make_cfg(bundle_dir, tmp_path), weights_only_rebuild)
     assert m.version == 3 and (e2.version, e2.round) == (3, 3)
     w1, w3 = load_weights(tmp_path / "releases" / "v1"), load_weights(tmp_path / "releases" / "v3")
     assert all(np.array_equal(w1[k], w3[k]) for k in w1)
@@ -206,7 +206,7 @@ def test_rollback_publishes_old_weights_as_next_version(bundle_dir, tmp_path):
 
 def test_crash_after_release_written_before_commit_redoes_the_close(bundle_dir, tmp_path):
     # Prepare: three accepted updates, then a close that dies after writing v2 but before the commit
-    e = Engine(make_cfg(bundle_dir, tmp_path), weights_only_rebuild)
+    e = Rounds(make_cfg(bundle_dir, tmp_path), weights_only_rebuild)
     for k in range(3):
         e.handle(f"du{k}", upd(e, f"u{k}", 5, k))
     theta = e.aggregated_delta()
@@ -215,7 +215,7 @@ def test_crash_after_release_written_before_commit_redoes_the_close(bundle_dir, 
     e.store.close()
     time.sleep(1.1)  # a later close must still stamp the release with the round's time, not its own
     # Execute: restart; the round is still open with its three updates, and closes again
-    e2 = Engine(make_cfg(bundle_dir, tmp_path), weights_only_rebuild)
+    e2 = Rounds(make_cfg(bundle_dir, tmp_path), weights_only_rebuild)
     assert (e2.version, e2.round, e2.count) == (1, 1, 3) and e2.ready()
     e2.close()
     # Assert: v2 now holds θ1 + Δ̄, not the half-finished attempt, and is stamped with the round's opening
@@ -227,12 +227,12 @@ def test_crash_after_release_written_before_commit_redoes_the_close(bundle_dir, 
 
 def test_rollback_cli_errors_are_one_line(bundle_dir, tmp_path, capsys):
     from cli import main
-    from coordinator.server import lock_state
+    from coordinator.state import StateLayout
 
-    Engine(make_cfg(bundle_dir, tmp_path), weights_only_rebuild).store.close()
+    Rounds(make_cfg(bundle_dir, tmp_path), weights_only_rebuild).store.close()
     assert main(["coordinator", "rollback", "--to", "7", "--state", str(tmp_path)]) == 2
     assert "release v7 is not kept (kept: v1)" in capsys.readouterr().err
-    lock = lock_state(tmp_path, "testing")  # a running coordinator holds the lock
+    lock = StateLayout(tmp_path).lock("testing")  # a running coordinator holds the lock
     try:
         assert main(["coordinator", "rollback", "--to", "1", "--state", str(tmp_path)]) == 2
         assert "in use by another process" in capsys.readouterr().err
@@ -246,12 +246,12 @@ def test_round_closes_early_when_every_invited_device_reported(bundle_dir, tmp_p
     c = Coordinator(make_cfg(bundle_dir, tmp_path), weights_only_rebuild)  # not started: no broker needed
     try:
         c.participants = ["d1", "d2"]
-        c.engine.handle("d1", upd(c.engine, "u1", 5, 1, dev="d1"))
+        c.rounds.handle("d1", upd(c.rounds, "u1", 5, 1, dev="d1"))
         assert not c.ready()  # 1 of min_updates=3, d2 still missing
-        c.engine.handle("d2", upd(c.engine, "u2", 5, 2, dev="d2"))
+        c.rounds.handle("d2", upd(c.rounds, "u2", 5, 2, dev="d2"))
         assert c.ready()
     finally:
-        c.engine.store.close()
+        c.rounds.store.close()
         c._lock.close()
 
 
@@ -259,27 +259,27 @@ def test_coordinator_restarted_with_a_full_round_closes_it_before_taking_more(bu
     from coordinator.server import Coordinator
 
     # Prepare: min_updates=3 updates committed, then a crash before the close (the store is simply dropped)
-    e = Engine(make_cfg(bundle_dir, tmp_path), weights_only_rebuild)
+    e = Rounds(make_cfg(bundle_dir, tmp_path), weights_only_rebuild)
     for k in range(3):
         e.handle(f"du{k}", upd(e, f"u{k}", 5, k))
     e.store.close()
     coord = Coordinator(make_cfg(bundle_dir, tmp_path), weights_only_rebuild)  # not started: publishes are queued
-    late = upd(coord.engine, "late", 5, 9, dev="dlate")
+    late = upd(coord.rounds, "late", 5, 9, dev="dlate")
     # Execute: the (re)connection, then a fourth update for round 1
     coord.serve_batch([("", b"connected")])
     coord.serve_batch([(coord.topics.device("dlate", "update"), late)])
     # Assert: round 1 closed with exactly its three updates; the late one is a stale-round rejection
-    assert (coord.engine.version, coord.engine.round) == (2, 2)
-    assert next(r for r in coord.engine.store.rounds() if r["round"] == 1)["accepted"] == 3
-    assert coord.engine.rejected == {"stale_base_version": 1} and coord.engine.count == 0
-    coord.engine.store.close()
+    assert (coord.rounds.version, coord.rounds.round) == (2, 2)
+    assert next(r for r in coord.rounds.store.rounds() if r["round"] == 1)["accepted"] == 3
+    assert coord.rounds.rejected == {"stale_base_version": 1} and coord.rounds.count == 0
+    coord.rounds.store.close()
     coord._lock.close()
 
 
 def test_async_rollback_refuses_updates_computed_on_the_abandoned_releases(bundle_dir, tmp_path):
     # Prepare: async, v1 → v2 (the "bad" release); stale optimizer state left by a close that crashed
     cfg = make_cfg(bundle_dir, tmp_path, mode="async", buffer_size=2, max_staleness=5)
-    e = Engine(cfg, weights_only_rebuild)
+    e = Rounds(cfg, weights_only_rebuild)
     for k in range(2):
         e.handle(f"du{k}", upd(e, f"u{k}", 4, k, rnd=None))
     e.close()
@@ -290,7 +290,7 @@ def test_async_rollback_refuses_updates_computed_on_the_abandoned_releases(bundl
     (tmp_path / "spool" / "r0.log").write_bytes(b"left over")  # a closed round's log a crash left behind
     # Execute: roll back to v1 (published as v3), restart
     rollback(tmp_path, 1, weights_only_rebuild)
-    e2 = Engine(cfg, weights_only_rebuild)
+    e2 = Rounds(cfg, weights_only_rebuild)
     # Assert: an in-flight update on v2 is stale although within max_staleness; one on v3 is accepted
     assert e2.version == 3 and e2.handle("don-v2", on_bad).reason == "stale_base_version"
     assert e2.handle("don-v3", upd(e2, "on-v3", 4, 8, rnd=None)).status == "accepted"
@@ -300,13 +300,13 @@ def test_async_rollback_refuses_updates_computed_on_the_abandoned_releases(bundl
 
 def test_a_restart_with_another_server_optimizer_starts_its_state_afresh(bundle_dir, tmp_path):
     # Prepare: FedAvgM momentum saved with v2
-    e = Engine(make_cfg(bundle_dir, tmp_path, server_opt=ServerOptConfig("fedavgm", 1.0, 0.9)), weights_only_rebuild)
+    e = Rounds(make_cfg(bundle_dir, tmp_path, server_opt=ServerOptConfig("fedavgm", 1.0, 0.9)), weights_only_rebuild)
     for k in range(3):
         e.handle(f"du{k}", upd(e, f"u{k}", 5, k))
     e.close()
     e.store.close()
     # Execute: the operator restarts with FedAdam
-    e2 = Engine(make_cfg(bundle_dir, tmp_path, server_opt=ServerOptConfig("fedadam", 0.1)), weights_only_rebuild)
+    e2 = Rounds(make_cfg(bundle_dir, tmp_path, server_opt=ServerOptConfig("fedadam", 0.1)), weights_only_rebuild)
     # Assert: FedAdam does not take FedAvgM's momentum as its first moment (with v = 0 that is a huge step)
     assert e.opt_state and e2.opt_state == {}
 
@@ -340,9 +340,9 @@ def test_selection_redraws_at_a_reannounce_and_survives_a_restart(bundle_dir, tm
     coord.select_participants()
     coord.publish_round()  # opens the round with the invited list (publishing is queued: not connected)
     invited = coord.participants
-    coord.engine.store.close(), coord._lock.close()
+    coord.rounds.store.close(), coord._lock.close()
     again = Coordinator(cfg, weights_only_rebuild)
     # Assert
     assert len(first) == 6 and first != invited
     assert again.participants == invited and again.selected
-    again.engine.store.close(), again._lock.close()
+    again.rounds.store.close(), again._lock.close()

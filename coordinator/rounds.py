@@ -1,4 +1,5 @@
-"""The coordinator's durable core, independent of MQTT: accept updates, fold them, close rounds into releases.
+"""`Rounds`: the coordinator's durable core, independent of MQTT: accept updates, fold them, close rounds
+into releases, roll back.
 
 Crash safety: an accepted update is (1) fsynced to the spool, (2) committed to SQLite, (3) folded
 into the running sum, and only then acked by the caller (a batch shares one fsync and one commit).
@@ -12,7 +13,6 @@ transaction after its release directory is fully written; a crash before that co
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
 from collections import Counter
@@ -24,13 +24,15 @@ import numpy as np
 from safetensors.numpy import load_file as st_load_file
 
 from coordinator import aggregate as agg
-from coordinator import optim
 from coordinator.config import CoordinatorConfig
+from coordinator.optim import make_server_opt
 from coordinator.spool import Spool
+from coordinator.state import StateLayout
 from coordinator.store import AcceptedRow, Store
+from coordinator.strategies import make_strategy
 from coordinator.validate import Rules, Verdict, check_update
 from coordinator.views import fp32_data_view
-from edgelearn.atomic import replace_dir, write_bytes
+from edgelearn.atomic import write_bytes
 from edgelearn.bundle import Manifest, dump_weights, load_weights, utc_now, verify_bundle
 from edgelearn.protocol import Update, decode_update, reason_kind
 
@@ -53,33 +55,6 @@ class RoundSummary:
     seconds: float
 
 
-def import_bundle(bundle_dir: Path, releases: Path) -> Manifest:
-    """Copy the operator's starting bundle into `releases/v{version}` (atomically) and return its manifest."""
-    manifest = verify_bundle(bundle_dir)
-    dest = releases / f"v{manifest.version}"
-    if not dest.exists():
-        tmp = releases / f".v{manifest.version}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(bundle_dir, tmp)
-        replace_dir(tmp, dest)  # fsynced: a power cut cannot leave a torn v1 that fails every start
-    return manifest
-
-
-def drop_opt_state(state_dir: Path, version: int) -> None:
-    """Delete the server-optimizer state saved after release `version` (whichever optimizer wrote it)."""
-    for p in (state_dir / "opt").glob(f"v{version}.*safetensors"):
-        p.unlink(missing_ok=True)
-
-
-def dp_secret(state_dir: Path) -> int:
-    """The 256-bit secret behind every round's DP noise, `state_dir/dp.secret` (mode 0600, made on first use).
-    Anyone who learns it can subtract the noise from the releases: it never leaves the state folder."""
-    path = state_dir / "dp.secret"
-    if not path.exists():
-        write_bytes(path, os.urandom(32).hex().encode())  # mkstemp: 0600 from creation on
-    return int(path.read_text().strip(), 16)
-
-
 class _Pending:
     """Committed update ids plus those accepted earlier in the same batch."""
 
@@ -93,17 +68,21 @@ class _Pending:
         return update_id in self.batch or update_id in self.committed
 
 
-class Engine:
-    """Round state + streaming aggregation; every method runs on the coordinator's single thread."""
+class Rounds:
+    """Round state + streaming aggregation by the configured strategy; every method runs on the coordinator's
+    single thread (the caller holds the state folder's lock)."""
 
     def __init__(self, cfg: CoordinatorConfig, rebuild: Rebuild) -> None:
         self.cfg, self.rebuild = cfg, rebuild
-        self.releases = cfg.state_dir / "releases"
-        self.releases.mkdir(parents=True, exist_ok=True)
-        self.store = Store(cfg.state_dir / "state.sqlite")
-        self.spool = Spool(cfg.state_dir / "spool")
+        self.layout = StateLayout(cfg.state_dir)
+        self.layout.releases.mkdir(parents=True, exist_ok=True)
+        self.store = Store(self.layout.sqlite)
+        self.spool = Spool(self.layout.spool)
+        self.server_opt = make_server_opt(cfg.server_opt)
+        self.strategy = make_strategy(cfg.aggregator, cfg.mode, cfg.max_samples_per_update, cfg.clip_norm,
+                                      cfg.trim_fraction, cfg.dp, self.layout.dp_secret() if cfg.dp else 0)  # fmt: skip
         if self.store.get("version") is None:
-            m = import_bundle(cfg.bundle_dir, self.releases)
+            m = self.layout.import_bundle(cfg.bundle_dir)
             self.store.add_release(
                 m.version,
                 f"imported from {cfg.bundle_dir}",
@@ -121,28 +100,27 @@ class Engine:
         self._reset_round()
         self._refold()
 
+    @classmethod
+    def of_state(cls, state_dir: Path, rebuild: Rebuild) -> Rounds:
+        """An operator's handle on a stopped coordinator's existing state (e.g. for `roll_back`): the
+        settings that matter are the state's own; MQTT and aggregation settings are not used."""
+        if not StateLayout(state_dir).sqlite.exists():
+            raise FileNotFoundError(f"{state_dir}: no state.sqlite (not a coordinator state directory)")
+        return cls(CoordinatorConfig("mqtt://127.0.0.1", "ops", state_dir, state_dir), rebuild)
+
     def release_dir(self, version: int) -> Path:
-        return self.releases / f"v{version}"
+        return self.layout.release(version)
 
     def _opt_path(self, version: int) -> Path:
-        """Server-optimizer state after release `version`, per optimizer: a restart with another
-        `--server-opt` starts that optimizer's state afresh instead of reading the other's."""
-        return self.cfg.state_dir / "opt" / f"v{version}.{self.cfg.server_opt.name}.safetensors"
+        return self.layout.opt_state(version, self.cfg.server_opt.name)
 
     def _load_opt_state(self) -> dict[str, np.ndarray]:
         p = self._opt_path(self.version)
         return st_load_file(p) if p.exists() else {}
 
-    def _new_aggregator(self) -> agg.StreamingMean | agg.Median | agg.TrimmedMean:
-        if self.cfg.aggregator == "median":
-            return agg.Median(self.shapes)
-        if self.cfg.aggregator == "trimmed_mean":
-            return agg.TrimmedMean(self.shapes, self.cfg.trim_fraction)
-        return agg.StreamingMean(self.shapes)
-
     def _reset_round(self) -> None:
         self.store.ensure_round(self.round, self.version)
-        self.agg = self._new_aggregator()
+        self.agg = self.strategy.accumulator(self.shapes)
         self.n_total = 0.0
         self.devices: list[str] = []
         rejected, self.duplicates = self.store.counts(self.round)
@@ -166,22 +144,14 @@ class Engine:
         return Rules(self.manifest.model_id, self.shapes, self.version, rnd, self.cfg.max_update_norm,
                      self.cfg.max_staleness, min_base)  # fmt: skip
 
-    def weight_of(self, u: Update) -> float:
-        """w_k = min(n_k, n_max) in sync mode; w_k = min(n_k, n_max) · 1/sqrt(1+s_k) in async mode; 1 under DP."""
-        if self.cfg.dp is not None:
-            return 1.0
-        w = agg.sample_weight(u.num_samples, self.cfg.max_samples_per_update)
-        if self.cfg.mode == "async":
-            w *= agg.staleness_weight(self.version - u.base_version)
-        return w
-
     def _fold(self, u: Update, row: AcceptedRow, payload: bytes) -> None:
-        """Fold w·clip(Δ) (= w·f·Δ with f = min(1, C/‖Δ‖)); one pass over the payload bytes when they are flat."""
-        clip_norm = self.cfg.dp.clip_norm if self.cfg.dp is not None else self.cfg.clip_norm
+        """Fold w·clip(Δ) (= w·f·Δ with f = min(1, C/‖Δ‖)); one pass over the payload bytes when they are flat.
+        The weight w was set by the strategy when the update was accepted (row.weight)."""
+        clip_norm = self.strategy.clip_norm
         factor = agg.clip_factor(agg.l2_norm(u.deltas), clip_norm) if clip_norm else 1.0
         flat = fp32_data_view(payload, self.shapes) if isinstance(self.agg, agg.StreamingMean) else None
         if flat is not None:
-            self.agg.add_flat(flat, row.weight * factor)
+            self.agg.add_flat(flat, row.weight, factor)
         else:
             self.agg.add(agg.clip(u.deltas, clip_norm) if clip_norm else u.deltas, row.weight)
         self.n_total += agg.sample_weight(u.num_samples, self.cfg.max_samples_per_update)
@@ -211,7 +181,7 @@ class Engine:
             seq = self.store.next_seq()
             rows = [
                 AcceptedRow(u.update_id, self.round, seq + i, u.device_id, u.num_samples, u.base_version,
-                            self.weight_of(u), off, n)
+                            self.strategy.weight(u, self.version), off, n)
                 for i, ((u, _), (off, n)) in enumerate(zip(pending, spans, strict=True))
             ]  # fmt: skip
             self.store.accept(rows)
@@ -230,19 +200,14 @@ class Engine:
     # ------------------------------------------------------------ closing
 
     def aggregated_delta(self) -> dict[str, np.ndarray]:
-        """Δ̄ of the open round: weighted mean (sync), FedBuff Σ α(s)n Δ / Σ n (async), robust rule, or DP mean."""
-        if self.cfg.dp is not None:
-            seed = agg.noise_seed(dp_secret(self.cfg.state_dir), self.round)
-            return agg.dp_mean(self.agg.sum, self.count, self.cfg.dp, seed)
-        if self.cfg.mode == "async" and isinstance(self.agg, agg.StreamingMean):
-            return self.agg.result(self.n_total)
-        return self.agg.result()
+        """Δ̄ of the open round by the strategy (coordinator.strategies)."""
+        return self.strategy.result(self.agg, self.n_total, self.round)
 
     def close(self) -> RoundSummary:
         """Aggregate, apply the server optimizer, write release v+1, then commit the new state at once."""
         t0 = time.perf_counter()
         rnd, v = self.round, self.version
-        theta, opt_state = optim.apply(self.cfg.server_opt, self.weights, self.aggregated_delta(), self.opt_state)
+        theta, opt_state = self.server_opt.step(self.weights, self.aggregated_delta(), self.opt_state)
         opened = self.store.round_opened(rnd)  # from state: a redone close writes the same bytes
         self.manifest = self.rebuild(
             self.release_dir(v), theta, v + 1, self.release_dir(v + 1), created=utc_now(opened)
@@ -271,7 +236,7 @@ class Engine:
         """Keep the newest `keep_releases` release directories (and their optimizer state)."""
         for version, _, _ in self.store.releases()[: -self.cfg.keep_releases]:
             shutil.rmtree(self.release_dir(version), ignore_errors=True)
-            drop_opt_state(self.cfg.state_dir, version)
+            self.layout.drop_opt_state(version)
             self.store.drop_release(version)
 
     def open_round(self, participants: list[str] | None) -> None:
@@ -279,3 +244,30 @@ class Engine:
 
     def extend_deadline(self) -> None:
         self.deadline = time.time() + self.cfg.round_timeout_s
+
+    def roll_back(self, to_version: int) -> Manifest:
+        """Publish the weights of kept release `to_version` as a new version v+1 (devices never go backwards).
+
+        The open round is abandoned: its accepted updates stay recorded (duplicates stay duplicates) but are
+        never aggregated, and the next round starts on v+1; server-optimizer state (momentum) restarts.
+        """
+        kept = [v for v, _, _ in self.store.releases()]
+        src = self.release_dir(to_version)
+        if to_version not in kept or not src.exists():
+            raise ValueError(f"release v{to_version} is not kept (kept: {', '.join(f'v{v}' for v in kept)})")
+        if to_version == self.version:
+            raise ValueError(f"v{to_version} is already the current release")
+        verify_bundle(src)
+        rnd, new = self.round, self.version + 1
+        manifest = self.rebuild(src, load_weights(src), new, self.release_dir(new))
+        self.layout.drop_opt_state(new)  # from a close that crashed
+        self.store.roll_back(rnd, new, f"rollback to v{to_version}")
+        self.spool.drop_round(rnd)
+        self.version, self.round, self.manifest = new, rnd + 1, manifest
+        self.weights, self.opt_state = load_weights(self.release_dir(new)), {}
+        self._reset_round()
+        log.info("rolled back: v%d now carries the weights of v%d", new, to_version)
+        return manifest
+
+    def close_state(self) -> None:
+        self.store.close()
