@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test check lint venv mosquitto clean qemu-deps qemu-test
+.PHONY: demo test test-fast check lint typecheck venv mosquitto clean qemu-deps qemu-test
 
 $(STAMP): pyproject.toml
 	@command -v $(PY) >/dev/null || { echo "error: $(PY) not found (Python 3.11 is required)"; exit 1; }
@@ -28,6 +28,10 @@ mosquitto:
 test: $(STAMP) mosquitto
 	$(BIN)/python -m pytest -q
 
+# The inner loop: everything but the tests marked slow (exports, fleets, crash and broker restarts).
+test-fast: $(STAMP) mosquitto
+	$(BIN)/python -m pytest -q -m "not slow and not qemu"
+
 # arm64 rehearsal under qemu-user (root; caches ~8 GB under /var/cache/edgelearn-qemu). Not part of `make test`.
 qemu-deps:
 	@if [ "$$(id -u)" != 0 ]; then echo "error: make qemu-test needs root (debootstrap, chroot, mounts)"; exit 1; fi
@@ -43,7 +47,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-check: lint test
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+# What CI runs (.ci/run): lint, types, every test.
+check: lint typecheck test
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

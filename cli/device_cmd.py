@@ -9,16 +9,17 @@ import os
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from cli.common import broker_url, device_id, fleet_name, stop_on_signals
 from devices.profiles import DEFAULT_PROFILE, Profile, ProfileError, load_profile
-from edge_runtime.agent import DeviceAgent, DeviceConfig
 from edge_runtime.budget import Budget
-from edge_runtime.local import LocalRun, LocalRunConfig
 from edgelearn.bundle import BundleError, verify_bundle
 from edgelearn.protocol import DEFAULT_LOCAL, ENCODINGS, LocalConfig
 from edgelearn.signing import load_public
-from models.shards import load_shard
+
+if TYPE_CHECKING:
+    from edge_runtime.agent import DeviceConfig
 
 BUDGET_OPTIONS = {  # CLI option dest -> Budget field
     "max_cpu": "max_cpu_percent",
@@ -42,11 +43,13 @@ def _budget(a: argparse.Namespace, profile: Profile | None = None) -> Budget:
     """The profile's budget with every budget option given on top ('off' disables a limit)."""
     base = (profile or _profile(a)).budget
     given = {field: getattr(a, dest) for dest, field in BUDGET_OPTIONS.items() if getattr(a, dest) is not _UNSET}
-    return replace(base, **{k: None if v == "off" else v for k, v in given.items()})
+    return replace(base, **{k: None if v == "off" else v for k, v in given.items()})  # type: ignore[arg-type]
 
 
 def _device_config(a: argparse.Namespace, profile: Profile) -> DeviceConfig:
     """The agent's config: the profile's budget, outbox and MQTT keep-alive, with the options given on top."""
+    from edge_runtime.agent import DeviceConfig  # lazy, as every torch-importing module here: see cli/__init__.py
+
     ack_timeout_s = profile.outbox.ack_timeout_s if a.ack_timeout is _UNSET else a.ack_timeout
     return DeviceConfig(a.broker, a.fleet, a.id, a.state, a.topic_root, a.encoding, ack_timeout_s,
                         max_outbox=profile.outbox.max_items, keepalive_s=profile.mqtt.keepalive_s,
@@ -57,8 +60,8 @@ def _device_config(a: argparse.Namespace, profile: Profile) -> DeviceConfig:
 
 
 def cmd_device(a: argparse.Namespace) -> int:
-    from devices.profiles import ProfileError
-    from edgelearn.bundle import BundleError
+    from edge_runtime.agent import DeviceAgent
+    from models.shards import load_shard
 
     x = y = None
     if a.data is not None:
@@ -126,11 +129,11 @@ def _add_async_options(v: argparse.ArgumentParser) -> None:
 class _Renamed(argparse.Action):
     """An option that was renamed: using it is a one-line usage error naming the new option."""
 
-    def __init__(self, option_strings: list[str], dest: str, new: str = "", **kw: object) -> None:
-        super().__init__(option_strings, dest, help=argparse.SUPPRESS, **kw)  # type: ignore[arg-type]
+    def __init__(self, option_strings: list[str], dest: str, new: str = "", **kw: Any) -> None:
+        super().__init__(option_strings, dest, help=argparse.SUPPRESS, **kw)
         self.new = new
 
-    def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[no-untyped-def]
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
         parser.error(f"{option_string} was replaced by {self.new} {values} (budget presets are profiles now)")
 
 
@@ -167,6 +170,8 @@ def _add_budget_options(v: argparse.ArgumentParser) -> None:
 
 
 def cmd_learn(a: argparse.Namespace) -> int:
+    from edge_runtime.local import LocalRun, LocalRunConfig
+
     try:
         cfg = LocalRunConfig(
             a.bundle,

@@ -16,7 +16,7 @@ import logging
 import shutil
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,8 +58,8 @@ class RoundSummary:
 class _Pending:
     """Committed update ids plus those accepted earlier in the same batch."""
 
-    def __init__(self, committed) -> None:
-        self.committed, self.batch = committed, set()
+    def __init__(self, committed: Container[str]) -> None:
+        self.committed, self.batch = committed, set[str]()
 
     def add(self, update_id: str) -> None:
         self.batch.add(update_id)
@@ -89,8 +89,8 @@ class Rounds:
                 {"version": m.version, "round": 1},
             )
             log.info("fleet %s: starting from bundle %s (v%d)", cfg.fleet, cfg.bundle_dir, m.version)
-        self.version = int(self.store.get("version"))
-        self.round = int(self.store.get("round"))
+        self.version = int(self.store.get("version") or 1)
+        self.round = int(self.store.get("round") or 1)
         self.spool.drop_before(self.round)  # logs of closed rounds a crash left behind
         self.deadline = time.time() + cfg.round_timeout_s
         self.manifest = verify_bundle(self.release_dir(self.version))
@@ -150,7 +150,7 @@ class Rounds:
         clip_norm = self.strategy.clip_norm
         factor = agg.clip_factor(agg.l2_norm(u.deltas), clip_norm) if clip_norm else 1.0
         flat = fp32_data_view(payload, self.shapes) if isinstance(self.agg, agg.StreamingMean) else None
-        if flat is not None:
+        if flat is not None and isinstance(self.agg, agg.StreamingMean):
             self.agg.add_flat(flat, row.weight, factor)
         else:
             self.agg.add(agg.clip(u.deltas, clip_norm) if clip_norm else u.deltas, row.weight)
@@ -163,11 +163,14 @@ class Rounds:
     def handle_batch(self, items: list[tuple[str, bytes]]) -> list[Verdict]:
         """Validate each; the accepted ones are spooled with one fsync, committed in one SQLite transaction,
         then folded in arrival order (group commit). The caller acks after this returns."""
-        verdicts, pending, ids = [], [], _Pending(self.store.accepted_ids)
+        verdicts: list[Verdict] = []
+        pending: list[tuple[Update, bytes]] = []
+        ids = _Pending(self.store.accepted_ids)
         for device_id, payload in items:
             v = check_update(device_id, payload, self.rules(), ids)
             verdicts.append(v)
             if v.status == "accepted":
+                assert v.update is not None and v.update_id is not None  # an accepted verdict carries both
                 ids.add(v.update_id)
                 pending.append((v.update, payload))
             elif v.status == "duplicate":

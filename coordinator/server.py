@@ -62,7 +62,8 @@ class Coordinator:
 
     def round_msg(self) -> RoundMsg:
         e = self.rounds
-        return RoundMsg(e.round, e.version, e.deadline, self.cfg.min_updates, self.participants, self.cfg.local)
+        invited = None if self.participants is None else tuple(self.participants)
+        return RoundMsg(e.round, e.version, e.deadline, self.cfg.min_updates, invited, self.cfg.local)
 
     def publish_all(self) -> None:
         """(Re)publish coordinator status, the current release and (sync mode) the current round, retained."""
@@ -112,7 +113,8 @@ class Coordinator:
 
     def on_messages(self, messages: list[tuple[str, bytes]]) -> None:
         """Statuses are recorded; updates are handled as one group-committed batch, then acked."""
-        statuses, updates = [], []
+        statuses: list[tuple[str, bytes]] = []
+        updates: list[tuple[str, bytes]] = []
         for topic, payload in messages:
             parsed = self.topics.parse_device_topic(topic)
             if parsed is None or parsed[1] not in ("status", "update"):
@@ -144,7 +146,7 @@ class Coordinator:
         e = self.rounds
         if e.ready():
             return True
-        return bool(self.participants) and e.count > 0 and set(self.participants) <= set(e.devices)
+        return bool(self.participants) and e.count > 0 and set(self.participants or ()) <= set(e.devices)
 
     def close_round(self) -> None:
         t0 = time.perf_counter()

@@ -72,11 +72,6 @@ class Store:
         row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
         return row[0] if row else default
 
-    def set_many(self, values: dict[str, object]) -> None:
-        with self.db:
-            self.db.execute("BEGIN IMMEDIATE")
-            self._set(values)
-
     def _set(self, values: dict[str, object]) -> None:
         self.db.executemany(
             "INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",

@@ -17,11 +17,6 @@ def flat_order(shapes: dict[str, tuple[int, ...]]) -> list[str]:
     return sorted(shapes)
 
 
-def flat_size(shapes: dict[str, tuple[int, ...]]) -> int:
-    """P = Σ_t numel(t)."""
-    return sum(int(np.prod(s, dtype=np.int64)) for s in shapes.values())
-
-
 def fp32_data_view(payload: bytes, shapes: dict[str, tuple[int, ...]]) -> np.ndarray | None:
     """All tensors as one read-only float32 array of length P in `flat_order`, or None if laid out otherwise."""
     n = int.from_bytes(payload[:8], "little")

@@ -236,7 +236,8 @@ def list_profiles() -> list[Profile]:
 
 def dump_toml(d: dict[str, Any]) -> str:
     """Minimal TOML writer for flat scalars, string lists and one level of tables (what profiles use)."""
-    lines, tables = [], []
+    lines: list[tuple[str, Any]] = []
+    tables: list[tuple[str, Any]] = []
     for k, v in d.items():
         (tables if isinstance(v, dict) else lines).append((k, v))
     out = [f"{k} = {_toml_value(v)}" for k, v in lines]

@@ -282,7 +282,7 @@ class DeviceAgent:
         if self.schedule.set_mode(mode):
             log.info("%s: coordinator mode %s", self.cfg.device_id, mode)
             job = self.learner.job if self.learner else None
-            if mode == "sync" and job is not None and job.seq:  # a sync coordinator would reject its update
+            if mode == "sync" and job is not None and job.seq and self.learner:  # a sync coordinator rejects it
                 log.info("%s: asynchronous job %d dropped", self.cfg.device_id, job.seq)
                 self.learner.clear(list(self.outbox.pending))
             self.publish_status(self._state())
@@ -307,7 +307,7 @@ class DeviceAgent:
         s = self.schedule
         if s.round_ready(self.version):
             return s.round_job(self.version) if self.outbox_has_room() else None
-        if s.mode != "async" or self.learner.job is not None or self.outbox.pending:
+        if s.mode != "async" or (self.learner and self.learner.job is not None) or self.outbox.pending:
             return None
         job = s.async_job(self.version, time.monotonic())
         return job if job and self.governor.check().action != PAUSE else None
@@ -326,6 +326,7 @@ class DeviceAgent:
 
     def finish_job(self) -> None:
         """Put the update in the outbox (fsync), then record the job as done (atomic), then clear it."""
+        assert self.learner is not None and self.active is not None, "a job finishes only on an active release"
         res = self.learner.finish()
         job = res.job
         update = self.schedule.update_of(res, self.active.manifest.model_id, self.cfg.encoding)

@@ -236,7 +236,7 @@ class Governor:
             self.spans.popleft()
 
     def _log(self, d: Decision) -> None:
-        entry = {"t": round(self.clock(), 3), **d.as_json(), "reading": asdict(self.reading)}
+        entry = {"t": round(self.clock(), 3), **d.as_json(), "reading": asdict(self.reading) if self.reading else None}
         self.history.append(entry)
         del self.history[:-50]
         level = logging.WARNING if d.action == PAUSE else logging.INFO

@@ -10,12 +10,14 @@ Both take and give weights as `{name: float32 ndarray}` by the student's paramet
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
 import torch
 
 from edge_runtime.trainer import TrainProgram
+from models.registry import TrainStep, get_spec
 
 log = logging.getLogger(__name__)
 ENGINES = ("eager", "executorch")
@@ -42,14 +44,14 @@ class TrainEngine(Protocol):
 
 
 def proximal_sgd_(
-    params: list[torch.Tensor], grads: list[torch.Tensor], anchor: list[torch.Tensor], lr: float, mu: float
+    params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], anchor: Sequence[torch.Tensor], lr: float, mu: float
 ) -> None:
     """In place: θ ← θ − η(g + μ(θ − θ_global)); the μ term is ∇ of μ/2‖θ − θ_global‖² (skipped when μ = 0).
     One fused multi-tensor call per update (torch._foreach_*), as torch.optim.SGD does."""
     with torch.no_grad():
         if mu:
-            grads = torch._foreach_add(grads, torch._foreach_sub(params, anchor), alpha=mu)
-        torch._foreach_add_(params, grads, alpha=-lr)
+            grads = torch._foreach_add(list(grads), torch._foreach_sub(list(params), list(anchor)), alpha=mu)
+        torch._foreach_add_(list(params), list(grads), alpha=-lr)
 
 
 def _as_tensor(a: np.ndarray) -> torch.Tensor:
@@ -63,8 +65,6 @@ class EagerEngine:
     name = "eager"
 
     def __init__(self, model_id: str, weights: dict[str, np.ndarray], trainable: list[str] | None = None) -> None:
-        from models.registry import TrainStep, get_spec
-
         spec = get_spec(model_id)
         net = spec.make_student()
         names = set(trainable or spec.trainable(net, "all"))

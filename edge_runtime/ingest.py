@@ -97,7 +97,7 @@ class StdinLines:
             self.q.put(line if len(raw) < MAX_LINE_BYTES else OVERLONG_LINE)
 
     def read(self, offsets: dict[str, int], max_lines: int) -> tuple[list[str], dict[str, int]]:
-        lines = []
+        lines: list[str] = []
         while len(lines) < max_lines:
             try:
                 lines.append(self.q.get_nowait())

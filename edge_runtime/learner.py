@@ -26,6 +26,7 @@ from edge_runtime.budget import PAUSE, Governor, apply_threads
 from edge_runtime.engines import TrainEngine
 from edge_runtime.samples import ReplayBuffer, SampleStore
 from edgelearn.atomic import write_bytes
+from edgelearn.protocol import read_metadata
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.safetensors"
@@ -147,8 +148,8 @@ class Learner:
         """Up to `k` batches from one store read, one reservoir offer and one replay draw (per-step overhead
         matters for small models). The store position advances only as batches are used; a plan dropped
         (new batch size, job end) re-reads its samples, which are not offered to the reservoir again."""
-        fresh = self.store.read(self.cursor, batch_size * k)
-        n_fresh = 0 if fresh is None else len(fresh[2])
+        fresh = self.store.read(self.cursor, batch_size * k) or (np.zeros(0), np.zeros(0), np.zeros(0, np.int64))
+        n_fresh = len(fresh[2])
         if n_fresh:
             if fresh[2][0] >= self.offered:  # the usual case: all new, offered without a copy
                 self.replay.offer(*fresh)
@@ -173,7 +174,8 @@ class Learner:
             i, j = i + n_new, j + n_rep
             ends.append((n_new + n_rep, int(fresh[2][i - 1]) + 1 if i else self.cursor))
         px, py, ps = (a[np.concatenate(order)] for a in pool)  # one gather; each batch is then a view
-        plan, at = deque(), 0
+        plan: deque[tuple[np.ndarray, np.ndarray, np.ndarray, int]] = deque()
+        at = 0
         for n, cursor in ends:
             plan.append((px[at : at + n], py[at : at + n], ps[at : at + n], cursor))
             at += n
@@ -185,6 +187,7 @@ class Learner:
 
     def finish(self) -> JobResult:
         """Δ of the finished job; the job stays in the checkpoint until `clear()`."""
+        assert self.job is not None, "finish() without a job"
         theta = self.engine.state()
         return JobResult(self.job, {n: theta[n] - self.base[n] for n in theta}, max(1, len(self.seen_ids())))
 
@@ -233,7 +236,7 @@ class Learner:
             return False
         try:
             tensors = st_load(data)
-            meta = json.loads(_metadata(data)["meta"])
+            meta = json.loads(read_metadata(data)["meta"])
         except (SafetensorError, ValueError, KeyError) as e:
             log.error("checkpoint %s unreadable (%s): starting from the release weights", self.path, e)
             return False
@@ -253,15 +256,10 @@ class Learner:
 
 def _split_plan(tensors: dict[str, np.ndarray], plan: list[list[int]]) -> deque:
     """The saved batches still planned, as (x, y, seq, cursor) (the inverse of `Learner._plan_tensors`)."""
-    out, at = deque(), 0
+    out: deque[tuple[np.ndarray, np.ndarray, np.ndarray, int]] = deque()
+    at = 0
     for n, cursor in plan:
         x, y, seq = (tensors[f"plan_{k}"][at : at + n] for k in ("x", "y", "seq"))
         out.append((x, y, seq, int(cursor)))
         at += n
     return out
-
-
-def _metadata(data: bytes) -> dict[str, str]:
-    """The `__metadata__` of a safetensors payload (header = 8-byte little-endian length + JSON)."""
-    n = int.from_bytes(data[:8], "little")
-    return json.loads(data[8 : 8 + n]).get("__metadata__") or {}

@@ -77,6 +77,7 @@ class LocalRun:
                     time.sleep(self.cfg.idle_s)  # paused by the budget or waiting for samples
         finally:
             self.learner.save()
+        assert self.learner.job is not None  # started in __init__; only clear() drops it
         return self.learner.job
 
     def _write_result(self) -> None:

@@ -33,7 +33,7 @@ KEEP_RELEASES = 2
 class ReleaseStore:
     """`state/releases/v{N}/` bundles plus `state/active.json` naming the running version."""
 
-    def __init__(self, state_dir: Path, public_key: object | None = None) -> None:
+    def __init__(self, state_dir: Path, public_key: Ed25519PublicKey | None = None) -> None:
         self.public_key = public_key  # an Ed25519PublicKey: this fleet accepts only releases signed by it
         self.root = state_dir / "releases"
         self.root.mkdir(parents=True, exist_ok=True)
@@ -87,9 +87,6 @@ class ReleaseStore:
 
     def discard(self, version: int) -> None:
         shutil.rmtree(self.path(version), ignore_errors=True)
-
-    def load_active(self) -> tuple[Manifest, Path] | None:
-        return self.load_version(self.active_version())
 
     def load_version(self, v: int) -> tuple[Manifest, Path] | None:
         """The verified bundle of installed release `v`; None if absent or damaged (logged)."""

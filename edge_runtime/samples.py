@@ -62,8 +62,8 @@ class SampleFormat:
         if not isinstance(text, str) or len(text) < 2:
             raise ValueError('needs "text" of at least 2 characters')
         seq_len = self.x_shape[-1]
-        ids = np.frombuffer(text.encode()[: seq_len + 1].ljust(seq_len + 1, b" "), dtype=np.uint8)
-        ids = ids.astype(np.int64) % self.vocab
+        raw = np.frombuffer(text.encode()[: seq_len + 1].ljust(seq_len + 1, b" "), dtype=np.uint8)
+        ids = raw.astype(np.int64) % self.vocab
         return ids[:-1], ids[1:]
 
 
@@ -91,6 +91,7 @@ class ReplayBuffer:
             self.x = np.zeros((self.capacity, *x.shape[1:]), x.dtype)
             self.y = np.zeros((self.capacity, *y.shape[1:]), y.dtype)
             self.seq = np.full(self.capacity, -1, np.int64)
+        assert self.x is not None and self.y is not None
         t = np.arange(self.n_seen, self.n_seen + len(seq))
         slots = np.where(t < self.capacity, t, self.rng.integers(0, t + 1))
         keep = np.flatnonzero(slots < self.capacity)
@@ -98,11 +99,12 @@ class ReplayBuffer:
         self.n_seen += len(seq)
 
     def draw(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        assert self.x is not None and self.y is not None, "draw from an empty buffer"
         idx = self.rng.integers(0, len(self), size=k if len(self) else 0)  # with replacement: k may exceed len
         return self.x[idx], self.y[idx], self.seq[idx]
 
     def tensors(self) -> dict[str, np.ndarray]:
-        if self.x is None:
+        if self.x is None or self.y is None:
             return {}
         n = len(self)
         return {"replay_x": self.x[:n], "replay_y": self.y[:n], "replay_seq": self.seq[:n]}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from edgelearn.et_import import runtime_modules
+
 WRAPPER_PREFIX = "net."  # models.registry.TrainStep holds the model as `net`
 
 
@@ -12,8 +14,6 @@ class TrainProgram:
     """The `forward` method of a training program (returns loss first); parameters alias program memory."""
 
     def __init__(self, pte: bytes, weights: dict[str, np.ndarray], example: tuple[np.ndarray, np.ndarray]) -> None:
-        from edgelearn.et_import import runtime_modules
-
         self._pte = pte  # the loader keeps no reference: dropping the buffer segfaults forward_backward
         self._x_dtype = np.asarray(example[0]).dtype  # the program's input dtype (the manifest's `input.dtype`)
         self._module = runtime_modules()[1]._load_for_executorch_for_training_from_buffer(pte)

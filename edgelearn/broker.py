@@ -199,8 +199,8 @@ class EmbeddedBroker:
         self._thread.start()
 
         async def _start() -> None:
-            self._broker = Broker(cfg, loop=self._loop)
-            await self._broker.start()
+            self._broker = broker = Broker(cfg, loop=self._loop)
+            await broker.start()
 
         asyncio.run_coroutine_threadsafe(_start(), self._loop).result(timeout=10)
         return self

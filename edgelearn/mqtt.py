@@ -10,6 +10,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -58,7 +59,7 @@ class MqttLink:
         self.net = net  # None: paho's own thread (or the shared NetLoop after `use_shared_loop()`)
         self.max_packet_bytes: int | None = None
         proto = mqtt.MQTTv5 if self.v5 else mqtt.MQTTv311
-        kwargs = {} if self.v5 else {"clean_session": False}
+        kwargs: dict[str, Any] = {} if self.v5 else {"clean_session": False}
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=proto, **kwargs)
         if self.broker.username:
             self.client.username_pw_set(self.broker.username, self.broker.password)

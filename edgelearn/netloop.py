@@ -16,8 +16,11 @@ import selectors
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import paho.mqtt.client as mqtt
+
+Socket = Any  # paho's socket: a socket.socket or an ssl.SSLSocket (anything with fileno())
 
 log = logging.getLogger(__name__)
 RW = selectors.EVENT_READ | selectors.EVENT_WRITE
@@ -57,14 +60,14 @@ class NetLoop:
         with self.lock:
             self.peers.pop(client, None)
 
-    def _watch(self, client: mqtt.Client, sock: object, events: int) -> None:
+    def _watch(self, client: mqtt.Client, sock: Socket, events: int) -> None:
         try:
             self.sel.modify(sock, events, client)
         except (KeyError, ValueError):
             with contextlib.suppress(KeyError, ValueError, OSError):  # OSError: closed meanwhile
                 self.sel.register(sock, events, client)
 
-    def _settle(self, client: mqtt.Client, sock: object) -> None:
+    def _settle(self, client: mqtt.Client, sock: Socket) -> None:
         """Watch for writes only while paho has packets queued. A publish racing with this (on another
         thread) either sees its register callback run after the READ below, or is seen by the re-check."""
         if not client.want_write():
@@ -72,7 +75,7 @@ class NetLoop:
             if client.want_write():
                 self._watch(client, sock, RW)
 
-    def _unwatch(self, sock: object) -> None:
+    def _unwatch(self, sock: Socket) -> None:
         with contextlib.suppress(KeyError, ValueError):
             self.sel.unregister(sock)
 

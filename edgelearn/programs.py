@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from edgelearn.et_import import runtime_modules
+
 
 class InferenceProgram:
     """The `forward` method of an inference program, loaded from .pte bytes."""
 
     def __init__(self, pte: bytes) -> None:
-        from edgelearn.et_import import runtime_modules
-
         self._program = runtime_modules()[0].Runtime.get().load_program(pte)
         self._forward = self._program.load_method("forward")
 

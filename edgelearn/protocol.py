@@ -446,8 +446,3 @@ def decode_update(payload: bytes) -> Update:
 
 def is_finite(arrays: dict[str, np.ndarray]) -> bool:
     return all(bool(np.isfinite(a).all()) for a in arrays.values())
-
-
-def l2_norm(arrays: dict[str, np.ndarray]) -> float:
-    """‖Δ‖₂ over all tensors: sqrt(Σ_t Σ_i Δ_{t,i}²)."""
-    return math.sqrt(sum(float(np.dot(a.ravel().astype(np.float64), a.ravel())) for a in arrays.values()))

@@ -9,6 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from export.metrics import top1
+
 log = logging.getLogger(__name__)
 
 
@@ -66,7 +68,7 @@ def fit(
 def train_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Logits that training scores: every position of a sequence model (B·T, V), else the model's (B, C)."""
     if hasattr(model, "sequence_logits"):
-        return model.sequence_logits(x).flatten(0, 1)
+        return model.sequence_logits(x).flatten(0, 1)  # type: ignore[operator]
     return model(x)
 
 
@@ -79,6 +81,4 @@ def predict_logits(model: nn.Module, x: np.ndarray, chunk: int = 256) -> np.ndar
 
 def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
     """Top-1 accuracy of `model(x)` against y (for sequence targets (N, T): the last position)."""
-    from export.metrics import top1
-
     return top1(predict_logits(model, x), y)

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from edgelearn.programs import InferenceProgram
+
 LATENCY_RUNS = 200
 WARMUP_RUNS = 20
 
@@ -80,7 +82,5 @@ def pte_latency_us(pte: bytes, x: torch.Tensor, runs: int = LATENCY_RUNS) -> flo
 
 def pte_logits(pte: bytes, x: np.ndarray) -> np.ndarray:
     """`forward` of a `.pte` on each row of `x` (batch 1, as the device runs it), stacked (N, C)."""
-    from edgelearn.programs import InferenceProgram
-
     prog = InferenceProgram(pte)
     return np.concatenate([prog.predict(x[i : i + 1]) for i in range(len(x))])

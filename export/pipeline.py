@@ -95,8 +95,10 @@ class Stages:
 def _fit(spec: ModelSpec, cfg: ExportConfig, data: TaskData, model: nn.Module, teacher: nn.Module | None, epochs: int):
     torch.manual_seed(cfg.seed)
     x, y = data.server.x, data.server.y
-    kd = {"teacher": teacher, "alpha": cfg.alpha, "temperature": cfg.temperature}
-    return fit(model, x, y, epochs, lr=spec.lr, seed=cfg.seed, **(kd if teacher is not None else {}))
+    if teacher is None:
+        return fit(model, x, y, epochs, lr=spec.lr, seed=cfg.seed)
+    return fit(model, x, y, epochs, lr=spec.lr, seed=cfg.seed, teacher=teacher, alpha=cfg.alpha,
+               temperature=cfg.temperature)  # fmt: skip
 
 
 def _quality(spec: ModelSpec, model: nn.Module, data: TaskData) -> dict[str, float]:
@@ -123,6 +125,7 @@ def train_models(spec: ModelSpec, data: TaskData, cfg: ExportConfig, stages: Sta
         student = _fit(spec, cfg, data, spec.make_student(), teacher, epochs)
         q["student_kd"] = _quality(spec, student, data)
         stages.done("student-kd", f"α={cfg.alpha} T={cfg.temperature}: {q['student_kd']}")
+    assert student is not None  # plain without a teacher, the KD student with one
     if cfg.sparsity > 0:
         tune = max(1, epochs // 4)
         student = magnitude_prune(student, cfg.sparsity, lambda m: _fit(spec, cfg, data, m, teacher, tune))

@@ -44,6 +44,7 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.d_head = c.n_head, c.d_model // c.n_head
         self.qkv = nn.Linear(c.d_model, 3 * c.d_model)
         self.proj = nn.Linear(c.d_model, c.d_model)
+        self.mask: torch.Tensor
         self.register_buffer("mask", causal_mask(c.context), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, T, D)
@@ -82,6 +83,7 @@ class CharLM(nn.Module):
         self.blocks = nn.ModuleList([Block(c) for _ in range(c.n_layer)])
         self.ln_f = nn.LayerNorm(c.d_model)
         self.head = nn.Linear(c.d_model, c.vocab)
+        self.positions: torch.Tensor
         self.register_buffer("positions", torch.arange(c.context), persistent=False)
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:  # (B, T) float ids -> (B, T, D)
@@ -97,9 +99,10 @@ class CharLM(nn.Module):
         return self.head(self.ln_f(self.hidden(x)[:, -1, :]))
 
 
-def trainable_names(model: CharLM, subset: str) -> list[str]:
+def trainable_names(model: nn.Module, subset: str) -> list[str]:
     """Parameter names the training program updates: `all`, `last` (last block + final norm + head) or `head`."""
     names = [n for n, _ in model.named_parameters()]
+    assert isinstance(model, CharLM)
     last = f"blocks.{model.config.n_layer - 1}."
     keep = {
         "all": lambda n: True,

@@ -36,7 +36,7 @@ class TrainStep(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if hasattr(self.net, "sequence_logits"):
-            seq = self.net.sequence_logits(x)  # (B, T, V)
+            seq = self.net.sequence_logits(x)  # type: ignore[operator]  # (B, T, V)
             return F.cross_entropy(seq.flatten(0, 1), y.reshape(-1)), seq[:, -1, :].detach().argmax(dim=-1)
         logits = self.net(x)  # (B, classes)
         return F.cross_entropy(logits, y), logits.detach().argmax(dim=-1)

@@ -5,6 +5,8 @@ import pytest
 from cli import main
 from edgelearn.broker import MIB, BrokerSizing, mosquitto_config, size_broker
 
+pytestmark = pytest.mark.slow  # real processes, brokers or exports: minutes in all (make test-fast skips)
+
 
 def test_sizing_from_fleet_and_model():
     # 5000 devices, 4 MB model: queue 8·5000 = 40000; packet = 16 MB release + 1 MiB, rounded up to MiB

@@ -11,6 +11,7 @@ import urllib.request
 from dataclasses import replace
 
 import numpy as np
+import pytest
 
 from coordinator.aggregate import StreamingMean
 from coordinator.optim import fedavg_step
@@ -18,6 +19,8 @@ from coordinator.views import fp32_data_view
 from edgelearn.broker import free_port
 from edgelearn.bundle import read_release
 from edgelearn.protocol import Ack, RoundMsg, Topics, Update, encode_status, encode_update
+
+pytestmark = pytest.mark.slow  # real processes, brokers or exports: minutes in all (make test-fast skips)
 
 
 def start_coordinator(url: str, fleet: str, bundle_dir, state, log, *extra: str) -> subprocess.Popen:

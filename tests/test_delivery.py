@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from safetensors.numpy import load
 
 from edge_runtime.agent import DeviceAgent, DeviceConfig
@@ -16,6 +17,8 @@ from edgelearn.broker import Mosquitto
 from edgelearn.bundle import read_release
 from edgelearn.protocol import Topics, decode_status, decode_update
 from tests.conftest import Recorder
+
+pytestmark = pytest.mark.slow  # real processes, brokers or exports: minutes in all (make test-fast skips)
 
 COOL = Reading(other_cpu_percent=0.0, rss_mb=100.0, available_mb=4000.0, temperature_c=40.0)
 HOT = Reading(other_cpu_percent=0.0, rss_mb=100.0, available_mb=4000.0, temperature_c=90.0)

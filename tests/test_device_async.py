@@ -8,6 +8,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from edge_runtime.agent import DeviceAgent, DeviceConfig
 from edge_runtime.budget import Budget
@@ -16,6 +17,8 @@ from edgelearn.protocol import OFFLINE, Ack, LocalConfig, Topics, decode_update,
 from models.shards import write_shards
 from tests.conftest import SERVER_FRACTION
 from tests.test_device import release_with_version
+
+pytestmark = pytest.mark.slow  # real processes, brokers or exports: minutes in all (make test-fast skips)
 
 ASYNC = encode_status("online", version=1, round=0, mode="async")
 

@@ -8,11 +8,14 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from edgelearn.protocol import Topics, decode_update
 from edgelearn.signing import generate_keys, load_public, read_signed_release
 from models.shards import write_shards
 from tests.conftest import SERVER_FRACTION
+
+pytestmark = pytest.mark.slow  # real processes, brokers or exports: minutes in all (make test-fast skips)
 
 N_DEVICES = 3
 

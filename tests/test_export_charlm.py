@@ -10,6 +10,8 @@ from models.charlm import MASK_VALUE, CharLM, LMConfig, causal_mask, trainable_n
 from models.registry import get_spec, param_count
 from models.text import read_text, text_splits, windows
 
+pytestmark = pytest.mark.slow  # real processes, brokers or exports: minutes in all (make test-fast skips)
+
 TINY = LMConfig(n_layer=1, n_head=2, d_model=32, context=16)
 
 

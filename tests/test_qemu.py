@@ -74,7 +74,7 @@ def test_the_flashed_profile_file_alone_is_a_complete_profile(tmp_path):
     f = tmp_path / "profile.toml"
     f.write_text(load_profile("rpi4").to_toml())
     partial = tmp_path / "partial.toml"
-    partial.write_text("threads = 2\n")
+    partial.write_text("[budget]\nthreads = 2\n")
     # Execute / Assert (found by the arm64 rehearsal: the flashed agent crashed on start)
     assert load_profile("", f) == load_profile("rpi4")
     with pytest.raises(ProfileError, match="missing field"):

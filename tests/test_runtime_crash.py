@@ -9,9 +9,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from safetensors.numpy import load
 
-from edge_runtime.learner import CHECKPOINT, _metadata
+from edge_runtime.learner import CHECKPOINT
+from edgelearn.protocol import read_metadata
+
+pytestmark = pytest.mark.slow  # real processes, brokers or exports: minutes in all (make test-fast skips)
 
 N_SAMPLES = 400
 
@@ -46,7 +50,7 @@ def learn(bundle_dir: Path, state: Path, samples: Path, steps: int, every_s: flo
 def checkpoint_meta(state: Path) -> dict:
     data = (state / CHECKPOINT).read_bytes()
     load(data)  # parses: not torn
-    return json.loads(_metadata(data)["meta"])
+    return json.loads(read_metadata(data)["meta"])
 
 
 def wait_for(cond, timeout_s: float = 120.0, poll_s: float = 0.05) -> None:

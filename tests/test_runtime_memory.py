@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 PROBE = """
 import json, re, sys
 from pathlib import Path
@@ -21,6 +23,8 @@ hwm = int(re.search(r"VmHWM:\\s+(\\d+)", Path("/proc/self/status").read_text())[
 import executorch.exir
 print(json.dumps({"loaded": loaded, "hwm_mb": hwm, "exporter_after": hasattr(executorch.exir, "to_edge")}))
 """
+
+pytestmark = pytest.mark.slow  # a fresh process imports torch and ExecuTorch (make test-fast skips)
 
 
 def test_device_runtime_does_not_import_the_exporter(bundle_dir):

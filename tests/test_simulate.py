@@ -15,6 +15,8 @@ from devices.simulate.traces import TRACES, TraceSource, cool, next_battery
 from edgelearn.protocol import LocalConfig
 from models.data import Split
 
+pytestmark = pytest.mark.slow  # real processes, brokers or exports: minutes in all (make test-fast skips)
+
 PNG = b"\x89PNG\r\n\x1a\n"
 
 

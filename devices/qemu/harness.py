@@ -25,6 +25,9 @@ from typing import Any
 
 from devices.qemu.fakecpu import CPUS, write_fake_cpu
 from devices.qemu.guest import AgentRun, RoundError, exec_start_argv, read_env_file, wait_for_round
+from devices.qemu.probe import probe_logits
+from edgelearn.broker import Mosquitto
+from models.shards import write_shards
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
@@ -133,8 +136,6 @@ def prepare_rootfs(cfg: QemuConfig, t: Timings, logs: Path) -> None:
 
 def build_inputs(cfg: QemuConfig, t: Timings, logs: Path) -> tuple[Path, Path, Path]:
     """The project wheel, the bundle (exported unless given) and the device's data shard, all on the host."""
-    from models.shards import write_shards
-
     with t.step("project_wheel"):
         out = cfg.work_dir / "dist"
         run_logged([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(REPO)], logs, "wheel")
@@ -187,8 +188,6 @@ def install_venv(cfg: QemuConfig, t: Timings, logs: Path, fake: Path, wheel: Pat
 def probe_guest(cfg: QemuConfig, t: Timings, logs: Path, fake: Path, shard: Path) -> dict[str, Any]:
     """Emulated imports and inference of the flashed bundle; proves the guest is aarch64 and matches the host."""
     from safetensors.numpy import load_file
-
-    from devices.qemu.probe import probe_logits
 
     args = ["--bundle", "/opt/edgelearn/current/bundle", "--data", "/var/lib/edgelearn/data.safetensors"]
     args += ["--out", "/tmp/edgelearn-probe.safetensors"]
@@ -254,8 +253,6 @@ def one_round(cfg: QemuConfig, t: Timings, bundle: Path, fake: Path, broker_url:
 
 def rehearse(cfg: QemuConfig, timings_path: Path) -> dict[str, Any]:
     """All steps; returns the timings document (also written to `timings_path`)."""
-    from edgelearn.broker import Mosquitto
-
     cfg.work_dir.mkdir(parents=True, exist_ok=True)
     if threading.current_thread() is threading.main_thread():  # SIGTERM unwinds too: no orphaned agent
         signal.signal(signal.SIGTERM, _interrupt)

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
+from edgelearn.programs import InferenceProgram
+
 
 def probe_logits(bundle: Path, x: np.ndarray) -> np.ndarray:
     """Logits of `infer.pte` for each row of `x`, one batch-1 call per row (as the agent serves them)."""
-    from edgelearn.programs import InferenceProgram
-
     prog = InferenceProgram((bundle / "infer.pte").read_bytes())
     return np.concatenate([prog.predict(x[i : i + 1]) for i in range(len(x))])
 

@@ -19,9 +19,13 @@ from coordinator.server import Coordinator, CoordinatorConfig, RoundSummary
 from devices.simulate.data import device_shards
 from devices.simulate.fleet import Fleet, Outage, make_devices
 from devices.simulate.report import RoundRecord, write_report
+from devices.simulate.speakers import check_text, lm_shards
 from edgelearn.broker import check_broker, start_broker
+from edgelearn.bundle import verify_bundle
 from edgelearn.mqtt import use_shared_loop
 from edgelearn.protocol import LocalConfig
+from export.pipeline import ExportConfig, export_bundle, rebuild_bundle
+from models.digits import load_digits
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +88,6 @@ class SimConfig:
         if self.bundle is not None:
             self._check_bundle()
         if self.model == "char-lm":
-            from devices.simulate.speakers import check_text
-
             check_text(self.text, self.devices, self.bundle)
 
     def _check_devices_named(self) -> None:
@@ -103,8 +105,7 @@ class SimConfig:
         seed alone: another seed's test split would overlap the devices' data)."""
         import json
 
-        from edgelearn.bundle import verify_bundle
-
+        assert self.bundle is not None
         held = verify_bundle(self.bundle).model_id  # BundleError is a ValueError
         if held != self.model:
             raise ValueError(f"bundle {self.bundle} holds {held}, not {self.model}: give --model {held}")
@@ -136,18 +137,12 @@ def pick_cohort(ids: list[str], k: int, rnd: int, seed: int, always: tuple[str, 
 
 def prepare(cfg: SimConfig, say: Callable[[str], None]) -> tuple[Path, list]:
     """The bundle (exported unless given) and the devices (profiles, data shards, bodies)."""
-    from export.pipeline import ExportConfig, export_bundle
-
     bundle = cfg.bundle or cfg.out / "bundle"
     if cfg.model == "char-lm":
-        from devices.simulate.speakers import lm_shards
-
         text_file, shards = lm_shards(cfg.text, cfg.devices, cfg.out, cfg.samples_per_device)
         export = ExportConfig(model_id="char-lm", text=str(text_file), compare=False, seed=cfg.seed)
         say(f"[sim] char-lm: {len(shards)} devices, one speaker each, from {cfg.text or 'the shipped corpus'}")
     else:
-        from models.digits import load_digits
-
         pool = load_digits(cfg.server_fraction, seed=cfg.seed).pool
         shards = device_shards(pool, cfg.devices, cfg.samples_per_device, cfg.alpha, seed=cfg.seed)
         export = ExportConfig(server_fraction=cfg.server_fraction, compare=False, seed=cfg.seed)  # same test split
@@ -189,13 +184,12 @@ def simulate(cfg: SimConfig, say: Callable[[str], None] = print) -> dict:
 def _serve(cfg: SimConfig, bundle: Path, fleet: Fleet, broker: tuple[str, bool], work: Path, records: list,
            say: Callable[[str], None]) -> None:  # fmt: skip
     """The coordinator on this thread, the round driver on another, until the rounds are done or one fails."""
-    from export.pipeline import rebuild_bundle
-
-    (url, v311), closed = broker, queue.Queue()
+    url, v311 = broker
+    closed: queue.Queue[RoundSummary | BaseException] = queue.Queue()
     ccfg = CoordinatorConfig(
         url, cfg.fleet, bundle, work / "coordinator", min_updates=cfg.quorum, round_timeout_s=cfg.round_timeout_s,
-        local=cfg.local, max_rounds=cfg.rounds, mqtt_v311=v311, target_participants=cfg.participants,
-        eligibility=cfg.eligibility, selection_grace_s=5.0,
+        local=cfg.local or LOCAL_DEFAULTS[cfg.model], max_rounds=cfg.rounds, mqtt_v311=v311,
+        target_participants=cfg.participants, eligibility=cfg.eligibility, selection_grace_s=5.0,
     )  # fmt: skip
     coord = Coordinator(ccfg, rebuild_bundle, closed.put)
     invited = f", {cfg.participants} (×1.3) invited" if cfg.participants else ""

@@ -23,9 +23,13 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from edgelearn.atomic import write_bytes
+from models import ModelError
+from models.charlm import CONTEXT
 from models.data import Split
 from models.text import read_text, windows
 
@@ -145,8 +149,6 @@ def speaker_shards(
 
 
 def _read(path: Path | None) -> bytes:
-    from models import ModelError
-
     try:
         return read_text(path)
     except ModelError as e:
@@ -156,8 +158,6 @@ def _read(path: Path | None) -> bytes:
 def check_text(path: Path | None, n_devices: int, bundle: Path | None) -> None:
     """ValueError (one line) unless the text splits into `n_devices` speaker shards and `bundle`, if
     given, was exported from this text's head + tail (else its test text could be device text)."""
-    from models.charlm import CONTEXT
-
     text = _read(path)
     parts = cut_parts(text)
     assign_speakers(speaker_texts(text, parts.lo, parts.hi), n_devices, CONTEXT + 1)
@@ -179,13 +179,10 @@ def exported_text(bundle: Path) -> bytes | None:
 
 def lm_shards(path: Path | None, n_devices: int, out: Path, max_windows: int | None) -> tuple[Path, list[Split]]:
     """Write out/EXPORT_TEXT (head + tail) and out/SHARDS_JSON; return the text file and each device's windows."""
-    from edgelearn.atomic import write_bytes
-    from models.charlm import CONTEXT
-
     server, shards, splits = speaker_shards(_read(path), n_devices, CONTEXT, max_windows=max_windows)
     text_file = (out / EXPORT_TEXT).resolve()
     write_bytes(text_file, server)
-    rows = [
+    rows: list[dict[str, Any]] = [
         {"speaker": s.speaker, "bytes": len(s.text), "windows": len(w.y)} for s, w in zip(shards, splits, strict=True)
     ]
     write_bytes(out / SHARDS_JSON, json.dumps(rows, indent=1).encode())
