@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import signal
 import threading
+from dataclasses import replace
 
-from edgelearn.protocol import check_name, parse_broker_url
+from edgelearn.protocol import LOCAL_OPTIMIZERS, LOCAL_SCHEDULES, LocalConfig, check_name, parse_broker_url
+
+RECIPE_FIELDS = ("steps", "batch_size", "lr", "optimizer", "warmup_steps", "schedule", "clip_norm")
 
 
 def stop_on_signals() -> threading.Event:
@@ -37,3 +40,22 @@ def broker_url(value: str) -> str:
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return value
+
+
+def add_recipe_options(p: argparse.ArgumentParser, defaults: str) -> None:
+    """The local recipe a round asks of each device (protocol.LocalConfig); unset options keep `defaults`."""
+    g = p.add_argument_group(f"local recipe per round (defaults: {defaults})")
+    g.add_argument("--steps", type=int, default=None, help="local steps")
+    g.add_argument("--batch-size", type=int, default=None, help="local batch size")
+    g.add_argument("--lr", type=float, default=None, help="local learning rate (peak, with a schedule)")
+    g.add_argument("--optimizer", choices=LOCAL_OPTIMIZERS, default=None, help="local optimizer (fresh per round)")
+    g.add_argument("--warmup-steps", type=int, default=None, help="linear learning-rate warm-up steps")
+    g.add_argument("--lr-schedule", dest="schedule", choices=LOCAL_SCHEDULES, default=None,
+                   help="after the warm-up: constant, or cosine decay to lr/10")  # fmt: skip
+    g.add_argument("--grad-clip", dest="clip_norm", type=float, default=None,
+                   help="clip each local gradient to this L2 norm (0: none)")  # fmt: skip
+
+
+def recipe(a: argparse.Namespace, base: LocalConfig) -> LocalConfig:
+    """`base` with the recipe options given on the command line."""
+    return replace(base, **{k: getattr(a, k) for k in RECIPE_FIELDS if getattr(a, k) is not None})

@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from cli.common import broker_url, fleet_name, stop_on_signals
-from edgelearn.protocol import DEFAULT_LOCAL, LocalConfig
+from cli.common import add_recipe_options, broker_url, fleet_name, recipe, stop_on_signals
+from edgelearn.protocol import DEFAULT_LOCAL
 
 
 def _coordinator_config(a: argparse.Namespace):
@@ -24,7 +24,7 @@ def _coordinator_config(a: argparse.Namespace):
         a.topic_root,
         a.min_updates if a.min_updates is not None else (a.participants or 2),
         a.round_timeout,
-        LocalConfig(a.steps, a.batch_size, a.lr),
+        recipe(a, DEFAULT_LOCAL),
         a.max_update_norm,
         a.max_samples_per_update,
         a.max_rounds,
@@ -140,20 +140,10 @@ def _add_coordinator_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--min-updates", type=int, default=None,
                    help="accepted updates that close a round (default: --participants, else 2)")  # fmt: skip
     c.add_argument("--round-timeout", type=float, default=60.0, help="round deadline in seconds (default 60)")
-    c.add_argument(
-        "--steps",
-        type=int,
-        default=DEFAULT_LOCAL.steps,
-        help=f"local SGD steps per round (default {DEFAULT_LOCAL.steps})",
-    )
-    c.add_argument(
-        "--batch-size",
-        type=int,
-        default=DEFAULT_LOCAL.batch_size,
-        help=f"local batch size (default {DEFAULT_LOCAL.batch_size})",
-    )
-    c.add_argument(
-        "--lr", type=float, default=DEFAULT_LOCAL.lr, help=f"local learning rate (default {DEFAULT_LOCAL.lr})"
+    add_recipe_options(
+        c,
+        f"{DEFAULT_LOCAL.steps} steps of {DEFAULT_LOCAL.batch_size} at lr {DEFAULT_LOCAL.lr}, "
+        f"{DEFAULT_LOCAL.optimizer}",
     )
     c.add_argument("--max-update-norm", type=float, default=1e3, help="reject updates with a larger L2 norm")
     c.add_argument("--max-samples-per-update", type=int, default=None, help="clip n_k in FedAvg weights")

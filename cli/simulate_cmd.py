@@ -7,6 +7,9 @@ import logging
 import sys
 from pathlib import Path
 
+from cli.common import add_recipe_options, recipe
+from coordinator.optim import SERVER_OPT_NAMES
+
 
 def _outage(text: str):
     """DEVICE:ROUND:SECONDS → Outage."""
@@ -43,12 +46,19 @@ def _mix(text: str) -> tuple[tuple[str, float], ...]:
 
 def _local(a: argparse.Namespace):
     """The model's default local recipe with the options given on the command line."""
-    from dataclasses import replace
-
     from devices.simulate.run import LOCAL_DEFAULTS
 
-    given = {k: v for k, v in (("steps", a.steps), ("batch_size", a.batch_size), ("lr", a.lr)) if v is not None}
-    return replace(LOCAL_DEFAULTS[a.model], **given)
+    return recipe(a, LOCAL_DEFAULTS[a.model])
+
+
+def _server_opt(a: argparse.Namespace):
+    """The model's default server optimizer, or the one given."""
+    from dataclasses import replace
+
+    from devices.simulate.run import SERVER_DEFAULTS
+
+    given = {k: v for k, v in (("name", a.server_opt), ("lr", a.server_lr), ("momentum", a.server_momentum)) if v}
+    return replace(SERVER_DEFAULTS[a.model], **given)
 
 
 def cmd_simulate(a: argparse.Namespace) -> int:
@@ -59,6 +69,7 @@ def cmd_simulate(a: argparse.Namespace) -> int:
             devices=a.devices, profiles=a.profiles, rounds=a.rounds, broker=a.broker, out=a.out, bundle=a.bundle,
             model=a.model, text=a.text, online=a.online, participants=a.participants,
             eligibility=tuple(a.eligible), min_updates=a.min_updates, alpha=a.alpha, local=_local(a),
+            server_opt=_server_opt(a),
             round_timeout_s=a.round_timeout,
             outages=tuple(a.outage), outage_rate=a.outage_rate, hot=tuple(a.hot), seed=a.seed,
         )  # fmt: skip
@@ -121,9 +132,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--bundle", type=Path, default=None, help="exported bundle to start from (default: export one)")
     _add_round_options(s)
     s.add_argument("--alpha", type=float, default=None, help="Dirichlet α of the class mix (default: label skew)")
-    s.add_argument("--steps", type=int, default=None, help="local steps per round (default 10; char-lm 20)")
-    s.add_argument("--batch-size", type=int, default=None, help="local batch size (default 16)")
-    s.add_argument("--lr", type=float, default=None, help="local learning rate (default 0.2; char-lm 0.1)")
+    add_recipe_options(s, "per model, see `LOCAL_DEFAULTS` in devices/simulate/run.py and docs/simulate.md")
+    g = s.add_argument_group("server optimizer (defaults per model: SERVER_DEFAULTS in devices/simulate/run.py)")
+    g.add_argument("--server-opt", choices=SERVER_OPT_NAMES, default=None, help="fedavg, fedavgm or fedadam")
+    g.add_argument("--server-lr", type=float, default=None, help="server learning rate η")
+    g.add_argument("--server-momentum", type=float, default=None, help="fedavgm momentum β")
     s.add_argument("--round-timeout", type=float, default=60.0, help="round deadline in seconds (default 60)")
     s.add_argument("--outage", type=_outage, action="append", default=[], help="scripted outage DEVICE:ROUND:SECONDS")
     s.add_argument("--outage-rate", type=float, default=0.02, help="chance a participant drops after training")

@@ -37,9 +37,13 @@ class TrainEngine(Protocol):
 
     name: str
 
+    params: list[torch.Tensor]  # the trainable tensors, in a fixed order (what an optimizer steps)
+    anchor: list[torch.Tensor]  # θ_global of the same tensors (the loaded release), for FedProx's μ term
+
     def load(self, weights: dict[str, np.ndarray]) -> None: ...
     def load_trainable(self, weights: dict[str, np.ndarray]) -> None: ...
     def state(self) -> dict[str, np.ndarray]: ...
+    def loss_and_grads(self, x: np.ndarray, y: np.ndarray) -> tuple[float, list[torch.Tensor]]: ...
     def step(self, x: np.ndarray, y: np.ndarray, lr: float, mu: float = 0.0) -> float: ...
 
 
@@ -73,8 +77,8 @@ class EagerEngine:
         self._step_module = TrainStep(net)
         self._all = dict(net.named_parameters())
         self._params = {n: p for n, p in self._all.items() if n in names}
-        self._plist = list(self._params.values())
-        self._anchor: list[torch.Tensor] = []
+        self.params: list[torch.Tensor] = list(self._params.values())
+        self.anchor: list[torch.Tensor] = []
         self.load(weights)
 
     def load(self, weights: dict[str, np.ndarray]) -> None:
@@ -85,7 +89,7 @@ class EagerEngine:
                     p.copy_(torch.from_numpy(np.asarray(weights[n], dtype=np.float32)))
                 elif n in self._params:
                     raise ValueError(f"weights lack trainable parameter {n!r}")
-        self._anchor = [p.detach().clone() for p in self._plist]
+        self.anchor = [p.detach().clone() for p in self.params]
 
     def load_trainable(self, weights: dict[str, np.ndarray]) -> None:
         """θ ← weights for the trainable parameters only; the anchor θ_global stays."""
@@ -96,11 +100,15 @@ class EagerEngine:
     def state(self) -> dict[str, np.ndarray]:
         return {n: p.detach().numpy().copy() for n, p in self._params.items()}
 
-    def step(self, x: np.ndarray, y: np.ndarray, lr: float, mu: float = 0.0) -> float:
+    def loss_and_grads(self, x: np.ndarray, y: np.ndarray) -> tuple[float, list[torch.Tensor]]:
+        """ℓ(θ; x, y) and ∇ℓ for the trainable parameters, in `params` order."""
         loss = self._step_module(_as_tensor(x), _as_tensor(y))[0]
-        grads = torch.autograd.grad(loss, self._plist)
-        proximal_sgd_(self._plist, list(grads), self._anchor, lr, mu)
-        return float(loss.detach())
+        return float(loss.detach()), list(torch.autograd.grad(loss, self.params))
+
+    def step(self, x: np.ndarray, y: np.ndarray, lr: float, mu: float = 0.0) -> float:
+        loss, grads = self.loss_and_grads(x, y)
+        proximal_sgd_(self.params, grads, self.anchor, lr, mu)
+        return loss
 
 
 class ExecuTorchEngine:
@@ -111,13 +119,13 @@ class ExecuTorchEngine:
     def __init__(self, pte: bytes, weights: dict[str, np.ndarray], example: tuple[np.ndarray, np.ndarray]) -> None:
         self.program = TrainProgram(pte, weights, example)
         self._names = self.program.names
-        self._plist = [self.program.params[n] for n in self._names]
-        self._anchor: list[torch.Tensor] = []
+        self.params: list[torch.Tensor] = [self.program.params[n] for n in self._names]
+        self.anchor: list[torch.Tensor] = []
         self.load(weights)
 
     def load(self, weights: dict[str, np.ndarray]) -> None:
         self.program.load(weights)
-        self._anchor = [torch.from_numpy(np.asarray(weights[n], dtype=np.float32)).clone() for n in self._names]
+        self.anchor = [torch.from_numpy(np.asarray(weights[n], dtype=np.float32)).clone() for n in self._names]
 
     def load_trainable(self, weights: dict[str, np.ndarray]) -> None:
         self.program.load(weights)
@@ -125,9 +133,14 @@ class ExecuTorchEngine:
     def state(self) -> dict[str, np.ndarray]:
         return self.program.state()
 
-    def step(self, x: np.ndarray, y: np.ndarray, lr: float, mu: float = 0.0) -> float:
+    def loss_and_grads(self, x: np.ndarray, y: np.ndarray) -> tuple[float, list[torch.Tensor]]:
+        """ℓ and ∇ℓ in `params` order; the gradients alias program memory until the next call."""
         loss, grads = self.program.forward_backward(x, y)
-        proximal_sgd_(self._plist, [grads[n] for n in self._names], self._anchor, lr, mu)
+        return loss, [grads[n] for n in self._names]
+
+    def step(self, x: np.ndarray, y: np.ndarray, lr: float, mu: float = 0.0) -> float:
+        loss, grads = self.loss_and_grads(x, y)
+        proximal_sgd_(self.params, grads, self.anchor, lr, mu)
         return loss
 
 

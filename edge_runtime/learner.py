@@ -24,9 +24,10 @@ from safetensors.numpy import save as st_save
 
 from edge_runtime.budget import PAUSE, Governor, apply_threads
 from edge_runtime.engines import TrainEngine
+from edge_runtime.optim import LocalOptimizer, clip_grads_, lr_at
 from edge_runtime.samples import ReplayBuffer, SampleStore
 from edgelearn.atomic import write_bytes
-from edgelearn.protocol import read_metadata
+from edgelearn.protocol import LocalConfig, read_metadata
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.safetensors"
@@ -49,6 +50,21 @@ class Job:
     loss: float = float("nan")
     train_s: float = 0.0
     seq: int = 0
+    optimizer: str = "sgd"  # the recipe's rest (protocol.LocalConfig): optimizer, warm-up, schedule, clipping
+    warmup_steps: int = 0
+    schedule: str = "constant"
+    clip_norm: float = 0.0
+
+    @classmethod
+    def of(cls, round: int, base_version: int, local: LocalConfig, mu: float = 0.0, seq: int = 0) -> Job:
+        """The job that carries out the recipe `local`."""
+        return cls(round, base_version, local.steps, local.batch_size, local.lr, mu, seq=seq,
+                   optimizer=local.optimizer, warmup_steps=local.warmup_steps, schedule=local.schedule,
+                   clip_norm=local.clip_norm)  # fmt: skip
+
+    def lr_at_step(self) -> float:
+        """The learning rate of the next step (warm-up, then constant or cosine)."""
+        return lr_at(self.steps_done, self.steps, self.lr, self.warmup_steps, self.schedule)
 
     @property
     def key(self) -> tuple[int, int, int]:
@@ -93,6 +109,7 @@ class Learner:
         self._last_ckpt_s = time.monotonic()
         self._plan: deque = deque()
         self._plan_batch_size = 0
+        self.opt = LocalOptimizer("sgd", engine.params)  # replaced by the job's at start / restore
 
     # ------------------------------------------------------------ jobs
 
@@ -104,6 +121,7 @@ class Learner:
         self.engine.load(base)
         self.base = {n: np.asarray(base[n], np.float32).copy() for n in self.engine.state()}
         self.job, self._seen = job, []
+        self.opt = LocalOptimizer(job.optimizer, self.engine.params)
         self._plan.clear()
 
     def step(self) -> str:
@@ -122,7 +140,9 @@ class Learner:
         if batch is None:
             return "no-data"
         t0 = time.monotonic()
-        loss = self.engine.step(batch[0], batch[1], job.lr, job.mu)
+        loss, grads = self.engine.loss_and_grads(batch[0], batch[1])
+        clip_grads_(grads, job.clip_norm)
+        self.opt.step(self.engine.params, grads, self.engine.anchor, job.lr_at_step(), job.mu)
         t1 = time.monotonic()
         if self.governor is not None:
             self.governor.record_training(t0, t1)
@@ -204,6 +224,7 @@ class Learner:
         tensors.update(self.replay.tensors())
         tensors["seen"] = self.seen_ids()
         tensors.update(self._plan_tensors())
+        tensors.update({f"opt.{k}": v for k, v in self.opt.state().items()})
         meta = {
             "job": asdict(self.job) if self.job else None,
             "cursor": self.cursor,
@@ -247,6 +268,8 @@ class Learner:
         self._restore_plan(tensors, meta.get("plan", []), int(meta.get("plan_batch_size", 0)))
         self.job = Job(**meta["job"]) if meta["job"] else None
         if self.job:
+            self.opt = LocalOptimizer(self.job.optimizer, self.engine.params)
+            self.opt.load_state({k[4:]: v for k, v in tensors.items() if k.startswith("opt.")})
             self.base = {k[5:]: v for k, v in tensors.items() if k.startswith("base.")}
             self.engine.load(self.base)  # anchor θ_global = θ_base
             self.engine.load_trainable({k[2:]: v for k, v in tensors.items() if k.startswith("w.")})

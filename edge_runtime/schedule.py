@@ -65,15 +65,13 @@ class Scheduler:
         rnd, self.pending_round = self.pending_round, None
         if rnd is None or rnd.base_version != version:
             return None  # stale: its release has been replaced
-        loc = rnd.local
-        return Job(rnd.round, rnd.base_version, loc.steps, loc.batch_size, loc.lr, self.mu)
+        return Job.of(rnd.round, rnd.base_version, rnd.local, self.mu)
 
     def async_job(self, version: int, now_s: float) -> Job | None:
         """The next asynchronous job from release `version`, if in asynchronous mode and the interval passed."""
         if self.mode != "async" or version < 1 or not async_due(now_s, self.last_async_s, self.async_interval_s):
             return None
-        loc = self.async_local
-        return Job(0, version, loc.steps, loc.batch_size, loc.lr, self.mu, seq=self.progress.async_seq + 1)
+        return Job.of(0, version, self.async_local, self.mu, seq=self.progress.async_seq + 1)
 
     def done_or_stale(self, job: Job, version: int) -> bool:
         """A round job is dropped when done or trained on another release than `version` (its round is

@@ -160,13 +160,52 @@ def _parse_json(payload: bytes, what: str) -> dict:
     return obj
 
 
+LOCAL_OPTIMIZERS = ("sgd", "adamw")
+LOCAL_SCHEDULES = ("constant", "cosine")
+
+
 @dataclass(frozen=True)
 class LocalConfig:
-    """Local training recipe of a round: `steps` SGD steps of `batch_size` samples at learning rate `lr`."""
+    """Local training recipe of a round: `steps` steps of `batch_size` samples at learning rate `lr`.
+
+    Protocol v1.1 adds the optimizer (`sgd` or `adamw`, fresh state per job), a linear warm-up over
+    `warmup_steps`, the schedule after it (`constant`, or `cosine` decay to lr/10 at the last step) and
+    gradient clipping to `clip_norm` (0: none). A v1 round lacks them: plain SGD at a constant rate."""
 
     steps: int = 20
     batch_size: int = 32
     lr: float = 0.05
+    optimizer: str = "sgd"
+    warmup_steps: int = 0
+    schedule: str = "constant"
+    clip_norm: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in LOCAL_OPTIMIZERS:
+            raise ValueError(f"local optimizer {self.optimizer!r}: use one of {', '.join(LOCAL_OPTIMIZERS)}")
+        if self.schedule not in LOCAL_SCHEDULES:
+            raise ValueError(f"local schedule {self.schedule!r}: use one of {', '.join(LOCAL_SCHEDULES)}")
+
+    def as_json(self) -> dict[str, object]:
+        return {"steps": self.steps, "batch_size": self.batch_size, "lr": self.lr, "optimizer": self.optimizer,
+                "warmup_steps": self.warmup_steps, "schedule": self.schedule, "clip_norm": self.clip_norm}  # fmt: skip
+
+    @classmethod
+    def from_json(cls, loc: dict) -> LocalConfig:
+        """A round's `local` object; absent fields take the v1 defaults; ValueError names a bad one."""
+        d = DEFAULT_LOCAL
+        optimizer, schedule = loc.get("optimizer", d.optimizer), loc.get("schedule", d.schedule)
+        if optimizer not in LOCAL_OPTIMIZERS or schedule not in LOCAL_SCHEDULES:
+            raise ValueError(f"local optimizer/schedule {str(optimizer)[:16]!r}/{str(schedule)[:16]!r} is unknown")
+        return cls(
+            _json_int(loc, "steps", 1, d.steps),
+            _json_int(loc, "batch_size", 1, d.batch_size),
+            _json_float(loc, "lr", 0.0, d.lr),
+            optimizer,
+            _json_int(loc, "warmup_steps", 0, d.warmup_steps),
+            schedule,
+            _json_float(loc, "clip_norm", 0.0, d.clip_norm),
+        )
 
 
 DEFAULT_LOCAL = LocalConfig()  # the one place for the default local recipe
@@ -217,7 +256,7 @@ class RoundMsg:
                 "deadline": self.deadline_unix_s,
                 "min_updates": self.min_updates,
                 "participants": list(self.participants) if self.participants is not None else None,
-                "local": {"steps": self.local.steps, "batch_size": self.local.batch_size, "lr": self.local.lr},
+                "local": self.local.as_json(),
             }
         )
 
@@ -239,11 +278,7 @@ class RoundMsg:
                 deadline_unix_s=_json_float(d, "deadline", 0.0),
                 min_updates=_json_int(d, "min_updates", 0),
                 participants=tuple(parts) if parts is not None else None,
-                local=LocalConfig(
-                    _json_int(loc, "steps", 1, 20),
-                    _json_int(loc, "batch_size", 1, 32),
-                    _json_float(loc, "lr", 0.0, 0.05),
-                ),
+                local=LocalConfig.from_json(loc),
             )
         except KeyError as e:
             raise ProtocolError("bad_round", f"missing {e}") from None

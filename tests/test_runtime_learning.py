@@ -16,6 +16,7 @@ from edge_runtime.learner import Job, Learner, mix_counts
 from edge_runtime.release import example_batch
 from edge_runtime.samples import ReplayBuffer, SampleFormat, SampleStore
 from edgelearn.bundle import load_weights, verify_bundle
+from edgelearn.protocol import LocalConfig
 
 FMT = SampleFormat("classify", (64,))
 
@@ -240,7 +241,12 @@ def test_invalid_utf8_on_stdin_is_one_malformed_line(tmp_path, monkeypatch):
     assert (ing.accepted, ing.malformed) == (2, 1)
 
 
-def test_resume_after_a_crash_mid_plan_gives_the_same_weights(bundle_dir, tmp_path):
+@pytest.mark.parametrize(
+    "local",
+    [LocalConfig(20, 8, 0.05), LocalConfig(20, 8, 3e-3, "adamw", warmup_steps=3, schedule="cosine", clip_norm=1.0)],
+    ids=["sgd", "adamw-cosine-clip"],
+)
+def test_resume_after_a_crash_mid_plan_gives_the_same_weights(bundle_dir, tmp_path, local):
     # Prepare: the same store and job twice; checkpoints as often as allowed (between plans)
     m, w = verify_bundle(bundle_dir), load_weights(bundle_dir)
 
@@ -253,19 +259,18 @@ def test_resume_after_a_crash_mid_plan_gives_the_same_weights(bundle_dir, tmp_pa
         eng = make_engine("eager", m.model_id, m.task, w, None, example_batch(m))
         return Learner(eng, SampleStore(state / "s"), state, None, replay_size=16, checkpoint_every_s=0.0)
 
-    job = Job(1, 1, 20, 8, 0.05)
     straight = learner(tmp_path / "a")
-    straight.start(job, w)
+    straight.start(Job.of(1, 1, local), w)
     while straight.step() == "stepped":
         pass
     crashed = learner(tmp_path / "b")
-    crashed.start(Job(1, 1, 20, 8, 0.05), w)
+    crashed.start(Job.of(1, 1, local), w)
     for _ in range(13):  # dies in the middle of its second plan of 8 batches
         crashed.step()
     # Execute: a new process resumes from the checkpoint
     resumed = learner(tmp_path / "b")
     resumed.restore()
-    resumed.start(Job(1, 1, 20, 8, 0.05), w)
+    resumed.start(Job.of(1, 1, local), w)
     while resumed.step() == "stepped":
         pass
     # Assert: bit-identical to the uninterrupted run, and no sample offered to the reservoir twice

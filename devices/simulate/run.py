@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from coordinator.optim import ServerOptConfig
 from coordinator.selection import Eligibility
 from coordinator.server import Coordinator, CoordinatorConfig, RoundSummary
 from devices.simulate.data import device_shards
@@ -36,6 +37,10 @@ LOCAL_DEFAULTS = {
     "digits-mlp": LocalConfig(steps=10, batch_size=16, lr=0.2),
     "char-lm": LocalConfig(steps=20, batch_size=16, lr=0.1),
 }
+SERVER_DEFAULTS = {  # server optimizer per model when none is given
+    "digits-mlp": ServerOptConfig(),
+    "char-lm": ServerOptConfig(),
+}
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,7 @@ class SimConfig:
     samples_per_device: int | None = None  # digits: None → label skew partitions the pool (see device_shards);
     # char-lm: at most this many windows per device (None: all of its speaker's)
     local: LocalConfig | None = None  # None: LOCAL_DEFAULTS[model]
+    server_opt: ServerOptConfig | None = None  # None: SERVER_DEFAULTS[model]
     round_timeout_s: float = 60.0
     outages: tuple[Outage, ...] = ()
     outage_rate: float = 0.02  # chance that a participant goes offline after queueing its update
@@ -189,6 +195,7 @@ def _serve(cfg: SimConfig, bundle: Path, fleet: Fleet, broker: tuple[str, bool],
     ccfg = CoordinatorConfig(
         url, cfg.fleet, bundle, work / "coordinator", min_updates=cfg.quorum, round_timeout_s=cfg.round_timeout_s,
         local=cfg.local or LOCAL_DEFAULTS[cfg.model], max_rounds=cfg.rounds, mqtt_v311=v311,
+        server_opt=cfg.server_opt or SERVER_DEFAULTS[cfg.model],
         target_participants=cfg.participants, eligibility=cfg.eligibility, selection_grace_s=5.0,
     )  # fmt: skip
     coord = Coordinator(ccfg, rebuild_bundle, closed.put)
