@@ -154,7 +154,9 @@ def _add_coordinator_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--topic-root", default="edgelearn", help="first topic segment (default edgelearn)")
     c.add_argument("--mode", choices=("sync", "async"), default="sync", help="rounds (default) or FedBuff")
     c.add_argument("--buffer-size", type=int, default=10, help="async: aggregate every K updates (default 10)")
-    c.add_argument("--max-staleness", type=int, default=4, help="async: max versions behind (default 4)")
+    c.add_argument("--max-staleness", type=int, default=4,
+                   help="oldest accepted base, in releases behind the current one; in rounds, later updates of "
+                   "earlier rounds are folded with weight n·1/√(1+s) (default 4)")  # fmt: skip
     c.add_argument(
         "--aggregator", choices=("mean", "median", "trimmed_mean"), default="mean", help="default: streaming mean"
     )

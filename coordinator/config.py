@@ -31,7 +31,7 @@ class CoordinatorConfig:
     mqtt_v311: bool = False
     mode: str = "sync"  # sync: rounds (protocol v1); async: FedBuff, no round published
     buffer_size: int = 10  # async: aggregate every K accepted updates
-    max_staleness: int = 4  # async: reject updates more than this many versions old
+    max_staleness: int = 4  # oldest accepted base, in versions behind (sync: late updates of earlier rounds)
     aggregator: str = "mean"  # mean (streaming) | median | trimmed_mean (these hold all K updates)
     trim_fraction: float = 0.1
     clip_norm: float | None = None  # clip each update to this L2 norm before aggregating

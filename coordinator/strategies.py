@@ -52,7 +52,13 @@ class Strategy:
 
 
 class WeightedMean(Strategy):
-    """FedAvg (McMahan et al. 2017): Δ̄ = Σ_k n_k Δ_k / Σ_k n_k, n_k = min(samples_k, n_max)."""
+    """FedAvg (McMahan et al. 2017) with late updates: Δ̄ = Σ_k w_k Δ_k / Σ_k w_k, w_k = n_k · α(s_k),
+    n_k = min(samples_k, n_max), α(s) = 1/√(1+s), s_k = version − base_k (0 for the round's own updates,
+    so a round without late updates is plain FedAvg)."""
+
+    def weight(self, u: Update, version: int) -> float:
+        """w_k = min(n_k, n_max) · α(version − base_k)."""
+        return agg.sample_weight(u.num_samples, self.max_samples) * agg.staleness_weight(version - u.base_version)
 
 
 @dataclass(frozen=True)

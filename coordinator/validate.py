@@ -23,7 +23,8 @@ class Rules:
     base_version: int
     round: int | None  # None in asynchronous mode
     max_update_norm: float = 1e3
-    max_staleness: int = 0  # asynchronous mode: accept base versions in [base_version - max_staleness, base_version]
+    max_staleness: int = 0  # accept base versions in [base_version - max_staleness, base_version] (sync: late
+    # updates of earlier rounds, folded with a staleness weight; see coordinator.strategies)
     min_base_version: int = 1  # after a rollback to v: nothing computed on a release older than the rollback's
 
 
@@ -69,11 +70,13 @@ def check_version(u: Update, rules: Rules) -> str | None:
         s = rules.base_version - u.base_version
         fresh = 0 <= s <= rules.max_staleness and u.base_version >= rules.min_base_version
         return None if fresh else "stale_base_version"
-    if u.base_version != rules.base_version:
+    if u.base_version == rules.base_version:
+        return None if u.round == rules.round else "wrong_round"
+    s = rules.base_version - u.base_version  # a late update: computed in an earlier round on an older release
+    late = 1 <= s <= rules.max_staleness and u.base_version >= rules.min_base_version
+    if not late:
         return "stale_base_version"
-    if u.round != rules.round:
-        return "wrong_round"
-    return None
+    return None if u.round is not None and u.round < rules.round else "wrong_round"
 
 
 def squared_norm(deltas: dict[str, np.ndarray]) -> float:

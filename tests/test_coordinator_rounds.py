@@ -268,10 +268,11 @@ def test_coordinator_restarted_with_a_full_round_closes_it_before_taking_more(bu
     # Execute: the (re)connection, then a fourth update for round 1
     coord.serve_batch([("", b"connected")])
     coord.serve_batch([(coord.topics.device("dlate", "update"), late)])
-    # Assert: round 1 closed with exactly its three updates; the late one is a stale-round rejection
+    # Assert: round 1 closed with exactly its three updates; the late one is folded into round 2, damped
     assert (coord.rounds.version, coord.rounds.round) == (2, 2)
     assert next(r for r in coord.rounds.store.rounds() if r["round"] == 1)["accepted"] == 3
-    assert coord.rounds.rejected == {"stale_base_version": 1} and coord.rounds.count == 0
+    assert coord.rounds.rejected == {} and coord.rounds.count == 1
+    assert coord.rounds.store.accepted(2)[0].weight == pytest.approx(5 / 2**0.5)  # n·α(1), α(s) = 1/√(1+s)
     coord.rounds.store.close()
     coord._lock.close()
 
@@ -346,3 +347,25 @@ def test_selection_redraws_at_a_reannounce_and_survives_a_restart(bundle_dir, tm
     assert len(first) == 6 and first != invited
     assert again.participants == invited and again.selected
     again.rounds.store.close(), again._lock.close()
+
+
+def test_late_updates_of_earlier_rounds_are_folded_with_a_staleness_weight_up_to_max_staleness(bundle_dir, tmp_path):
+    # Prepare: round 1 closes on v1; two devices finish round 1 late, one more release later
+    e = Rounds(make_cfg(bundle_dir, tmp_path, max_staleness=1), weights_only_rebuild)
+    late = [upd(e, f"late{k}", 10, 10 + k) for k in range(2)]  # round 1 on v1
+    for k in range(3):
+        e.handle(f"d{k}", upd(e, f"a{k}", 10, k, dev=f"d{k}"))
+    e.close()  # → v2, round 2
+    fresh = upd(e, "b0", 30, 5)
+    # Execute
+    v = [e.handle(decoded(p).device_id, p) for p in (late[0], fresh)]
+    e.handle("d1", upd(e, "b1", 10, 6, dev="d1"))
+    e.handle("d2", upd(e, "b2", 10, 7, dev="d2"))
+    e.close()  # → v3, round 3: the other late update is now 2 releases old
+    too_old = e.handle(decoded(late[1]).device_id, late[1])
+    # Assert: used with weight n·α(1) in round 2; beyond max_staleness it is refused; a wrong round still is
+    assert [x.status for x in v] == ["accepted", "accepted"]
+    assert too_old.status == "rejected" and too_old.reason == "stale_base_version"
+    future = upd(e, "f", 10, 8, rnd=7, dev="df")
+    assert e.handle("df", future).reason == "wrong_round"
+    e.store.close()

@@ -65,7 +65,15 @@ def totals(records: list[RoundRecord]) -> dict[str, Any]:
         for key in ("rejected", "paused", "bytes"):
             for k, v in getattr(r, key).items():
                 out[key][k] = out[key].get(k, 0) + v
+    out["work_used_share"] = work_used_share(out["accepted"], out["rejected"])
     return out
+
+
+def work_used_share(accepted: int, rejected: dict[str, int]) -> float | None:
+    """Share of the updates devices computed and sent that went into a release: A / (A + R), R = rejections
+    of every reason (duplicates are re-sends of an update already counted)."""
+    sent = accepted + sum(rejected.values())
+    return round(accepted / sent, 4) if sent else None
 
 
 def write_report(cfg: Any, records: list[RoundRecord], fleet: Any, seconds: float) -> dict[str, Any]:

@@ -183,7 +183,9 @@ def simulate(cfg: SimConfig, say: Callable[[str], None] = print) -> dict:
             brk.stop()
         if fleet is not None:
             report = write_report(cfg, records, fleet, time.monotonic() - t0)
-            say(f"[sim] {len(records)} rounds in {report['seconds']:.1f}s; report in {cfg.out}")
+            used = report["totals"]["work_used_share"]
+            share = "" if used is None else f"; {100 * used:.0f} % of the updates sent were used"
+            say(f"[sim] {len(records)} rounds in {report['seconds']:.1f}s{share}; report in {cfg.out}")
     return report
 
 
