@@ -21,6 +21,8 @@ def cmd_export(a: argparse.Namespace) -> int:
         target=a.target,
         server_fraction=a.server_fraction,
         epochs=a.epochs,
+        train_minutes=a.train_minutes,
+        distill=a.distill,
         alpha=a.alpha,
         temperature=a.temperature,
         seed=a.seed,
@@ -65,8 +67,8 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument(
         "--sparsity",
         type=float,
-        default=0.5,
-        help="share of Linear weights magnitude pruning zeroes (default 0.5; 0 = off)",
+        default=None,
+        help="share of Linear weights magnitude pruning zeroes (default: the model's, 0.5 digits-mlp, 0 char-lm)",
     )
     e.add_argument(
         "--quant",
@@ -87,9 +89,14 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
         default=0.2,
         help="share of the training data the exporter trains on; devices hold the rest (default 0.2)",
     )
-    e.add_argument(
-        "--epochs", type=int, default=None, help="training epochs (default: the model's, 60 digits-mlp, 2 char-lm)"
-    )
+    e.add_argument("--epochs", type=int, default=None,
+                   help="training epochs of each model (default: the model's: 60 for digits-mlp; char-lm trains for "
+                   "--train-minutes instead)")  # fmt: skip
+    e.add_argument("--train-minutes", type=float, default=None,
+                   help="wall time for all training (teacher 4 : students 3 : pruning 1), with progress and the time "
+                   "left (default: the model's, 3 for char-lm; --epochs wins)")  # fmt: skip
+    e.add_argument("--distill", action=argparse.BooleanOptionalAction, default=None,
+                   help="train a teacher and distill the student from it (default: the model's)")  # fmt: skip
     e.add_argument("--alpha", type=float, default=0.5, help="KD weight of the hard-label loss (default 0.5)")
     e.add_argument("--temperature", type=float, default=4.0, help="KD temperature T (default 4)")
     e.add_argument("--seed", type=int, default=0, help="random seed (default 0)")

@@ -24,10 +24,11 @@ from safetensors.numpy import save as st_save
 
 from edge_runtime.budget import PAUSE, Governor, apply_threads
 from edge_runtime.engines import TrainEngine
-from edge_runtime.optim import LocalOptimizer, clip_grads_, lr_at
+from edge_runtime.optim import LocalOptimizer, clip_grads_
 from edge_runtime.samples import ReplayBuffer, SampleStore
 from edgelearn.atomic import write_bytes
 from edgelearn.protocol import LocalConfig, read_metadata
+from edgelearn.schedule import lr_at
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.safetensors"

@@ -18,19 +18,6 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("constant", "cosine")
 ADAM_BETAS = (0.9, 0.99)
 ADAM_EPS = 1e-8
-FINAL_LR_FRACTION = 0.1  # cosine decay ends at η/10
-
-
-def lr_at(step: int, total: int, lr: float, warmup_steps: int = 0, schedule: str = "constant") -> float:
-    """η_t for step t (0-based) of `total`: linear warm-up η·(t+1)/W for t < W; then η (constant) or the
-    cosine decay η·(f + (1−f)·(1 + cos(π·(t−W)/(T−W)))/2) from η to f·η, f = FINAL_LR_FRACTION."""
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    if schedule != "cosine" or total <= warmup_steps:
-        return lr
-    progress = min(1.0, (step - warmup_steps) / max(1, total - warmup_steps))
-    f = FINAL_LR_FRACTION
-    return lr * (f + (1.0 - f) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 def clip_grads_(grads: Sequence[torch.Tensor], max_norm: float) -> float:

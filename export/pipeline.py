@@ -29,7 +29,7 @@ from edgelearn.bundle import (
     write_bundle,
 )
 from export import ExportError
-from export.distill import fit, predict_logits
+from export.distill import Budget, fit, fit_for, predict_logits
 from export.lower import check_target, export_train, lower_infer, quant_mode
 from export.metrics import pte_logits, quality
 from export.prune import magnitude_prune
@@ -49,16 +49,24 @@ class ExportConfig:
     model_id: str = "digits-mlp"
     target: str = "xnnpack-int8"
     server_fraction: float = 0.2
-    epochs: int | None = None  # None: the model's default
+    epochs: int | None = None  # None: the model's default (its minutes, else its epochs)
+    train_minutes: float | None = None  # wall-time budget of all training (shares: SHARES); --epochs wins
+    distill: bool | None = None  # train a teacher and distill the student from it; None: the model's default
     alpha: float = 0.5
     temperature: float = 4.0
     seed: int = 0
     text: str | None = None  # char-lm training text (file or directory); None: the shipped corpus
     text_sha256: str | None = None  # of that text at export: later releases are lowered from the same text
-    sparsity: float = 0.5  # magnitude pruning of Linear weights; 0 skips the step
+    sparsity: float | None = None  # magnitude pruning of Linear weights; 0 skips the step; None: the model's
     quant: str | None = None  # PT2E int8: "static" (calibrated activations), "dynamic" (Linear only); None: model's
     train_subset: str = "all"  # what train.pte trains: all, last (last block + head) or head
     compare: bool = True  # also train a no-KD student and lower every target for the report
+
+
+def with_model_defaults(cfg: ExportConfig, spec: ModelSpec) -> ExportConfig:
+    """`cfg` with the model's defaults in place of the settings left unset (None)."""
+    return replace(cfg, sparsity=spec.default_sparsity if cfg.sparsity is None else cfg.sparsity,
+                   distill=spec.default_distill if cfg.distill is None else cfg.distill)  # fmt: skip
 
 
 def check_config(cfg: ExportConfig) -> ModelSpec:
@@ -69,10 +77,12 @@ def check_config(cfg: ExportConfig) -> ModelSpec:
         raise ExportError(f"unknown quantization {cfg.quant!r}: choose one of {', '.join(QUANT_MODES)}")
     if cfg.train_subset not in SUBSETS:
         raise ExportError(f"unknown trainable subset {cfg.train_subset!r}: choose one of {', '.join(SUBSETS)}")
-    if not 0.0 <= cfg.sparsity < 1.0:
+    if cfg.sparsity is not None and not 0.0 <= cfg.sparsity < 1.0:
         raise ExportError(f"sparsity {cfg.sparsity} must be in [0, 1)")
     if cfg.epochs is not None and cfg.epochs < 1:
         raise ExportError(f"epochs {cfg.epochs} must be at least 1")
+    if cfg.train_minutes is not None and not (0 < cfg.train_minutes <= 24 * 60):
+        raise ExportError(f"train minutes {cfg.train_minutes} must be in (0, 1440]")
     if ":" in cfg.model_id and cfg.train_subset != "all":  # a user model: its factory names what trains
         raise ExportError(f"user model {cfg.model_id!r}: only the trainable subset 'all' (or the factory's list)")
     return get_spec(cfg.model_id)
@@ -92,13 +102,45 @@ class Stages:
         self._t0 = now
 
 
-def _fit(spec: ModelSpec, cfg: ExportConfig, data: TaskData, model: nn.Module, teacher: nn.Module | None, epochs: int):
+SHARES = {"teacher": 4.0, "student-no-kd": 3.0, "student-kd": 3.0, "pruned": 1.0}  # of a --train-minutes budget
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """How long each model trains: `epochs` each (prune fine-tuning: a quarter), or a share of `minutes`
+    (SHARES, over the stages that run)."""
+
+    epochs: int
+    minutes: float | None
+    stages: tuple[str, ...]
+
+    def budget(self, spec: ModelSpec, stage: str) -> Budget | None:
+        if self.minutes is None:
+            return None
+        share = SHARES[stage] / sum(SHARES[s] for s in self.stages)
+        return Budget(60.0 * self.minutes * share, lr=spec.lr)
+
+
+def train_plan(spec: ModelSpec, cfg: ExportConfig, has_teacher: bool) -> TrainPlan:
+    """--epochs wins; else --train-minutes; else the model's default minutes, else its default epochs."""
+    minutes = None if cfg.epochs is not None else (cfg.train_minutes or spec.default_minutes)
+    stages = [s for s, run in (("teacher", has_teacher), ("student-no-kd", cfg.compare or not has_teacher),
+                               ("student-kd", has_teacher), ("pruned", bool(cfg.sparsity))) if run]  # fmt: skip
+    return TrainPlan(cfg.epochs or spec.default_epochs, minutes, tuple(stages))
+
+
+def _fit(spec: ModelSpec, cfg: ExportConfig, data: TaskData, model: nn.Module, teacher: nn.Module | None,
+         plan: TrainPlan, stage: str) -> tuple[nn.Module, str]:  # fmt: skip
+    """Train one model of the plan; returns it and how long it trained (for the stage's log line)."""
     torch.manual_seed(cfg.seed)
     x, y = data.server.x, data.server.y
-    if teacher is None:
-        return fit(model, x, y, epochs, lr=spec.lr, seed=cfg.seed)
-    return fit(model, x, y, epochs, lr=spec.lr, seed=cfg.seed, teacher=teacher, alpha=cfg.alpha,
-               temperature=cfg.temperature)  # fmt: skip
+    kd = {} if teacher is None else {"teacher": teacher, "alpha": cfg.alpha, "temperature": cfg.temperature}
+    budget = plan.budget(spec, stage)
+    if budget is not None:
+        model, steps = fit_for(model, x, y, budget, seed=cfg.seed, name=stage, **kd)  # type: ignore[arg-type]
+        return model, f"{steps} steps in {budget.seconds:.0f}s"
+    epochs = max(1, plan.epochs // 4) if stage == "pruned" else plan.epochs
+    return fit(model, x, y, epochs, lr=spec.lr, seed=cfg.seed, **kd), f"{epochs} epochs"  # type: ignore[arg-type]
 
 
 def _quality(spec: ModelSpec, model: nn.Module, data: TaskData) -> dict[str, float]:
@@ -106,31 +148,37 @@ def _quality(spec: ModelSpec, model: nn.Module, data: TaskData) -> dict[str, flo
 
 
 def train_models(spec: ModelSpec, data: TaskData, cfg: ExportConfig, stages: Stages) -> tuple[nn.Module, dict]:
-    """Teacher, student without KD (if compare), KD student, pruned student; returns the student to ship."""
-    epochs = cfg.epochs or spec.default_epochs
+    """Teacher (when distilling), student without KD (if compare, or no teacher), KD student, pruned student;
+    returns the student to ship."""
     torch.manual_seed(cfg.seed)
-    teacher, q = spec.make_teacher(), {}
+    cfg = with_model_defaults(cfg, spec)
+    teacher, q = (spec.make_teacher() if cfg.distill else None), {}
+    plan = train_plan(spec, cfg, teacher is not None)
     if teacher is not None:
-        teacher = _fit(spec, cfg, data, teacher, None, epochs)
+        teacher, how = _fit(spec, cfg, data, teacher, None, plan, "teacher")
         q["teacher"] = _quality(spec, teacher, data)
-        stages.done("teacher", f"{param_count(teacher)} params, {q['teacher']}")
-    if cfg.compare or teacher is None:
-        torch.manual_seed(cfg.seed)
-        plain = _fit(spec, cfg, data, spec.make_student(), None, epochs)
+        stages.done("teacher", f"{param_count(teacher)} params, {how}: {q['teacher']}")
+    if "student-no-kd" in plan.stages:
+        plain, how = _fit(spec, cfg, data, spec.make_student(), None, plan, "student-no-kd")
         q["student_no_kd"] = _quality(spec, plain, data)
-        stages.done("student-no-kd", f"{param_count(plain)} params, {q['student_no_kd']}")
+        stages.done("student-no-kd", f"{param_count(plain)} params, {how}: {q['student_no_kd']}")
     student = plain if teacher is None else None
     if teacher is not None:
-        torch.manual_seed(cfg.seed)
-        student = _fit(spec, cfg, data, spec.make_student(), teacher, epochs)
+        student, how = _fit(spec, cfg, data, spec.make_student(), teacher, plan, "student-kd")
         q["student_kd"] = _quality(spec, student, data)
-        stages.done("student-kd", f"α={cfg.alpha} T={cfg.temperature}: {q['student_kd']}")
+        stages.done("student-kd", f"α={cfg.alpha} T={cfg.temperature}, {how}: {q['student_kd']}")
     assert student is not None  # plain without a teacher, the KD student with one
-    if cfg.sparsity > 0:
-        tune = max(1, epochs // 4)
-        student = magnitude_prune(student, cfg.sparsity, lambda m: _fit(spec, cfg, data, m, teacher, tune))
+    if cfg.sparsity:
+        hows: list[str] = []
+
+        def tune(m: nn.Module) -> nn.Module:
+            m, how = _fit(spec, cfg, data, m, teacher, plan, "pruned")
+            hows.append(how)
+            return m
+
+        student = magnitude_prune(student, cfg.sparsity, tune)
         q["pruned"] = _quality(spec, student, data)
-        stages.done("pruned", f"sparsity {cfg.sparsity:.2f}, {tune} fine-tune epochs: {q['pruned']}")
+        stages.done("pruned", f"sparsity {cfg.sparsity:.2f}, fine-tuned {', '.join(hows)}: {q['pruned']}")
     params = {"teacher": param_count(teacher) if teacher is not None else None, "student": param_count(student)}
     return student, {"params": params, "quality": q}
 
@@ -188,6 +236,7 @@ def make_bundle(
 def export_bundle(cfg: ExportConfig, out: str | Path) -> Manifest:
     """Release 1: train, distill, prune, quantize, lower, measure and write the bundle (atomically) to `out`."""
     spec = check_config(cfg)
+    cfg = with_model_defaults(cfg, spec)  # export.json records what was done
     try:
         check_bundle_target(out)  # before minutes of training, not after
     except BundleError as e:

@@ -110,3 +110,19 @@ def trainable_names(model: nn.Module, subset: str) -> list[str]:
         "head": lambda n: n.startswith("head."),
     }[subset]
     return [n for n in names if keep(n)]
+
+
+@torch.no_grad()
+def generate(net: CharLM, prompt: bytes, n_bytes: int, temperature: float = 0.8, seed: int = 0) -> bytes:
+    """`prompt` followed by `n_bytes` sampled bytes: each from softmax(logits / temperature) of the last
+    `context` bytes (temperature 0: the most likely byte)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = list(prompt) or [ord("\n")]
+    for _ in range(n_bytes):
+        x = torch.tensor([ids[-net.config.context :]], dtype=torch.float32)  # (1, T) float ids, as the program
+        logits = net.eval()(x)[0]  # (vocab,)
+        if temperature <= 0:
+            ids.append(int(logits.argmax()))
+        else:
+            ids.append(int(torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=g)))
+    return bytes(ids)

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from edge_runtime.optim import FINAL_LR_FRACTION, LocalOptimizer, clip_grads_, lr_at
+from edge_runtime.optim import LocalOptimizer, clip_grads_
 from edgelearn.protocol import LocalConfig, ProtocolError, RoundMsg
+from edgelearn.schedule import FINAL_LR_FRACTION, lr_at
 
 
 def test_adamw_matches_torch_optim_adamw():

@@ -180,7 +180,8 @@ def test_text_is_for_char_lm_and_alpha_for_digits(tmp_path) -> None:
         SimConfig(text=tmp_path / "t.txt")
     with pytest.raises(ValueError, match="alpha: char-lm devices hold one speaker each"):
         SimConfig(model="char-lm", alpha=0.5)
-    assert SimConfig(model="char-lm").local.lr == 0.1  # the char-lm local recipe when none is given
+    local = SimConfig(model="char-lm").local  # the char-lm local recipe when none is given
+    assert local is not None and (local.optimizer, local.lr, local.steps) == ("adamw", 1e-3, 50)
 
 
 def test_prepare_data_path_gives_each_device_one_speakers_windows_outside_the_export_text(tmp_path) -> None:
