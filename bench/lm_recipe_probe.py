@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from devices.simulate.speakers import speaker_blocks
 from models.charlm import STUDENT, TEACHER, CharLM
 
-TEXT = Path("/work/shared/data/tinyshakespeare.txt")
+TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"  # beside the clone; --text
 CTX = 64
 EVAL_WINDOWS = 250  # × 32 scored positions = 8000 positions
 SCORE_FROM = 32
@@ -93,8 +93,8 @@ def eval_windows(texts: list[bytes], n: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 class Data:
-    def __init__(self) -> None:
-        d = split_text()
+    def __init__(self, text: Path = TEXT) -> None:
+        d = split_text(text)
         self.__dict__.update(d)
         self.dev_train = [t[: int(len(t) * 0.8)] for t in self.dev_texts]
         self.dev_test = [t[int(len(t) * 0.8) :] for t in self.dev_texts]
@@ -471,6 +471,9 @@ def cmd_data(a, data: Data, log) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="/tmp/lmprobe")
+    p.add_argument(
+        "--text", type=Path, default=TEXT, help="Tiny Shakespeare (default: ../shared/data beside the clone)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -520,7 +523,7 @@ def main() -> None:
         with open(out / "results.jsonl", "a") as fh:
             fh.write(json.dumps(rec) + "\n")
 
-    data = Data()
+    data = Data(a.text)
     {"data": cmd_data, "export": cmd_export, "fed": cmd_fed, "personal": cmd_personal, "forget": cmd_forget}[a.cmd](
         a, data, log
     )
