@@ -44,6 +44,7 @@ class CoordinatorConfig:
     over_selection: float = 1.3
     eligibility: tuple[Eligibility, ...] = ()
     selection_grace_s: float = 1.0  # wait for retained statuses before the first selection
+    quorum_wait_s: float = 60.0  # sync + selection: open below ⌈min_updates·over_selection⌉ online after this
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

@@ -24,6 +24,11 @@ class Metrics:
         self.devices_online = Gauge("edgelearn_devices_online", "Devices whose retained status is online", registry=r)
         self.version = Gauge("edgelearn_model_version", "Current release version", registry=r)
         self.round_accepted = Gauge("edgelearn_round_accepted", "Accepted updates in the open round", registry=r)
+        self.round_waiting = Gauge(
+            "edgelearn_round_waiting_devices",
+            "Eligible online devices still missing before the next round opens (0: open)",
+            registry=r,
+        )
         self.dp_noise_multiplier = Gauge(
             "edgelearn_dp_noise_multiplier", "Central DP noise multiplier σ (0: DP off)", registry=r
         )

@@ -64,3 +64,21 @@ def select(candidates: list[str], target: int, factor: float, seed: int | str) -
     """A uniform random sample of min(⌈target·factor⌉, |candidates|) devices, reproducible from `seed`."""
     k = min(over_selected(target, factor), len(candidates))
     return sorted(random.Random(seed).sample(sorted(candidates), k))
+
+
+def may_open(online_eligible: int, min_updates: int, factor: float, waited_s: float, wait_s: float) -> bool:
+    """A selected round opens once ⌈min_updates·factor⌉ eligible devices are online; after `wait_s` of waiting,
+    with what is there if that still meets min_updates. Never below min_updates: it could not close."""
+    if online_eligible >= over_selected(min_updates, factor):
+        return True
+    return waited_s >= wait_s and online_eligible >= min_updates
+
+
+def top_up(invited: list[str], candidates: list[str], target: int, factor: float, seed: int | str) -> list[str]:
+    """`invited` plus eligible online devices not yet invited, up to ⌈target·factor⌉ in all (a random,
+    reproducible choice among the newcomers): an under-subscribed round grows as devices come online."""
+    room = over_selected(target, factor) - len(invited)
+    new = sorted(set(candidates) - set(invited))
+    if room <= 0 or not new:
+        return invited
+    return sorted([*invited, *random.Random(seed).sample(new, min(room, len(new)))])

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from coordinator.config import CoordinatorConfig
 from coordinator.metrics import Metrics
 from coordinator.rounds import Rebuild, Rounds, RoundSummary
-from coordinator.selection import eligible, select
+from coordinator.selection import eligible, may_open, over_selected, select, top_up
 from coordinator.state import StateLayout, StateLockedError
 from edgelearn.bundle import pack_release
 from edgelearn.mqtt import MqttLink
@@ -45,6 +45,8 @@ class Coordinator:
         self.participants = self.rounds.store.invited(self.rounds.round)  # the open round's, kept across restarts
         self.selected = cfg.target_participants is None or self.participants is not None  # None: any online device
         self.attempt_round, self.attempt = 0, 0  # selections drawn for round `attempt_round`
+        self.select_from = 0.0  # monotonic time the current round began to wait for its participants
+        self.waiting: int | None = None  # eligible devices online when the wait was last reported
         self.connected_at: float | None = None
         self.rounds_done = 0
         self.events: queue.Queue[tuple[str, bytes]] = queue.Queue()
@@ -68,15 +70,54 @@ class Coordinator:
     def publish_all(self) -> None:
         """(Re)publish coordinator status, the current release and (sync mode) the current round, retained."""
         e = self.rounds
-        status = encode_status("online", version=e.version, round=e.round, mode=self.cfg.mode)
-        self.link.publish(self.topics.coordinator_status, status, retain=True)
+        self.publish_status()
         self.link.publish(self.topics.model_latest, pack_release(e.release_dir(e.version)), retain=True)
         self.publish_round()
+
+    def publish_status(self, **extra: object) -> None:
+        """The retained coordinator status; `waiting` says why no round is open yet."""
+        e = self.rounds
+        status = encode_status("online", version=e.version, round=e.round, mode=self.cfg.mode, **extra)
+        self.link.publish(self.topics.coordinator_status, status, retain=True)
 
     def publish_round(self) -> None:
         if self.cfg.mode == "sync" and self.selected:
             self.rounds.open_round(self.participants)
             self.link.publish(self.topics.rounds_current, self.round_msg().encode(), retain=True)
+
+    def open_when_quorum(self, waited_s: float) -> bool:
+        """Select and publish the round once enough eligible devices are online (`selection.may_open`);
+        until then log, show in the coordinator status and the metric why it waits. True if opened."""
+        online = len(eligible(self.statuses, self.cfg.eligibility))
+        need = over_selected(self.cfg.min_updates, self.cfg.over_selection)
+        if not may_open(online, self.cfg.min_updates, self.cfg.over_selection, waited_s, self.cfg.quorum_wait_s):
+            self.metrics.round_waiting.set(need - online)
+            if self.waiting != online:
+                self.waiting = online
+                log.info("round %d waits: %d of %d eligible devices online (or %d after %.0fs)", self.rounds.round,
+                         online, need, self.cfg.min_updates, self.cfg.quorum_wait_s)  # fmt: skip
+                self.publish_status(waiting={"online_eligible": online, "needed": need})
+            return False
+        self.waiting = None
+        self.metrics.round_waiting.set(0)
+        self.rounds.extend_deadline()  # the round's time runs from its opening
+        self.select_participants()
+        self.publish_status()
+        self.publish_round()
+        return True
+
+    def top_up_round(self) -> None:
+        """Invite devices that came online (or became eligible) while the open round is under-subscribed."""
+        if not (self.cfg.mode == "sync" and self.selected and self.participants is not None):
+            return
+        target = self.cfg.target_participants or 0
+        grown = top_up(self.participants, eligible(self.statuses, self.cfg.eligibility), target,
+                       self.cfg.over_selection, f"{self.rounds.round}/{self.attempt}/top-up")  # fmt: skip
+        if len(grown) > len(self.participants):
+            log.info("round %d: %d more devices invited (%d in all)", self.rounds.round,
+                     len(grown) - len(self.participants), len(grown))  # fmt: skip
+            self.participants = grown
+            self.publish_round()
 
     def select_participants(self) -> None:
         """Invite ⌈target·over_selection⌉ eligible online devices (reproducibly, seeded by the round)."""
@@ -109,6 +150,7 @@ class Coordinator:
             seen.append((device_id, status))
         if seen:
             self.rounds.store.see_devices(seen)
+            self.top_up_round()
         self.metrics.devices_online.set(sum(s.get("state") != "offline" for s in self.statuses.values()))
 
     def on_messages(self, messages: list[tuple[str, bytes]]) -> None:
@@ -142,11 +184,9 @@ class Coordinator:
         self.metrics.round_accepted.set(e.count)  # `tick` closes the round once it is ready
 
     def ready(self) -> bool:
-        """min_updates (sync) / K (async) accepted, or every invited participant has reported."""
-        e = self.rounds
-        if e.ready():
-            return True
-        return bool(self.participants) and e.count > 0 and set(self.participants or ()) <= set(e.devices)
+        """min_updates (sync) / K (async) accepted. A round whose invitees all reported with fewer waits for
+        its deadline and is re-announced: it never closes below its quorum."""
+        return self.rounds.ready()
 
     def close_round(self) -> None:
         t0 = time.perf_counter()
@@ -156,8 +196,8 @@ class Coordinator:
         self.metrics.version.set(self.rounds.version)
         self.metrics.round_accepted.set(0)
         self.rounds_done += 1
-        if self.cfg.target_participants is not None:
-            self.select_participants()
+        if self.cfg.target_participants is not None:  # the next round opens once its quorum is online (tick)
+            self.selected, self.participants, self.select_from = False, None, time.monotonic()
         self.publish_all()
         if self.on_round:
             self.on_round(summary)
@@ -168,10 +208,11 @@ class Coordinator:
         if self.connected_at is not None and self.ready():  # enough updates (also when restarted mid-close)
             self.close_round()
             return
-        waited_s = time.monotonic() - self.connected_at if self.connected_at else 0.0
-        if not self.selected and waited_s > self.cfg.selection_grace_s:
-            self.select_participants()
-            self.publish_round()
+        waited_s = time.monotonic() - max(self.connected_at or 0.0, self.select_from)
+        if not self.selected:  # no round is open yet: it waits for its quorum, not for a deadline
+            if self.connected_at and waited_s > self.cfg.selection_grace_s:
+                self.open_when_quorum(waited_s - self.cfg.selection_grace_s)
+            return
         if self.cfg.mode != "sync" or time.time() < e.deadline:
             return
         if e.count >= self.cfg.min_updates:

@@ -28,7 +28,7 @@ def weights_only_rebuild(prev_dir: Path, weights: dict, version: int, out: Path,
 
 
 def make_cfg(bundle_dir: Path, state: Path, **kw) -> CoordinatorConfig:
-    return CoordinatorConfig("mqtt://127.0.0.1:1", "f", bundle_dir, state, min_updates=3, **kw)
+    return CoordinatorConfig("mqtt://127.0.0.1:1", "f", bundle_dir, state, **{"min_updates": 3, **kw})
 
 
 def upd(e: Rounds, uid: str, n: int, seed: int, base: int | None = None, rnd: int | None = 0, dev: str = "") -> bytes:
