@@ -189,9 +189,20 @@ def test_round_invites_eligible_online_devices(mosquitto, bundle_dir, fleet, rec
         rec.publish(t.device(dev, "status"), s, retain=True)
     log = (tmp_path / "coord.log").open("wb")
     rules = ["--eligible", "battery_percent>=20", "--eligible", "temp_c<45"]
-    # Execute: ask for 1 participant with over-selection 2 → ⌈1·2⌉ = 2 invited
+    # Execute: ask for 1 participant (quorum 1) with over-selection 2 → ⌈1·2⌉ = 2 invited
     proc = start_coordinator(
-        mosquitto.url, fleet, bundle_dir, tmp_path / "s", log, "--participants", "1", "--over-selection", "2", *rules
+        mosquitto.url,
+        fleet,
+        bundle_dir,
+        tmp_path / "s",
+        log,
+        "--participants",
+        "1",
+        "--over-selection",
+        "2",
+        "--min-updates",
+        "1",
+        *rules,  # the round opens once ⌈1·2⌉ = 2 eligible devices are online
     )
     try:
         _, payload = wait_for(rec, lambda topic, p: topic == t.rounds_current)
@@ -242,3 +253,54 @@ def test_round_is_reannounced_at_the_deadline(mosquitto, bundle_dir, fleet, reco
         proc.wait(timeout=30)
         log.close()
     assert (first.round, second.round) == (1, 1) and second.deadline_unix_s > first.deadline_unix_s
+
+
+def test_devices_connecting_one_by_one_over_20s_never_get_a_round_below_its_quorum(
+    mosquitto, bundle_dir, fleet, recorder, tmp_path
+):
+    # Prepare: a coordinator wanting 3 of ⌈3·1.3⌉ = 4 invitees; six devices come online 4 s apart
+    t = Topics(fleet)
+    rec = recorder([t.model_latest, t.rounds_current, t.all_devices("ack")])
+    log = (tmp_path / "coord.log").open("wb")
+    proc = start_coordinator(mosquitto.url, fleet, bundle_dir, tmp_path / "s", log, "--participants", "3",
+                             "--over-selection", "1.3")  # fmt: skip
+    manifest, theta = release_v1(rec)
+    online: list[str] = []
+    rounds: list[tuple[int, tuple[str, ...]]] = []  # (devices online when seen, participants)
+    sent: set[str] = set()
+    try:
+        # Execute: devices d0..d5 publish their status one by one; each invited device sends one update
+        next_online = time.monotonic()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if len(online) < 6 and time.monotonic() >= next_online:
+                dev = f"d{len(online)}"
+                rec.publish(t.device(dev, "status"), encode_status("idle"), retain=True)
+                online.append(dev)
+                next_online += 4.0
+            try:
+                topic, payload = rec.next(timeout_s=0.5)
+            except Exception:
+                continue
+            if topic == t.rounds_current:
+                r = RoundMsg.decode(payload)
+                rounds.append((len(online), r.participants or ()))
+                if r.round == 2:
+                    break
+                for dev in r.participants or ():
+                    if dev not in sent:
+                        sent.add(dev)
+                        u = make_update(f"u-{dev}", dev, theta, manifest.trainable, manifest.model_id, 5, len(sent))
+                        rec.publish(t.device(dev, "update"), encode_update(u))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+    # Assert: round 1 was first announced with ≥ 4 devices online, and it closed (round 2 announced) only after
+    # at least 3 accepted updates
+    assert rounds and rounds[0][0] >= 4 and len(rounds[0][1]) >= 4, (rounds, (tmp_path / "coord.log").read_text())
+    assert rounds[-1][1] is not None and len(sent) >= 3
+    db = sqlite3.connect(tmp_path / "s" / "state.sqlite")
+    accepted = db.execute("SELECT COUNT(*) FROM updates WHERE round=1").fetchone()[0]
+    db.close()
+    assert accepted >= 3
