@@ -54,6 +54,10 @@ def run_demo(
     if model == "char-lm":
         last = report["rounds"][-1]["version"] if report["rounds"] else 1
         say_samples(work / "bundle", work / "state" / "coordinator" / "releases" / f"v{last}", last, say)
+        ppl = [f"{r['perplexity']:.2f}" for r in report["rounds"] if r.get("perplexity") is not None]
+        first_ppl = verify_bundle(work / "bundle").metrics.get("perplexity_pte", float("nan"))
+        say(f"[demo] perplexity of the int8 .pte on the export text's held-out tail (200 windows): v1 "
+            f"{first_ppl:.2f} → {' → '.join(ppl)}")  # fmt: skip
     say(f"[demo] done: {len(report['rounds'])} rounds in {time.monotonic() - t0:.1f}s; held-out accuracy of the "
         f"int8 .pte: v1 {first:.3f} → {' → '.join(accuracy)}; report.json and plots in {work}")  # fmt: skip
     return report

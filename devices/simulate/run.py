@@ -156,7 +156,7 @@ def prepare(cfg: SimConfig, say: Callable[[str], None]) -> tuple[Path, list]:
         shards = device_shards(pool, cfg.devices, cfg.samples_per_device, cfg.alpha, seed=cfg.seed)
         export = ExportConfig(server_fraction=cfg.server_fraction, compare=False, seed=cfg.seed)  # same test split
     if cfg.bundle is None:
-        say(f"[sim] exporting {cfg.model} (teacher → student → int8 XNNPACK .pte)")
+        say(f"[sim] exporting {cfg.model}: release 1 (training, int8 XNNPACK .pte, train.pte)")
         export_bundle(export, bundle)
     devices = make_devices(shards, list(cfg.profiles), set(cfg.hot), cfg.battery_fraction, cfg.max_link_delay_s,
                            cfg.seed, cfg.ambient_spread_c)  # fmt: skip
