@@ -255,52 +255,83 @@ def test_round_is_reannounced_at_the_deadline(mosquitto, bundle_dir, fleet, reco
     assert (first.round, second.round) == (1, 1) and second.deadline_unix_s > first.deadline_unix_s
 
 
-def test_devices_connecting_one_by_one_over_20s_never_get_a_round_below_its_quorum(
-    mosquitto, bundle_dir, fleet, recorder, tmp_path
-):
-    # Prepare: a coordinator wanting 3 of ⌈3·1.3⌉ = 4 invitees; six devices come online 4 s apart
+def staggered_fleet(url: str, fleet: str, bundle_dir, recorder, tmp_path, restart=None) -> tuple[list, int]:
+    """A coordinator wanting 3 of ⌈3·1.3⌉ = 4 invitees; devices d0..d5 publish their status 4 s apart (20 s) and
+    each invited device sends one update; `restart()` runs after the second device. Returns the round messages
+    seen as (devices online then, participants) and the accepted count of round 1."""
     t = Topics(fleet)
     rec = recorder([t.model_latest, t.rounds_current, t.all_devices("ack")])
     log = (tmp_path / "coord.log").open("wb")
-    proc = start_coordinator(mosquitto.url, fleet, bundle_dir, tmp_path / "s", log, "--participants", "3",
+    proc = start_coordinator(url, fleet, bundle_dir, tmp_path / "s", log, "--participants", "3",
                              "--over-selection", "1.3")  # fmt: skip
     manifest, theta = release_v1(rec)
     online: list[str] = []
-    rounds: list[tuple[int, tuple[str, ...]]] = []  # (devices online when seen, participants)
+    rounds: list[tuple[int, tuple[str, ...]]] = []
     sent: set[str] = set()
     try:
-        # Execute: devices d0..d5 publish their status one by one; each invited device sends one update
-        next_online = time.monotonic()
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
+        next_online, deadline = time.monotonic(), time.monotonic() + 150
+        while time.monotonic() < deadline and not (rounds and RoundMsg.decode(rounds[-1][2]).round == 2):
             if len(online) < 6 and time.monotonic() >= next_online:
-                dev = f"d{len(online)}"
-                rec.publish(t.device(dev, "status"), encode_status("idle"), retain=True)
-                online.append(dev)
+                online.append(f"d{len(online)}")
+                rec.publish(t.device(online[-1], "status"), encode_status("idle"), retain=True)
                 next_online += 4.0
+                if restart is not None and len(online) == 2:
+                    restart()
             try:
                 topic, payload = rec.next(timeout_s=0.5)
             except Exception:
                 continue
-            if topic == t.rounds_current:
-                r = RoundMsg.decode(payload)
-                rounds.append((len(online), r.participants or ()))
-                if r.round == 2:
-                    break
-                for dev in r.participants or ():
-                    if dev not in sent:
-                        sent.add(dev)
-                        u = make_update(f"u-{dev}", dev, theta, manifest.trainable, manifest.model_id, 5, len(sent))
-                        rec.publish(t.device(dev, "update"), encode_update(u))
+            if topic != t.rounds_current:
+                continue
+            r = RoundMsg.decode(payload)
+            rounds.append((len(online), r.participants or (), payload))
+            for dev in (r.participants or ()) if r.round == 1 else ():
+                if dev not in sent:
+                    sent.add(dev)
+                    u = make_update(f"u-{dev}", dev, theta, manifest.trainable, manifest.model_id, 5, len(sent))
+                    rec.publish(t.device(dev, "update"), encode_update(u))
     finally:
         proc.terminate()
         proc.wait(timeout=30)
         log.close()
-    # Assert: round 1 was first announced with ≥ 4 devices online, and it closed (round 2 announced) only after
-    # at least 3 accepted updates
-    assert rounds and rounds[0][0] >= 4 and len(rounds[0][1]) >= 4, (rounds, (tmp_path / "coord.log").read_text())
-    assert rounds[-1][1] is not None and len(sent) >= 3
     db = sqlite3.connect(tmp_path / "s" / "state.sqlite")
     accepted = db.execute("SELECT COUNT(*) FROM updates WHERE round=1").fetchone()[0]
     db.close()
+    return [(n, parts) for n, parts, _ in rounds], accepted
+
+
+def test_devices_connecting_one_by_one_over_20s_never_get_a_round_below_its_quorum(
+    mosquitto, bundle_dir, fleet, recorder, tmp_path
+):
+    # Execute
+    rounds, accepted = staggered_fleet(mosquitto.url, fleet, bundle_dir, recorder, tmp_path)
+    # Assert: round 1 was first announced with ≥ 4 devices online (and ≥ 4 invited); it closed with ≥ 3 accepted
+    assert rounds and rounds[0][0] >= 4 and len(rounds[0][1]) >= 4, (rounds, (tmp_path / "coord.log").read_text())
+    assert accepted >= 3
+
+
+def test_a_broker_restart_mid_fleet_never_gives_a_round_below_its_quorum(bundle_dir, fleet, tmp_path):
+    from edgelearn.broker import Mosquitto
+    from tests.conftest import Recorder
+
+    broker = Mosquitto(tmp_path / "broker").start()
+    made: list[Recorder] = []
+
+    def recorder(topics):
+        made.append(Recorder(broker.url, topics))
+        return made[-1]
+
+    def restart():
+        broker.stop()
+        broker.start()
+
+    try:
+        # Execute: the broker restarts after two devices are online
+        rounds, accepted = staggered_fleet(broker.url, fleet, bundle_dir, recorder, tmp_path, restart)
+    finally:
+        for r in made:
+            r.close()
+        broker.stop()
+    # Assert
+    assert rounds and rounds[0][0] >= 4 and len(rounds[0][1]) >= 4, (rounds, (tmp_path / "coord.log").read_text())
     assert accepted >= 3
