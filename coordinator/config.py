@@ -46,6 +46,11 @@ class CoordinatorConfig:
     selection_grace_s: float = 1.0  # wait for retained statuses before the first selection
     quorum_wait_s: float = 60.0  # sync + selection: open below ⌈min_updates·over_selection⌉ online after this
 
+    def samples_bound(self) -> int:
+        """n_max: the samples one update may claim in the FedAvg weights; by default what the round's recipe can
+        touch (local steps × batch size); more is clipped (a device cannot buy weight with a large claim)."""
+        return self.max_samples_per_update or self.local.steps * self.local.batch_size
+
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r}: use one of {MODES}")

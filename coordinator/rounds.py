@@ -56,16 +56,16 @@ class RoundSummary:
 
 
 class _Pending:
-    """Committed update ids plus those accepted earlier in the same batch."""
+    """Committed (device id, update id) pairs plus those accepted earlier in the same batch."""
 
-    def __init__(self, committed: Container[str]) -> None:
-        self.committed, self.batch = committed, set[str]()
+    def __init__(self, committed: Container[tuple[str, str]]) -> None:
+        self.committed, self.batch = committed, set[tuple[str, str]]()
 
-    def add(self, update_id: str) -> None:
-        self.batch.add(update_id)
+    def add(self, key: tuple[str, str]) -> None:
+        self.batch.add(key)
 
-    def __contains__(self, update_id: object) -> bool:
-        return update_id in self.batch or update_id in self.committed
+    def __contains__(self, key: object) -> bool:
+        return key in self.batch or key in self.committed
 
 
 class Rounds:
@@ -79,7 +79,7 @@ class Rounds:
         self.store = Store(self.layout.sqlite)
         self.spool = Spool(self.layout.spool)
         self.server_opt = make_server_opt(cfg.server_opt)
-        self.strategy = make_strategy(cfg.aggregator, cfg.mode, cfg.max_samples_per_update, cfg.clip_norm,
+        self.strategy = make_strategy(cfg.aggregator, cfg.mode, cfg.samples_bound(), cfg.clip_norm,
                                       cfg.trim_fraction, cfg.dp, self.layout.dp_secret() if cfg.dp else 0)  # fmt: skip
         if self.store.get("version") is None:
             m = self.layout.import_bundle(cfg.bundle_dir)
@@ -154,7 +154,7 @@ class Rounds:
             self.agg.add_flat(flat, row.weight, factor)
         else:
             self.agg.add(agg.clip(u.deltas, clip_norm) if clip_norm else u.deltas, row.weight)
-        self.n_total += agg.sample_weight(u.num_samples, self.cfg.max_samples_per_update)
+        self.n_total += agg.sample_weight(u.num_samples, self.strategy.max_samples)
         self.devices.append(u.device_id)
 
     def handle(self, device_id: str, payload: bytes) -> Verdict:
@@ -169,9 +169,12 @@ class Rounds:
         for device_id, payload in items:
             v = check_update(device_id, payload, self.rules(), ids)
             verdicts.append(v)
+            if v.status == "accepted" and self.counted_already(v, pending):
+                v = Verdict("rejected", v.update_id, "second_update_for_base")
+                verdicts[-1] = v
             if v.status == "accepted":
                 assert v.update is not None and v.update_id is not None  # an accepted verdict carries both
-                ids.add(v.update_id)
+                ids.add((device_id, v.update_id))
                 pending.append((v.update, payload))
             elif v.status == "duplicate":
                 self.duplicates += 1
@@ -192,13 +195,28 @@ class Rounds:
                 self._fold(u, row, payload)
         return verdicts
 
+    def counted_already(self, v: Verdict, pending: list[tuple[Update, bytes]]) -> bool:
+        """Rounds: a device counts once per round per base version (its fresh update, and at most one late one
+        from each earlier release), so one device cannot fill a round's quorum or outweigh the rest."""
+        u = v.update
+        if self.cfg.mode != "sync" or u is None:
+            return False
+        same = any(p.device_id == u.device_id and p.base_version == u.base_version for p, _ in pending)
+        return same or self.store.has_update(self.round, u.device_id, u.base_version)
+
+    @property
+    def devices_counted(self) -> int:
+        """Distinct devices with an update in the open round (what a round's quorum counts)."""
+        return len(set(self.devices))
+
     @property
     def count(self) -> int:
         return self.agg.count
 
     def ready(self) -> bool:
-        target = self.cfg.buffer_size if self.cfg.mode == "async" else self.cfg.min_updates
-        return self.count >= target
+        if self.cfg.mode == "async":
+            return self.count >= self.cfg.buffer_size
+        return self.devices_counted >= self.cfg.min_updates
 
     # ------------------------------------------------------------ closing
 

@@ -215,7 +215,7 @@ class Coordinator:
             return
         if self.cfg.mode != "sync" or time.time() < e.deadline:
             return
-        if e.count >= self.cfg.min_updates:
+        if e.devices_counted >= self.cfg.min_updates:
             self.close_round()
             return
         e.extend_deadline()

@@ -12,13 +12,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS updates (
-  update_id TEXT PRIMARY KEY, round INTEGER NOT NULL, seq INTEGER NOT NULL, device_id TEXT NOT NULL,
+UPDATES_TABLE = """CREATE TABLE IF NOT EXISTS updates (
+  update_id TEXT NOT NULL, round INTEGER NOT NULL, seq INTEGER NOT NULL, device_id TEXT NOT NULL,
   num_samples INTEGER NOT NULL, base_version INTEGER NOT NULL, weight REAL NOT NULL,
-  spool_offset INTEGER NOT NULL, spool_bytes INTEGER NOT NULL, received REAL NOT NULL);
-CREATE INDEX IF NOT EXISTS updates_round ON updates(round, seq);
+  spool_offset INTEGER NOT NULL, spool_bytes INTEGER NOT NULL, received REAL NOT NULL,
+  PRIMARY KEY (device_id, update_id))"""
+UPDATES_INDEX = "CREATE INDEX IF NOT EXISTS updates_round ON updates(round, seq)"
+SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);\n"
+    + f"{UPDATES_TABLE};\n{UPDATES_INDEX};\n"
+    + """
 CREATE TABLE IF NOT EXISTS rounds (
   round INTEGER PRIMARY KEY, base_version INTEGER NOT NULL, opened REAL NOT NULL, closed REAL,
   version_out INTEGER, participants TEXT, accepted INTEGER DEFAULT 0, rejected TEXT DEFAULT '{}',
@@ -27,6 +30,7 @@ CREATE TABLE IF NOT EXISTS releases (version INTEGER PRIMARY KEY, created REAL N
 CREATE TABLE IF NOT EXISTS devices (
   device_id TEXT PRIMARY KEY, state TEXT, version INTEGER, last_seen REAL, status TEXT);
 """
+)
 
 
 @dataclass(frozen=True)
@@ -43,13 +47,31 @@ class AcceptedRow:
 
 
 class _AcceptedIds:
-    """`update_id in store.accepted_ids`: a set-like view of the committed update ids."""
+    """`(device_id, update_id) in store.accepted_ids`: a set-like view of the committed updates. An update id
+    belongs to its sender: another device sending the same id sends an update of its own."""
 
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
 
-    def __contains__(self, update_id: object) -> bool:
-        return self.db.execute("SELECT 1 FROM updates WHERE update_id=?", (update_id,)).fetchone() is not None
+    def __contains__(self, key: object) -> bool:
+        if not (isinstance(key, tuple) and len(key) == 2):
+            return False
+        row = self.db.execute("SELECT 1 FROM updates WHERE device_id=? AND update_id=?", key).fetchone()
+        return row is not None
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Stores made before update ids were keyed by device: the updates table gets the (device_id, update_id) key."""
+    pk = [r[1] for r in db.execute("PRAGMA table_info(updates)") if r[5]]
+    if pk != ["update_id"]:
+        return
+    with db:
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("ALTER TABLE updates RENAME TO updates_v1")
+        db.execute(UPDATES_TABLE)
+        db.execute("INSERT INTO updates SELECT * FROM updates_v1")
+        db.execute("DROP TABLE updates_v1")
+        db.execute(UPDATES_INDEX)
 
 
 class Store:
@@ -61,6 +83,7 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
+        _migrate(self.db)
         self.accepted_ids = _AcceptedIds(self.db)
 
     def close(self) -> None:
@@ -99,6 +122,11 @@ class Store:
             (rnd,),
         ).fetchall()
         return [AcceptedRow(*r) for r in rows]
+
+    def has_update(self, rnd: int, device_id: str, base_version: int) -> bool:
+        """Whether `device_id` already has an update computed on `base_version` counted in round `rnd`."""
+        q = "SELECT 1 FROM updates WHERE round=? AND device_id=? AND base_version=? LIMIT 1"
+        return self.db.execute(q, (rnd, device_id, base_version)).fetchone() is not None
 
     def next_seq(self) -> int:
         return int(self.db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM updates").fetchone()[0])

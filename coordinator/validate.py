@@ -102,7 +102,9 @@ def max_payload_bytes(shapes: dict[str, tuple[int, ...]]) -> int:
     return sum(4 * int(np.prod(s, dtype=np.int64)) for s in shapes.values()) + HEADER_SLACK_BYTES
 
 
-def check_update(topic_device_id: str, payload: bytes, rules: Rules, accepted_ids: Container[str]) -> Verdict:
+def check_update(
+    topic_device_id: str, payload: bytes, rules: Rules, accepted_ids: Container[tuple[str, str]]
+) -> Verdict:
     """Apply every rule of protocol v1 in order; the first broken one names the rejection.
 
     A payload larger than any valid update is refused before its tensors are parsed (`payload_too_large`: it
@@ -120,7 +122,7 @@ def check_update(topic_device_id: str, payload: bytes, rules: Rules, accepted_id
         return Verdict("rejected", update_id_of(payload), "not_safetensors")
     if u.device_id != topic_device_id:
         return Verdict("rejected", u.update_id, "device_id_mismatch")
-    if u.update_id in accepted_ids:
+    if (u.device_id, u.update_id) in accepted_ids:  # ids belong to their device: another's is not a duplicate
         return Verdict("duplicate", u.update_id)
     if u.model_id != rules.model_id:
         return Verdict("rejected", u.update_id, "model_id_mismatch")

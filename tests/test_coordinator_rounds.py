@@ -240,7 +240,7 @@ def test_rollback_cli_errors_are_one_line(bundle_dir, tmp_path, capsys):
         lock.close()
 
 
-def test_round_closes_early_when_every_invited_device_reported(bundle_dir, tmp_path):
+def test_every_invited_device_reporting_closes_a_round_only_at_its_quorum(bundle_dir, tmp_path):
     from coordinator.server import Coordinator
 
     c = Coordinator(make_cfg(bundle_dir, tmp_path), weights_only_rebuild)  # not started: no broker needed
@@ -249,6 +249,8 @@ def test_round_closes_early_when_every_invited_device_reported(bundle_dir, tmp_p
         c.rounds.handle("d1", upd(c.rounds, "u1", 5, 1, dev="d1"))
         assert not c.ready()  # 1 of min_updates=3, d2 still missing
         c.rounds.handle("d2", upd(c.rounds, "u2", 5, 2, dev="d2"))
+        assert not c.ready()  # every invitee reported, but 2 < 3: the round waits for its deadline
+        c.rounds.handle("d3", upd(c.rounds, "u3", 5, 3, dev="d3"))
         assert c.ready()
     finally:
         c.rounds.store.close()
@@ -369,3 +371,43 @@ def test_late_updates_of_earlier_rounds_are_folded_with_a_staleness_weight_up_to
     future = upd(e, "f", 10, 8, rnd=7, dev="df")
     assert e.handle("df", future).reason == "wrong_round"
     e.store.close()
+
+
+def test_one_device_cannot_hijack_an_update_id_outweigh_the_fleet_or_fill_a_round(bundle_dir, tmp_path):
+    # Prepare: min_updates 3; the default recipe (20 steps × 32) bounds a claim at 640 samples
+    e = Rounds(make_cfg(bundle_dir, tmp_path), weights_only_rebuild)
+    stolen = upd(e, "vic-r1-v1", 5, 1, dev="att")  # the victim's next id, on the attacker's own topic
+    greedy = [upd(e, f"att-{k}", 10**14, 10 + k, dev="att") for k in range(3)]
+    # Execute
+    first = e.handle("att", stolen)
+    victim = e.handle("vic", upd(e, "vic-r1-v1", 5, 2, dev="vic"))
+    more = [e.handle("att", p) for p in greedy]
+    # Assert: the victim's update counts (ids belong to their device); the attacker counts once in the round,
+    # and its 10^14-sample claim weighs as 640 samples; two devices do not make a round of three
+    assert (first.status, victim.status) == ("accepted", "accepted")
+    assert [v.reason for v in more] == ["second_update_for_base"] * 3
+    assert e.devices_counted == 2 and not e.ready()
+    assert max(r.weight for r in e.store.accepted(1)) == 5.0  # only the two 5-sample updates were counted
+    e.handle("big", upd(e, "big-1", 10**14, 4, dev="big"))
+    assert e.store.accepted(1)[-1].weight == 20 * 32 and e.ready()
+    e.store.close()
+
+
+def test_a_store_from_before_device_keyed_ids_is_migrated(bundle_dir, tmp_path):
+    import sqlite3
+
+    e = Rounds(make_cfg(bundle_dir, tmp_path), weights_only_rebuild)
+    e.handle("d1", upd(e, "u1", 5, 1, dev="d1"))
+    e.store.close()
+    db = sqlite3.connect(tmp_path / "state.sqlite")  # rebuild the table as the old schema had it
+    db.executescript(
+        "ALTER TABLE updates RENAME TO u; CREATE TABLE updates (update_id TEXT PRIMARY KEY, round INTEGER NOT NULL, "
+        "seq INTEGER NOT NULL, device_id TEXT NOT NULL, num_samples INTEGER NOT NULL, base_version INTEGER NOT NULL, "
+        "weight REAL NOT NULL, spool_offset INTEGER NOT NULL, spool_bytes INTEGER NOT NULL, received REAL NOT NULL);"
+        "INSERT INTO updates SELECT * FROM u; DROP TABLE u;"
+    )
+    db.close()
+    again = Rounds(make_cfg(bundle_dir, tmp_path), weights_only_rebuild)
+    assert again.count == 1 and ("d1", "u1") in again.store.accepted_ids
+    assert again.handle("d2", upd(again, "u1", 5, 2, dev="d2")).status == "accepted"  # same id, other device
+    again.store.close()

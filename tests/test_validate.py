@@ -26,7 +26,7 @@ def update(**kw) -> Update:
     return Update(**fields)
 
 
-def verdict(payload: bytes, topic_device: str = "dev1", accepted: set[str] | None = None):
+def verdict(payload: bytes, topic_device: str = "dev1", accepted: set[tuple[str, str]] | None = None):
     return check_update(topic_device, payload, RULES, accepted or set())
 
 
@@ -131,8 +131,14 @@ def test_norm_exceeds_max_update_norm():
 
 
 def test_already_accepted_is_duplicate():
-    v = verdict(encode_update(update()), accepted={"u1"})
+    v = verdict(encode_update(update()), accepted={("dev1", "u1")})
     assert (v.status, v.update_id) == ("duplicate", "u1")
+
+
+def test_an_update_id_belongs_to_its_device():
+    # another device already sent an update under this id (e.g. to hijack it): this one is still this device's
+    v = verdict(encode_update(update()), accepted={("attacker", "u1")})
+    assert v.status == "accepted"
 
 
 def test_stale_base_version():
