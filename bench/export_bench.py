@@ -19,8 +19,9 @@ import numpy as np
 import torch
 
 from edgelearn.bundle import load_weights
-from export.metrics import pte_latency_us, pte_logits, quality
+from export.metrics import pte_latency_us, pte_logits
 from export.pipeline import REPORT_JSON, ExportConfig, export_bundle
+from models.quality import quality
 from models.registry import get_spec
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -24,8 +24,8 @@ import torch
 from devices.simulate.speakers import speaker_shards
 from edge_runtime.engines import EagerEngine
 from edgelearn.bundle import load_weights
-from export.metrics import quality
 from models.charlm import CONTEXT
+from models.quality import quality
 from models.registry import get_spec
 from models.text import read_text, text_splits
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from cli.common import add_recipe_options, broker_url, fleet_name, recipe, stop_on_signals
 from edgelearn.protocol import DEFAULT_LOCAL
@@ -45,16 +46,24 @@ def _coordinator_config(a: argparse.Namespace):
     )
 
 
+def relower(*args: Any, **kwargs: Any) -> Any:
+    """export.pipeline.rebuild_bundle, imported only when a bundle of format 1 needs its programs lowered again
+    (the coordinator otherwise never loads the exporter)."""
+    from export.pipeline import rebuild_bundle
+
+    return rebuild_bundle(*args, **kwargs)
+
+
 def cmd_rollback(a: argparse.Namespace) -> int:
     from coordinator.ops import OpsError, rollback
+    from coordinator.release import release_builder
     from coordinator.state import StateLockedError
-    from export.pipeline import rebuild_bundle
 
     if a.state is None or a.to is None:
         print("edgelearn coordinator rollback: error: --state and --to are required", file=sys.stderr)
         return 2
     try:
-        m = rollback(a.state, a.to, rebuild_bundle)
+        m = rollback(a.state, a.to, release_builder(relower))
     except (OpsError, StateLockedError) as e:
         print(f"edgelearn coordinator rollback: error: {e}", file=sys.stderr)
         return 2
@@ -65,11 +74,11 @@ def cmd_rollback(a: argparse.Namespace) -> int:
 def cmd_coordinator(a: argparse.Namespace) -> int:
     if a.action == "rollback":
         return cmd_rollback(a)
+    from coordinator.release import release_builder
     from coordinator.server import Coordinator
     from coordinator.state import StateLockedError
     from edgelearn.bundle import BundleError, verify_bundle
     from edgelearn.signing import ensure_signed, load_private, signing_rebuild
-    from export.pipeline import rebuild_bundle
 
     missing = [f"--{n}" for n in ("broker", "fleet", "bundle", "state") if getattr(a, n) is None]
     if missing:
@@ -80,7 +89,8 @@ def cmd_coordinator(a: argparse.Namespace) -> int:
         verify_bundle(a.bundle)
         cfg = _coordinator_config(a)
         key = load_private(a.signing_key) if a.signing_key else None
-        coord = Coordinator(cfg, signing_rebuild(rebuild_bundle, key) if key else rebuild_bundle)
+        rebuild = release_builder(relower)
+        coord = Coordinator(cfg, signing_rebuild(rebuild, key) if key else rebuild)
         if key:  # release 1 (imported from --bundle) is signed too, before anything is published
             ensure_signed(coord.rounds.release_dir(coord.rounds.version), key)
     except (BundleError, ValueError, StateLockedError) as e:

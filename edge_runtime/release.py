@@ -15,7 +15,6 @@ from edge_runtime.engines import TrainEngine, make_engine
 from edge_runtime.samples import SampleFormat
 from edgelearn.atomic import write_bytes
 from edgelearn.bundle import (
-    INFER_PTE,
     TRAIN_PTE,
     BundleError,
     Manifest,
@@ -23,7 +22,7 @@ from edgelearn.bundle import (
     verify_bundle,
     write_bundle,
 )
-from edgelearn.programs import InferenceProgram
+from edgelearn.programs import InferenceProgram, bundle_program
 from edgelearn.signing import load_public, read_signed_release
 
 log = logging.getLogger(__name__)
@@ -130,7 +129,7 @@ def example_batch(manifest: Manifest) -> tuple[np.ndarray, np.ndarray]:
 def load_release(bundle_dir: Path, manifest: Manifest) -> Active:
     """Load a verified bundle's inference program and smoke-test it; raises on any failure."""
     weights = load_weights(bundle_dir)
-    infer = InferenceProgram((bundle_dir / INFER_PTE).read_bytes())
+    infer = bundle_program(bundle_dir)
     out = infer.predict(example_batch(manifest)[0])
     if not np.isfinite(out).all():
         raise ValueError("smoke inference returned non-finite values")

@@ -23,12 +23,14 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from edgelearn.atomic import replace_dir
-from edgelearn.protocol import BUNDLE_FORMAT
+from edgelearn.protocol import BUNDLE_FORMAT, BUNDLE_FORMAT_DATA, BUNDLE_FORMATS
 
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 INFER_PTE = "infer.pte"
+INFER_PTD = "infer.ptd"  # format 1.1: the inference program's constants (edgelearn/datafile.py)
 TRAIN_PTE = "train.pte"
+EXPORT_JSON = "export.json"  # the export settings: test split, and how a format 1 bundle is lowered again
 REQUIRED_FILES = (WEIGHTS, INFER_PTE)
 MAX_MEMBER_BYTES = 512 * 1024 * 1024
 MAX_MANIFEST_DEPTH = 16  # a release's free-form fields (metrics, signature) nest far less; deeper ones overflow copies
@@ -62,8 +64,9 @@ class Manifest:
             m = cls(**d)
         except (ValueError, TypeError, UnicodeDecodeError) as e:
             raise BundleError(f"manifest.json is not a valid manifest: {e}") from None
-        if m.format != BUNDLE_FORMAT:
-            raise BundleError(f"manifest format {m.format!r} is not {BUNDLE_FORMAT!r}")
+        if m.format not in BUNDLE_FORMATS:
+            raise BundleError(f"manifest format {m.format!r} is not one this edgelearn reads "
+                              f"({', '.join(BUNDLE_FORMATS)}); update the device software")  # fmt: skip
         if not isinstance(m.version, int) or m.version < 1:
             raise BundleError(f"manifest version {m.version!r} must be an integer >= 1")
         missing = [f for f in REQUIRED_FILES if f not in m.files]
@@ -112,7 +115,8 @@ def write_bundle(out_dir: str | Path, manifest: Manifest, files: dict[str, bytes
     for name in files:
         _check_member_name(name)
     listed = {name: {"sha256": sha256(data), "bytes": len(data)} for name, data in sorted(files.items())}
-    final = Manifest(**{**asdict(manifest), "files": listed, "created": manifest.created or utc_now()})
+    fmt = BUNDLE_FORMAT_DATA if INFER_PTD in files else BUNDLE_FORMAT  # format 1 devices can still read the rest
+    final = Manifest(**{**asdict(manifest), "files": listed, "created": manifest.created or utc_now(), "format": fmt})
     Manifest.from_json(final.to_json())  # same checks a reader applies
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))

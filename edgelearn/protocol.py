@@ -20,7 +20,9 @@ from safetensors.numpy import save as st_save
 
 PROTOCOL_VERSION = 1
 UPDATE_SCHEMA = "edgelearn.update/1"
-BUNDLE_FORMAT = "edgelearn.bundle/1"
+BUNDLE_FORMAT = "edgelearn.bundle/1"  # programs with their constants inside
+BUNDLE_FORMAT_DATA = "edgelearn.bundle/1.1"  # infer.pte + infer.ptd: a release may change only the data
+BUNDLE_FORMATS = (BUNDLE_FORMAT, BUNDLE_FORMAT_DATA)
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_UPDATE_ID_CHARS = 64
 ENCODINGS = ("fp32", "int8")

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from edgelearn.schedule import lr_at
-from export.metrics import top1
+from models.quality import predict_logits, top1
 
 log = logging.getLogger(__name__)
 
@@ -176,12 +176,6 @@ def train_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, x: np.ndarray, chunk: int = 256) -> np.ndarray:
-    """The inference logits `model(x)` (N, C), in chunks of `chunk` rows."""
-    model.eval()
-    return np.concatenate([model(torch.from_numpy(x[i : i + chunk])).numpy() for i in range(0, len(x), chunk)])
-
-
 def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
     """Top-1 accuracy of `model(x)` against y (for sequence targets (N, T): the last position)."""
     return top1(predict_logits(model, x), y)

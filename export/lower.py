@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import re
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -79,11 +81,32 @@ def lowering_error(e: Exception, target: str) -> ExportError:
     return ExportError(f"cannot lower {what}to {target}: {type(e).__name__}: {text.strip().splitlines()[0][:300]}")
 
 
+DATA_TAG = "infer"  # the data file's name (`infer.ptd`) in ExecuTorch's program–data separation
+
+
 def lower_infer(
     model: nn.Module, example: tuple[torch.Tensor, ...], target: str, calib: torch.Tensor, quant: str = "static"
 ) -> bytes:
-    """The inference program `forward` for `target` (xnnpack-int8, xnnpack-fp32 or portable) as .pte bytes."""
-    from executorch.exir import to_edge_transform_and_lower
+    """The inference program `forward` for `target` (xnnpack-int8, xnnpack-fp32 or portable) as .pte bytes,
+    its constants inside."""
+    return _lower_infer(model, example, target, calib, quant, external=False)[0]
+
+
+def lower_infer_split(
+    model: nn.Module, example: tuple[torch.Tensor, ...], target: str, calib: torch.Tensor, quant: str = "static"
+) -> tuple[bytes, bytes]:
+    """(program, data): the inference program with every constant (XNNPACK's packed weights too) in a separate
+    data file (.ptd), which a release can replace without lowering again (edgelearn/datafile.py)."""
+    program, data = _lower_infer(model, example, target, calib, quant, external=True)
+    assert data is not None
+    return program, data
+
+
+def _lower_infer(
+    model: nn.Module, example: tuple[torch.Tensor, ...], target: str, calib: torch.Tensor, quant: str, external: bool
+) -> tuple[bytes, bytes | None]:
+    from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes.external_constants_pass import delegate_external_constants_pass_unlifted
 
     check_target(target)
     if target == "xnnpack-int8":
@@ -96,13 +119,25 @@ def lower_infer(
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
         partitioners = [XnnpackPartitioner()]
+    config = ExecutorchBackendConfig(external_constants=(lambda node: DATA_TAG) if external else False)
     try:
         with torch.no_grad():
             ep = torch.export.export(model, example)
-            prog = to_edge_transform_and_lower(ep, partitioner=partitioners).to_executorch()
+            if external:  # tag the delegate's constants too (the pass works on an unlifted graph)
+                module = ep.module()
+                delegate_external_constants_pass_unlifted(module, gen_tag_fn=lambda node: DATA_TAG)
+                ep = torch.export.export(module, example)
+            prog = to_edge_transform_and_lower(ep, partitioner=partitioners).to_executorch(config)
     except Exception as e:  # ExecuTorch raises many types; the cause is the user's model on this target
         raise lowering_error(e, target) from e
-    return prog.buffer
+    if not external:
+        return prog.buffer, None
+    with tempfile.TemporaryDirectory() as tmp:
+        prog.write_tensor_data_to_file(tmp)
+        data = Path(tmp, f"{DATA_TAG}.ptd")
+        if not data.exists():
+            raise ExportError(f"lowering to {target} wrote no {DATA_TAG}.ptd data file")
+        return prog.buffer, data.read_bytes()
 
 
 def export_train(

@@ -1,45 +1,24 @@
-"""Quality and speed figures for the export report: pure metric functions and batch-1 latency timers."""
+"""Speed and size figures for the export report: batch-1 latency timers, sparsity, programs run on test rows.
+The quality metrics themselves are in models/quality.py."""
 
 from __future__ import annotations
 
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from edgelearn.bundle import INFER_PTD
 from edgelearn.programs import InferenceProgram
+from models.quality import program_logits
 
 LATENCY_RUNS = 200
 WARMUP_RUNS = 20
-
-
-def last_target(y: np.ndarray) -> np.ndarray:
-    """The label each inference output is scored against: y itself (N,), or the last position of (N, T)."""
-    return y[:, -1] if y.ndim == 2 else y
-
-
-def top1(logits: np.ndarray, y: np.ndarray) -> float:
-    """Top-1 accuracy: mean over rows of [argmax_c logits[i, c] == y_i]."""
-    y = last_target(y)
-    return float((logits.argmax(axis=1) == y).mean()) if len(y) else 0.0
-
-
-def perplexity(logits: np.ndarray, y: np.ndarray) -> float:
-    """exp(mean_i −log softmax(logits_i)[y_i]): the exponential of the mean next-token cross-entropy."""
-    y = last_target(y)
-    z = logits - logits.max(axis=1, keepdims=True)
-    log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-    return float(np.exp(-log_p[np.arange(len(y)), y].mean()))
-
-
-def quality(logits: np.ndarray, y: np.ndarray, task: str) -> dict[str, float]:
-    """{accuracy} for a classifier; {accuracy, perplexity} (next token) for a language model."""
-    out = {"accuracy": top1(logits, y)}
-    if task == "lm":
-        out["perplexity"] = perplexity(logits, y)
-    return out
 
 
 def sparsity(model: nn.Module) -> float:
@@ -72,15 +51,27 @@ def eager_latency_us(model: nn.Module, x: torch.Tensor, runs: int = LATENCY_RUNS
         torch.set_num_threads(threads)
 
 
-def pte_latency_us(pte: bytes, x: torch.Tensor, runs: int = LATENCY_RUNS) -> float:
-    """Batch-1 latency of a `.pte`'s `forward` run by the ExecuTorch runtime."""
-    from executorch.runtime import Runtime
+@contextmanager
+def loaded_program(pte: bytes, data: bytes | None = None) -> Iterator[InferenceProgram]:
+    """The inference program `pte`, with its data file's bytes `data` when it keeps its constants outside (a program
+    that needs a data file must get it: the runtime does not check)."""
+    if data is None:
+        yield InferenceProgram(pte)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp, INFER_PTD)
+        path.write_bytes(data)
+        yield InferenceProgram(pte, path)
 
-    method = Runtime.get().load_program(pte).load_method("forward")
-    return median_us(lambda: method.execute([x]), runs)
+
+def pte_latency_us(pte: bytes, x: torch.Tensor, runs: int = LATENCY_RUNS, data: bytes | None = None) -> float:
+    """Batch-1 latency of a `.pte`'s `forward` (with its data file `data`) run by the ExecuTorch runtime."""
+    with loaded_program(pte, data) as prog:
+        return median_us(lambda: prog.predict(x.numpy()), runs)
 
 
-def pte_logits(pte: bytes, x: np.ndarray) -> np.ndarray:
-    """`forward` of a `.pte` on each row of `x` (batch 1, as the device runs it), stacked (N, C)."""
-    prog = InferenceProgram(pte)
-    return np.concatenate([prog.predict(x[i : i + 1]) for i in range(len(x))])
+def pte_logits(pte: bytes, x: np.ndarray, data: bytes | None = None) -> np.ndarray:
+    """`forward` of a `.pte` (with its data file `data`) on each row of `x` (batch 1, as the device runs it),
+    stacked (N, C)."""
+    with loaded_program(pte, data) as prog:
+        return program_logits(prog, x)

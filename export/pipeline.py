@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 
 from edgelearn.bundle import (
+    EXPORT_JSON,
+    INFER_PTD,
     INFER_PTE,
     TRAIN_PTE,
     WEIGHTS,
@@ -28,18 +30,20 @@ from edgelearn.bundle import (
     verify_bundle,
     write_bundle,
 )
+from edgelearn.datafile import DATA_LAYOUT, dump_layout
 from export import ExportError
-from export.distill import Budget, fit, fit_for, predict_logits
-from export.lower import check_target, export_train, lower_infer, quant_mode
-from export.metrics import pte_logits, quality
+from export.datamap import find_layout
+from export.distill import Budget, fit, fit_for
+from export.lower import check_target, export_train, lower_infer, lower_infer_split, quant_mode
+from export.metrics import loaded_program
 from export.prune import magnitude_prune
 from export.report import build_report
+from models.quality import predict_logits, quality, release_metrics
 from models.registry import SUBSETS, ModelSpec, TaskData, get_spec, param_count
 from models.text import read_text
 
 log = logging.getLogger(__name__)
 TRAIN_MAX_BATCH = 1024
-EXPORT_JSON = "export.json"  # the ExportConfig, so the coordinator can re-lower later releases the same way
 REPORT_JSON = "report.json"
 QUANT_MODES = ("static", "dynamic")
 
@@ -144,6 +148,7 @@ def _fit(spec: ModelSpec, cfg: ExportConfig, data: TaskData, model: nn.Module, t
 
 
 def _quality(spec: ModelSpec, model: nn.Module, data: TaskData) -> dict[str, float]:
+    """Eager quality of `model` on the test split."""
     return quality(predict_logits(model, data.test.x), data.test.y, spec.task)
 
 
@@ -186,22 +191,38 @@ def train_models(spec: ModelSpec, data: TaskData, cfg: ExportConfig, stages: Sta
 def lower_programs(
     spec: ModelSpec, student: nn.Module, cfg: ExportConfig, data: TaskData, target: str | None = None
 ) -> dict[str, bytes]:
-    """infer.pte for `target` (default cfg.target) and train.pte (dynamic batch) for the trainable subset."""
+    """infer.pte for `target` (default cfg.target) with its constants in infer.ptd and where the trainable
+    parameters sit in that file (data.json: later releases replace only the data), and train.pte (dynamic
+    batch) for the trainable subset. A program whose data edgelearn cannot rebuild keeps its constants
+    inside (bundle format 1: each release is lowered again)."""
     target = target or cfg.target
     example = (torch.zeros(spec.input_shape),)
-    infer = lower_infer(student, example, target, torch.from_numpy(data.server.x[:512]), quant_mode(spec, cfg))
-    log.info("lowered infer.pte for %s: %d bytes", target, len(infer))
+    calib, quant = torch.from_numpy(data.server.x[:512]), quant_mode(spec, cfg)
+    trainable = spec.trainable(student, cfg.train_subset)
+    try:
+        infer, ptd = lower_infer_split(student, example, target, calib, quant)
+        layout = find_layout(ptd, state_arrays(student), trainable)
+        programs = {INFER_PTE: infer, INFER_PTD: ptd, DATA_LAYOUT: dump_layout(layout)}
+        log.info("lowered infer.pte for %s: %d bytes + infer.ptd %d bytes (%d segments a release rewrites)",
+                 target, len(infer), len(ptd), len(layout))  # fmt: skip
+    except ExportError as e:
+        log.warning("%s: keeping the constants inside infer.pte, so every release is lowered again", e)
+        programs = {INFER_PTE: lower_infer(student, example, target, calib, quant)}
     batch = (torch.from_numpy(data.server.x[:8]), torch.from_numpy(data.server.y[:8]))
-    train = export_train(student, batch, spec.trainable(student, cfg.train_subset), max_batch=TRAIN_MAX_BATCH)
+    train = export_train(student, batch, trainable, max_batch=TRAIN_MAX_BATCH)
     log.info("exported train.pte: %d bytes", len(train))
-    return {INFER_PTE: infer, TRAIN_PTE: train}
+    return {**programs, TRAIN_PTE: train}
 
 
-def release_metrics(spec: ModelSpec, student: nn.Module, infer_pte: bytes, data: TaskData) -> dict[str, float]:
-    """Eager fp32 quality of `student` and quality of its `infer.pte` run by ExecuTorch, on the test split."""
-    eager = _quality(spec, student, data)
-    pte = quality(pte_logits(infer_pte, data.test.x), data.test.y, spec.task)
-    return {**eager, **{f"{k}_pte": v for k, v in pte.items()}}
+def state_arrays(model: nn.Module) -> dict[str, np.ndarray]:
+    """The model's state_dict as float32 numpy arrays (what weights.safetensors holds)."""
+    return {k: v.detach().float().contiguous().numpy() for k, v in model.state_dict().items()}
+
+
+def programs_metrics(spec: ModelSpec, student: nn.Module, programs: dict[str, bytes], data: TaskData) -> dict:
+    """models.quality.release_metrics of `student` and its inference program (with its data file, if any)."""
+    with loaded_program(programs[INFER_PTE], programs.get(INFER_PTD)) as program:
+        return release_metrics(spec, student, program, data)
 
 
 def make_bundle(
@@ -216,7 +237,7 @@ def make_bundle(
     created: str = "",
 ) -> Manifest:
     """Write the bundle (weights, programs, export.json, extras) atomically to `out` (`created`: now if empty)."""
-    weights = {k: v.detach().contiguous().numpy() for k, v in student.state_dict().items()}
+    weights = state_arrays(student)
     manifest = Manifest(
         model_id=spec.model_id,
         version=version,
@@ -248,7 +269,7 @@ def export_bundle(cfg: ExportConfig, out: str | Path) -> Manifest:
     stages.done("data", f"{len(data.server.y)} training / {len(data.test.y)} test examples")
     student, trained = train_models(spec, data, cfg, stages)
     programs = lower_programs(spec, student, cfg, data)
-    metrics = release_metrics(spec, student, programs[INFER_PTE], data)
+    metrics = programs_metrics(spec, student, programs, data)
     stages.done("lower", f"{cfg.target} infer.pte {len(programs[INFER_PTE])} B, train.pte {len(programs[TRAIN_PTE])} B")
     report = build_report(spec, cfg, student, data, programs, trained, stages)
     params = trained["params"]
@@ -282,6 +303,6 @@ def rebuild_bundle(
     student.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
     data = spec.load_data(cfg)
     programs = lower_programs(spec, student.eval(), cfg, data)
-    metrics = release_metrics(spec, student, programs[INFER_PTE], data)
+    metrics = programs_metrics(spec, student, programs, data)
     log.debug("rebuilding %s v%d -> v%d", prev.model_id, prev.version, version)
     return make_bundle(out, spec, student.eval(), cfg, version, programs, metrics, created=created)

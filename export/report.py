@@ -9,9 +9,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from edgelearn.bundle import INFER_PTE, TRAIN_PTE
+from edgelearn.bundle import INFER_PTD, INFER_PTE, TRAIN_PTE
 from export.lower import TARGETS, lower_infer, quant_mode
-from export.metrics import eager_latency_us, pte_latency_us, pte_logits, quality, sparsity
+from export.metrics import eager_latency_us, pte_latency_us, pte_logits, sparsity
+from models.quality import quality
 from models.registry import ModelSpec, TaskData
 
 log = logging.getLogger(__name__)
@@ -26,14 +27,16 @@ def set_threads(n: int) -> None:
     _unsafe_reset_threadpool(n)
 
 
-def target_programs(spec: ModelSpec, cfg: Any, student: nn.Module, data: TaskData, shipped: bytes) -> dict:
-    """infer.pte bytes for every target in the report: the shipped one, plus the others when cfg.compare."""
+def target_programs(spec: ModelSpec, cfg: Any, student: nn.Module, data: TaskData, shipped: tuple) -> dict:
+    """(infer.pte, infer.ptd or None) for every target in the report: the shipped one, plus the others (constants
+    inside) when cfg.compare."""
     progs = {cfg.target: shipped}
     if cfg.compare:
         calib = torch.from_numpy(data.server.x[:512])
         for t in TARGETS:
             if t not in progs:
-                progs[t] = lower_infer(student, (torch.zeros(spec.input_shape),), t, calib, quant_mode(spec, cfg))
+                pte = lower_infer(student, (torch.zeros(spec.input_shape),), t, calib, quant_mode(spec, cfg))
+                progs[t] = (pte, None)
     return progs
 
 
@@ -41,14 +44,14 @@ def build_report(spec: ModelSpec, cfg: Any, student: nn.Module, data: TaskData, 
     """Everything `edgelearn export` measured, as a JSON-able dict (written to the bundle as report.json)."""
     set_threads(THREADS)
     x1 = torch.from_numpy(data.test.x[:1])
-    progs = target_programs(spec, cfg, student, data, programs[INFER_PTE])
+    progs = target_programs(spec, cfg, student, data, (programs[INFER_PTE], programs.get(INFER_PTD)))
     q = dict(trained["quality"])
-    pte_q = {t: quality(pte_logits(p, data.test.x), data.test.y, spec.task) for t, p in progs.items()}
+    pte_q = {t: quality(pte_logits(p, data.test.x, d), data.test.y, spec.task) for t, (p, d) in progs.items()}
     if "xnnpack-int8" in pte_q:
         q["int8"] = pte_q["xnnpack-int8"]
     latency = {"eager-fp32": eager_latency_us(student, x1)}
-    for t, p in progs.items():
-        latency[t] = pte_latency_us(p, x1)
+    for t, (p, d) in progs.items():
+        latency[t] = pte_latency_us(p, x1, data=d)
         log.info("latency %s: %.1f µs (eager fp32 %.1f µs)", t, latency[t], latency["eager-fp32"])
     stages.done("report", f"latency µs {', '.join(f'{k} {v:.0f}' for k, v in latency.items())}")
     return {
@@ -61,7 +64,11 @@ def build_report(spec: ModelSpec, cfg: Any, student: nn.Module, data: TaskData, 
         "quant": quant_mode(spec, cfg),
         "quality": q,
         "quality_pte": pte_q,
-        "bytes": {**{f"{t}.pte": len(p) for t, p in progs.items()}, "train.pte": len(programs[TRAIN_PTE])},
+        "bytes": {
+            **{f"{t}.pte": len(p) for t, (p, _) in progs.items()},
+            "train.pte": len(programs[TRAIN_PTE]),
+            **({INFER_PTD: len(programs[INFER_PTD])} if INFER_PTD in programs else {}),
+        },
         "latency_us": latency,
         "latency_runs": 200,
         "threads": THREADS,

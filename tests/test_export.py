@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from edgelearn.bundle import INFER_PTE, TRAIN_PTE, load_weights, verify_bundle
+from edgelearn.bundle import INFER_PTD, INFER_PTE, TRAIN_PTE, load_weights, verify_bundle
+from edgelearn.datafile import DATA_LAYOUT
 from export.distill import kd_loss
 from models import ModelError
 from models.registry import get_spec
@@ -37,8 +38,8 @@ def test_kd_loss_temperature_scales_by_t_squared():
 
 def test_bundle_has_protocol_files(bundle_dir):
     m = verify_bundle(bundle_dir)
-    assert m.format == "edgelearn.bundle/1" and m.version == 1 and m.model_id == "digits-mlp"
-    assert {"weights.safetensors", INFER_PTE, TRAIN_PTE} <= set(m.files)
+    assert m.format == "edgelearn.bundle/1.1" and m.version == 1 and m.model_id == "digits-mlp"
+    assert {"weights.safetensors", INFER_PTE, INFER_PTD, DATA_LAYOUT, TRAIN_PTE} <= set(m.files)
     assert m.target == "xnnpack-int8" and m.input == {"shape": [1, 64], "dtype": "float32"}
     raw = json.loads((bundle_dir / "manifest.json").read_text())
     assert set(raw) >= {
@@ -58,11 +59,11 @@ def test_bundle_has_protocol_files(bundle_dir):
 
 
 def test_infer_pte_matches_eager(bundle_dir):
-    from edgelearn.programs import InferenceProgram
+    from edgelearn.programs import bundle_program
 
     student = get_spec("digits-mlp").make_student()
     student.load_state_dict({k: torch.from_numpy(v) for k, v in load_weights(bundle_dir).items()})
-    prog = InferenceProgram((bundle_dir / INFER_PTE).read_bytes())
+    prog = bundle_program(bundle_dir)
     x = np.random.default_rng(0).uniform(0, 1, size=(20, 64)).astype(np.float32)
     with torch.no_grad():
         eager = student(torch.from_numpy(x)).numpy()

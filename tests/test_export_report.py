@@ -29,7 +29,8 @@ def test_report_has_every_step_and_target(bundle_dir):
     assert all(0.5 < q["accuracy"] <= 1.0 for q in report["quality"].values())
     assert set(report["latency_us"]) == {"eager-fp32", *TARGETS}
     assert all(v > 0 for v in report["latency_us"].values()) and report["latency_runs"] >= 200
-    assert set(report["bytes"]) == {f"{t}.pte" for t in TARGETS} | {"train.pte"}
+    assert set(report["bytes"]) == {f"{t}.pte" for t in TARGETS} | {"train.pte", "infer.ptd"}
+    assert report["bytes"]["infer.ptd"] == m.files["infer.ptd"]["bytes"]
     assert report["bytes"]["xnnpack-int8.pte"] == m.files[INFER_PTE]["bytes"]
     assert report["sparsity"] == pytest.approx(0.5, abs=0.01)
     assert report["quality"]["int8"]["accuracy"] == pytest.approx(m.metrics["accuracy_pte"])
@@ -61,7 +62,8 @@ def test_fp32_targets_run_in_executorch_like_eager(bundle_dir, target):
 def test_cli_exports_portable_target_with_report(tmp_path, capsys):
     # Prepare
     from cli import main
-    from export.metrics import pte_logits
+    from edgelearn.programs import bundle_program
+    from models.quality import program_logits
 
     out = tmp_path / "b"
     args = ["export", "--target", "portable", "--epochs", "3", "--server-fraction", "0.05", "--no-compare"]
@@ -77,4 +79,4 @@ def test_cli_exports_portable_target_with_report(tmp_path, capsys):
     x = np.random.default_rng(1).uniform(0, 1, size=(8, 64)).astype(np.float32)
     with torch.no_grad():
         eager = _student(out)(torch.from_numpy(x)).numpy()
-    np.testing.assert_allclose(pte_logits((out / INFER_PTE).read_bytes(), x), eager, atol=1e-5)
+    np.testing.assert_allclose(program_logits(bundle_program(out), x), eager, atol=1e-5)

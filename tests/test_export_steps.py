@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from export.metrics import perplexity, quality, sparsity, top1
+from export.metrics import sparsity
 from export.prune import magnitude_prune
 from models import ModelError
+from models.quality import perplexity, quality, top1
 
 
 def test_perplexity_is_exp_of_mean_cross_entropy():

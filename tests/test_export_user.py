@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from edgelearn.bundle import INFER_PTE, load_weights, verify_bundle
+from edgelearn.bundle import load_weights, verify_bundle
 from export.examples.iris import make
 from models import ModelError
 from models.data import Split
@@ -61,8 +61,9 @@ def scalar_example_factory():
 
 def test_user_model_exports_and_runs_like_eager(tmp_path):
     # Prepare
-    from export.metrics import pte_logits
+    from edgelearn.programs import bundle_program
     from export.pipeline import ExportConfig, export_bundle
+    from models.quality import program_logits
 
     cfg = ExportConfig(model_id="export.examples.iris:make", target="xnnpack-fp32", epochs=30, compare=False)
     # Execute
@@ -75,7 +76,7 @@ def test_user_model_exports_and_runs_like_eager(tmp_path):
     x = np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32)
     with torch.no_grad():
         eager = student(torch.from_numpy(x)).numpy()
-    np.testing.assert_allclose(pte_logits((tmp_path / "iris" / INFER_PTE).read_bytes(), x), eager, atol=1e-5)
+    np.testing.assert_allclose(program_logits(bundle_program(tmp_path / "iris"), x), eager, atol=1e-5)
 
 
 @pytest.mark.parametrize(

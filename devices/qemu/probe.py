@@ -14,12 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from edgelearn.programs import InferenceProgram
+from edgelearn.programs import bundle_program
 
 
 def probe_logits(bundle: Path, x: np.ndarray) -> np.ndarray:
-    """Logits of `infer.pte` for each row of `x`, one batch-1 call per row (as the agent serves them)."""
-    prog = InferenceProgram((bundle / "infer.pte").read_bytes())
+    """Logits of `infer.pte` (with its `infer.ptd`) for each row of `x`, one batch-1 call per row (as the agent
+    serves them)."""
+    prog = bundle_program(bundle)
     return np.concatenate([prog.predict(x[i : i + 1]) for i in range(len(x))])
 
 

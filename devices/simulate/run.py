@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from coordinator.optim import ServerOptConfig
+from coordinator.release import release_builder
 from coordinator.selection import Eligibility
 from coordinator.server import Coordinator, CoordinatorConfig, RoundSummary
 from devices.simulate.data import device_shards
@@ -203,7 +204,7 @@ def _serve(cfg: SimConfig, bundle: Path, fleet: Fleet, broker: tuple[str, bool],
         server_opt=cfg.server_opt or SERVER_DEFAULTS[cfg.model],
         target_participants=cfg.participants, eligibility=cfg.eligibility, selection_grace_s=5.0,
     )  # fmt: skip
-    coord = Coordinator(ccfg, rebuild_bundle, closed.put)
+    coord = Coordinator(ccfg, release_builder(rebuild_bundle), closed.put)
     invited = f", {cfg.participants} (×1.3) invited" if cfg.participants else ""
     say(f"[sim] {cfg.devices} devices ({', '.join(f'{p}:{w:g}' for p, w in cfg.profiles)}), {cfg.cohort} online "
         f"per round{invited}, quorum {cfg.quorum}, broker {url}")  # fmt: skip
