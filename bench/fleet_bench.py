@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from edgelearn.broker import Mosquitto, size_broker  # noqa: E402
-from edgelearn.bundle import read_release  # noqa: E402
+from edgelearn.bundle import read_lean_release  # noqa: E402
 from edgelearn.mqtt import MqttLink  # noqa: E402
 from edgelearn.protocol import Ack, RoundMsg, Topics, Update, encode_update  # noqa: E402
 
@@ -60,7 +60,7 @@ def one_round(broker: Mosquitto, bundle: Path, n: int, work: Path) -> dict:
     try:
         _, rel = wait(q, lambda tp, p: tp == t.model_latest, 120)
         _, rnd = wait(q, lambda tp, p: tp == t.rounds_current, 60)
-        manifest, files = read_release(rel)
+        manifest, files = read_lean_release(rel)
         from safetensors.numpy import load
 
         theta = load(files["weights.safetensors"])
@@ -80,7 +80,7 @@ def one_round(broker: Mosquitto, bundle: Path, n: int, work: Path) -> dict:
             _, p = wait(q, lambda tp, p: tp.endswith("/ack"), 300)
             acks += Ack.decode(p).status == "accepted"
         cpu1, t1 = sum(cp.cpu_times()[:2]), time.monotonic()
-        wait(q, lambda tp, p: tp == t.model_latest and read_release(p)[0].version == 2, 300)
+        wait(q, lambda tp, p: tp == t.model_latest and read_lean_release(p)[0].version == 2, 300)
         cpu2, t2 = sum(cp.cpu_times()[:2]), time.monotonic()
     finally:
         proc.terminate()

@@ -47,7 +47,7 @@ Rebuild = Callable[..., Manifest]
 
 
 @lru_cache(maxsize=4)
-def _test_data(model_id: str, export_json: bytes) -> TaskData:
+def release_test_split(model_id: str, export_json: bytes) -> TaskData:
     """The export's data (its test split measures each release), read once per process and bundle lineage."""
     cfg = SimpleNamespace(**json.loads(export_json))
     if cfg.text is not None and cfg.text_sha256 and hashlib.sha256(read_text(cfg.text)).hexdigest() != cfg.text_sha256:
@@ -67,7 +67,7 @@ def measure(
         path = Path(tmp, INFER_PTD)
         path.write_bytes(ptd)
         program = InferenceProgram(infer_pte, path)
-        return release_metrics(spec, model, program, _test_data(manifest.model_id, export_json))
+        return release_metrics(spec, model, program, release_test_split(manifest.model_id, export_json))
 
 
 def data_release(

@@ -71,7 +71,9 @@ class Coordinator:
         """(Re)publish coordinator status, the current release and (sync mode) the current round, retained."""
         e = self.rounds
         self.publish_status()
-        self.link.publish(self.topics.model_latest, pack_release(e.release_dir(e.version)), retain=True)
+        release = e.release_dir(e.version)  # v1.2: full archive first, so a device sent there finds it
+        self.link.publish(self.topics.model_full, pack_release(release), retain=True)
+        self.link.publish(self.topics.model_latest, pack_release(release, lean=True), retain=True)
         self.publish_round()
 
     def publish_status(self, **extra: object) -> None:

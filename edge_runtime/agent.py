@@ -20,7 +20,7 @@ from edge_runtime.budget import PAUSE, Budget, Governor, PsutilSource, ReadingSo
 from edge_runtime.ingest import Ingestor, open_source
 from edge_runtime.learner import Job, Learner
 from edge_runtime.outbox import Outbox
-from edge_runtime.release import Active, ReleaseStore, load_release, public_key
+from edge_runtime.release import Active, IncompleteReleaseError, ReleaseStore, load_release, public_key
 from edge_runtime.samples import SampleStore
 from edge_runtime.schedule import Scheduler
 from edgelearn.bundle import BundleError, pack_release
@@ -217,6 +217,9 @@ class DeviceAgent:
             self.publish_status(self._state())
         elif topic == self.topics.model_latest:
             self.on_release(payload)
+        elif topic == self.topics.model_full:  # asked for after a lean release this device could not complete
+            self.link.unsubscribe(self.topics.model_full)
+            self.on_release(payload)
         elif topic == self.topics.rounds_current:
             self.on_round(payload)
         elif topic == self.topics.device(self.cfg.device_id, "ack"):
@@ -239,6 +242,10 @@ class DeviceAgent:
         t0 = time.monotonic()
         try:
             manifest = self.releases.install(payload)
+        except IncompleteReleaseError as e:
+            log.info("%s: %s; fetching the full archive", self.cfg.device_id, e)
+            self.link.subscribe(self.topics.model_full)
+            return
         except BundleError as e:
             log.error("%s: release refused: %s (keeping v%d)", self.cfg.device_id, e, self.version)
             return

@@ -10,23 +10,34 @@ from pathlib import Path
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from safetensors import SafetensorError
+from safetensors.numpy import load as st_load
 
 from edge_runtime.engines import TrainEngine, make_engine
 from edge_runtime.samples import SampleFormat
 from edgelearn.atomic import write_bytes
 from edgelearn.bundle import (
+    INFER_PTD,
+    MANIFEST,
     TRAIN_PTE,
+    WEIGHTS,
     BundleError,
     Manifest,
     load_weights,
+    sha256,
     verify_bundle,
     write_bundle,
 )
+from edgelearn.datafile import DATA_LAYOUT, load_layout, patch_data
 from edgelearn.programs import InferenceProgram, bundle_program
 from edgelearn.signing import load_public, read_signed_release
 
 log = logging.getLogger(__name__)
 KEEP_RELEASES = 2
+
+
+class IncompleteReleaseError(BundleError):
+    """A lean release archive (protocol v1.2) this device cannot complete from what it has installed."""
 
 
 class ReleaseStore:
@@ -65,7 +76,7 @@ class ReleaseStore:
         Raises BundleError for a corrupt, tampered, unsigned (in a signed fleet) or other-model
         archive; nothing is written then.
         """
-        manifest, files = read_signed_release(payload, self.public_key)
+        manifest, files = read_signed_release(payload, self.public_key, self.complete)
         current = self.active_version()
         running = self._model_id(current)
         if running is not None and manifest.model_id != running:
@@ -75,6 +86,52 @@ class ReleaseStore:
             return None
         write_bundle(self.path(manifest.version), manifest, files)
         return manifest
+
+    def installed(self) -> list[Path]:
+        """Installed release directories, newest first."""
+        found = [p for p in self.root.glob("v*") if p.name[1:].isdigit() and (p / MANIFEST).exists()]
+        return sorted(found, key=lambda p: -int(p.name[1:]))
+
+    def _local_file(self, name: str, digest: str) -> bytes | None:
+        """`name` with sha256 `digest` from an installed release, if one has it."""
+        for d in self.installed():
+            path = d / name
+            if path.exists():
+                blob = path.read_bytes()
+                if sha256(blob) == digest:
+                    return blob
+        return None
+
+    def complete(self, manifest: Manifest, members: dict[str, bytes]) -> dict[str, bytes]:
+        """The files a lean archive left out: each from an installed release with the same sha256, and infer.ptd
+        rebuilt from the new weights on an installed one with the same data layout (edgelearn/datafile.py).
+        Raises IncompleteReleaseError if any is missing (the caller fetches the full archive)."""
+        files: dict[str, bytes] = {}
+        for name in sorted(set(manifest.files) - set(members)):
+            blob = self._local_file(name, manifest.files[name]["sha256"])
+            if blob is not None:
+                files[name] = blob
+        if INFER_PTD not in members and INFER_PTD not in files and DATA_LAYOUT in manifest.files:
+            files.update(self._rebuilt_data(manifest, members[WEIGHTS]))
+        missing = sorted(set(manifest.files) - set(members) - set(files))
+        if missing:
+            raise IncompleteReleaseError(f"release v{manifest.version} is lean and no release here has {missing[0]}")
+        return files
+
+    def _rebuilt_data(self, manifest: Manifest, weights_file: bytes) -> dict[str, bytes]:
+        """{infer.ptd: rebuilt from `weights_file`} on an installed release with the same data layout, or {}."""
+        layout_sha = manifest.files[DATA_LAYOUT]["sha256"]
+        for d in self.installed():
+            if not (d / INFER_PTD).exists() or not (d / DATA_LAYOUT).exists():
+                continue
+            if sha256((d / DATA_LAYOUT).read_bytes()) != layout_sha:
+                continue
+            try:
+                layout = load_layout((d / DATA_LAYOUT).read_bytes())
+                return {INFER_PTD: patch_data((d / INFER_PTD).read_bytes(), layout, st_load(weights_file))}
+            except (SafetensorError, ValueError) as e:  # DataFileError is a ValueError
+                raise BundleError(f"cannot rebuild {INFER_PTD} of release v{manifest.version}: {e}") from None
+        return {}
 
     def activate(self, version: int) -> None:
         """Make `version` the active release (atomic) and drop releases older than the previous one."""

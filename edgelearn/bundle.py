@@ -148,13 +148,21 @@ def verify_bundle(bundle_dir: str | Path) -> Manifest:
     return manifest
 
 
-def pack_release(bundle_dir: str | Path) -> bytes:
-    """The release archive of a verified bundle: POSIX tar, `manifest.json` first."""
+LEAN_MEMBERS = (MANIFEST, WEIGHTS)  # what a lean archive (format 1.1) carries; the device has or derives the rest
+
+
+def pack_release(bundle_dir: str | Path, lean: bool = False) -> bytes:
+    """The release archive of a verified bundle: POSIX tar, `manifest.json` first. `lean` (format 1.1 only):
+    just the manifest and the weights; a device takes the programs from a release it has installed and
+    rebuilds infer.ptd from the weights (protocol v1.2)."""
     bundle_dir = Path(bundle_dir)
     manifest = verify_bundle(bundle_dir)
+    names = [MANIFEST, *manifest.files]
+    if lean and manifest.format == BUNDLE_FORMAT_DATA:
+        names = [n for n in names if n in LEAN_MEMBERS]
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name in [MANIFEST, *manifest.files]:
+        for name in names:
             data = (bundle_dir / name).read_bytes()
             info = tarfile.TarInfo(name)
             info.size = len(data)
@@ -164,12 +172,52 @@ def pack_release(bundle_dir: str | Path) -> bytes:
     return buf.getvalue()
 
 
-def read_release(payload: bytes, check: Callable[[Manifest], None] | None = None) -> tuple[Manifest, dict[str, bytes]]:
+Complete = Callable[[Manifest, dict[str, bytes]], dict[str, bytes]]
+
+
+def read_release(
+    payload: bytes, check: Callable[[Manifest], None] | None = None, complete: Complete | None = None
+) -> tuple[Manifest, dict[str, bytes]]:
     """Parse and verify a release archive in memory: (manifest, {file name: bytes}); BundleError if bad.
 
     `check(manifest)` (e.g. the signature check of `signing.read_signed_release`) runs first and raises
-    BundleError to refuse; every member's sha256 is checked before anything else reads it.
+    BundleError to refuse; every member's sha256 is checked before anything else reads it. A lean
+    archive lacks some listed files: `complete(manifest, members)` returns them (from installed
+    releases), and they are checked against the manifest the same way; without it the archive is refused.
     """
+    manifest, data = _read_members(payload, check)
+    if not set(data) <= set(manifest.files):
+        raise BundleError(f"release archive members {sorted(data)} differ from the manifest's {sorted(manifest.files)}")
+    _check_hashes(manifest, data)
+    if set(data) != set(manifest.files):
+        if complete is None or manifest.format != BUNDLE_FORMAT_DATA:
+            raise BundleError(f"release archive lacks {sorted(set(manifest.files) - set(data))[0]} (a lean "
+                              "archive, which only a format 1.1 device completes)")  # fmt: skip
+        extra = complete(manifest, dict(data))
+        _check_hashes(manifest, extra)
+        data.update(extra)
+        if set(data) != set(manifest.files):
+            raise BundleError(f"release archive lacks {sorted(set(manifest.files) - set(data))[0]}")
+    return manifest, data
+
+
+def read_lean_release(payload: bytes, check: Callable[[Manifest], None] | None = None) -> tuple[Manifest, dict]:
+    """The manifest and the members a (lean or full) release archive carries, each checked against its sha256:
+    for an observer that needs the weights, not a complete bundle."""
+    manifest, data = _read_members(payload, check)
+    _check_hashes(manifest, data)
+    return manifest, data
+
+
+def _check_hashes(manifest: Manifest, files: dict[str, bytes]) -> None:
+    for name, blob in files.items():
+        entry = manifest.files.get(name)
+        if entry is None or sha256(blob) != entry["sha256"] or len(blob) != entry["bytes"]:
+            raise BundleError(f"release archive: {name} does not match its sha256 (tampered?)")
+
+
+def _read_members(payload: bytes, check: Callable[[Manifest], None] | None) -> tuple[Manifest, dict[str, bytes]]:
+    """The archive's manifest (its fields and `check` passed) and its other members, not yet hash-checked."""
     try:
         with tarfile.open(fileobj=io.BytesIO(payload), mode="r:") as tar:
             members = tar.getmembers()
@@ -192,12 +240,6 @@ def read_release(payload: bytes, check: Callable[[Manifest], None] | None = None
         raise BundleError("manifest.json is nested too deeply") from None
     except TypeError as e:  # e.g. `files` a number or a list of numbers, met by Manifest.from_json's own checks
         raise BundleError(f"manifest.json has a field of the wrong type: {e}") from None
-    if set(data) != set(manifest.files):
-        raise BundleError(f"release archive members {sorted(data)} differ from the manifest's {sorted(manifest.files)}")
-    for name, blob in data.items():
-        entry = manifest.files[name]
-        if sha256(blob) != entry["sha256"] or len(blob) != entry["bytes"]:
-            raise BundleError(f"release archive: {name} does not match its sha256 (tampered?)")
     return manifest, data
 
 

@@ -114,6 +114,17 @@ class MqttLink:
             self.client.loop_start()
         return self.connected.wait(wait_s)
 
+    def subscribe(self, topic: str) -> None:
+        """Subscribe now and on every reconnect (a retained message on `topic` arrives at once)."""
+        if topic not in self.subscriptions:
+            self.subscriptions = [*self.subscriptions, topic]
+        self.client.subscribe(topic, qos=QOS)
+
+    def unsubscribe(self, topic: str) -> None:
+        if topic in self.subscriptions:
+            self.subscriptions = [t for t in self.subscriptions if t != topic]
+            self.client.unsubscribe(topic)
+
     def publish(self, topic: str, payload: bytes, retain: bool = False) -> bool:
         """Queue a QoS 1 publish; False when not sent (too large for the broker, or paho refused it)."""
         if self.max_packet_bytes and len(payload) + len(topic) + 64 > self.max_packet_bytes:

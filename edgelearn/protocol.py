@@ -74,6 +74,11 @@ class Topics:
         return f"{self.prefix}/model/latest"
 
     @property
+    def model_full(self) -> str:
+        """v1.2: the full archive of the current release, for a device that cannot complete the lean one."""
+        return f"{self.prefix}/model/full"
+
+    @property
     def rounds_current(self) -> str:
         return f"{self.prefix}/rounds/current"
 

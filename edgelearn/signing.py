@@ -18,7 +18,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from edgelearn.atomic import write_bytes
-from edgelearn.bundle import MANIFEST, BundleError, Manifest, read_release, verify_bundle
+from edgelearn.bundle import MANIFEST, BundleError, Complete, Manifest, read_release, verify_bundle
 
 ALG = "ed25519"
 
@@ -79,9 +79,11 @@ def verify(manifest: Manifest, public: Ed25519PublicKey | None) -> None:
         raise BundleError(f"release signature does not verify with key {key_id(public)}") from None
 
 
-def read_signed_release(payload: bytes, public: Ed25519PublicKey | None) -> tuple[Manifest, dict[str, bytes]]:
+def read_signed_release(
+    payload: bytes, public: Ed25519PublicKey | None, complete: Complete | None = None
+) -> tuple[Manifest, dict[str, bytes]]:
     """`bundle.read_release`, refusing (BundleError) a manifest not signed by `public` (None: unsigned fleet)."""
-    return read_release(payload, lambda m: verify(m, public))
+    return read_release(payload, lambda m: verify(m, public), complete)
 
 
 def sign_bundle(bundle_dir: Path, private: Ed25519PrivateKey) -> Manifest:

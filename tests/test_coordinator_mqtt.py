@@ -17,7 +17,7 @@ from coordinator.aggregate import StreamingMean
 from coordinator.optim import fedavg_step
 from coordinator.views import fp32_data_view
 from edgelearn.broker import free_port
-from edgelearn.bundle import read_release
+from edgelearn.bundle import read_lean_release
 from edgelearn.protocol import Ack, RoundMsg, Topics, Update, encode_status, encode_update
 
 pytestmark = pytest.mark.slow  # real processes, brokers or exports: minutes in all (make test-fast skips)
@@ -58,7 +58,7 @@ def release_v1(rec) -> tuple:
     from safetensors.numpy import load
 
     _, payload = wait_for(rec, lambda topic, p: topic.endswith("model/latest"))
-    manifest, files = read_release(payload)
+    manifest, files = read_lean_release(payload)
     return manifest, load(files["weights.safetensors"])
 
 
@@ -85,7 +85,9 @@ def test_sigkill_mid_round_loses_nothing_and_counts_nothing_twice(mosquitto, bun
         _, p = wait_for(rec, ack_of(t, "u1"))
         assert Ack.decode(p).status == "duplicate"
         rec.publish(t.device("dev2", "update"), encode_update(us[2]))
-        _, payload = wait_for(rec, lambda topic, p: topic == t.model_latest and read_release(p)[0].version == 2, 180)
+        _, payload = wait_for(
+            rec, lambda topic, p: topic == t.model_latest and read_lean_release(p)[0].version == 2, 180
+        )
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -98,7 +100,7 @@ def test_sigkill_mid_round_loses_nothing_and_counts_nothing_twice(mosquitto, bun
     for u in us:  # the coordinator's own fold: one pass over each payload's float32 data
         acc.add_flat(fp32_data_view(encode_update(u), shapes), float(u.num_samples))
     expected = fedavg_step(theta, acc.result())
-    got = load(read_release(payload)[1]["weights.safetensors"])
+    got = load(read_lean_release(payload)[1]["weights.safetensors"])
     assert all(np.array_equal(got[k], expected[k]) for k in theta), (tmp_path / "coord.log").read_text()[-2000:]
     db = sqlite3.connect(tmp_path / "state" / "state.sqlite")
     assert db.execute("SELECT COUNT(*) FROM updates WHERE round=1").fetchone()[0] == 3

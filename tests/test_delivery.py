@@ -14,7 +14,7 @@ from safetensors.numpy import load
 from edge_runtime.agent import DeviceAgent, DeviceConfig
 from edge_runtime.budget import Budget, Reading
 from edgelearn.broker import Mosquitto
-from edgelearn.bundle import read_release
+from edgelearn.bundle import read_lean_release
 from edgelearn.protocol import Topics, decode_status, decode_update
 from tests.conftest import Recorder
 
@@ -66,7 +66,7 @@ def latest_release(url: str, fleet: str, version: int) -> dict[str, np.ndarray]:
     try:
         while True:
             _, payload = rec.next(timeout_s=180)
-            manifest, files = read_release(payload)
+            manifest, files = read_lean_release(payload)
             if manifest.version == version:
                 return load(files["weights.safetensors"])
     finally:

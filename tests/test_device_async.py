@@ -12,7 +12,7 @@ import pytest
 
 from edge_runtime.agent import DeviceAgent, DeviceConfig
 from edge_runtime.budget import Budget
-from edgelearn.bundle import read_release
+from edgelearn.bundle import read_lean_release
 from edgelearn.protocol import OFFLINE, Ack, LocalConfig, Topics, decode_update, encode_status
 from models.shards import write_shards
 from tests.conftest import SERVER_FRACTION
@@ -167,7 +167,7 @@ def test_async_coordinator_and_two_device_processes_advance_the_release(
                     continue
                 topic, payload = message
                 if topic == t.model_latest:
-                    versions.add(read_release(payload)[0].version)
+                    versions.add(read_lean_release(payload)[0].version)
                 elif topic.endswith("/update"):
                     u = decode_update(payload)
                     updates[u.update_id] = u

@@ -10,8 +10,9 @@ import time
 import numpy as np
 import pytest
 
+from edgelearn.bundle import read_lean_release
 from edgelearn.protocol import Topics, decode_update
-from edgelearn.signing import generate_keys, load_public, read_signed_release
+from edgelearn.signing import generate_keys, load_public, verify
 from models.shards import write_shards
 from tests.conftest import SERVER_FRACTION
 
@@ -27,7 +28,7 @@ def spawn(*args: str, log) -> subprocess.Popen:
 def weights_of(payload: bytes, public_key) -> tuple[int, dict[str, np.ndarray]]:
     from safetensors.numpy import load
 
-    manifest, files = read_signed_release(payload, public_key)  # raises unless signed by the fleet key
+    manifest, files = read_lean_release(payload, lambda m: verify(m, public_key))  # raises unless signed
     return manifest.version, load(files["weights.safetensors"])
 
 

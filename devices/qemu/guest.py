@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgelearn.bundle import read_release
+from edgelearn.bundle import read_lean_release
 from edgelearn.mqtt import MqttLink
 from edgelearn.protocol import Ack, Topics, decode_update
 
@@ -82,7 +82,7 @@ class _Seen:
 
 def _record(seen: _Seen, t: Topics, device_id: str, topic: str, payload: bytes, t0: float) -> None:
     if topic == t.model_latest:
-        seen.latest = max(seen.latest, read_release(payload)[0].version)
+        seen.latest = max(seen.latest, read_lean_release(payload)[0].version)
     elif topic == t.device(device_id, "update") and seen.update is None:
         u = decode_update(payload)
         seen.update = (u.round or 0, u.num_samples, time.monotonic() - t0)

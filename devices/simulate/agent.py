@@ -94,7 +94,8 @@ class SimAgent(DeviceAgent):
 
     def handle(self, topic: str, payload: bytes) -> None:
         if topic:
-            self.meter.add("down_" + ("release" if topic == self.topics.model_latest else _kind(topic)), len(payload))
+            release = topic in (self.topics.model_latest, self.topics.model_full)
+            self.meter.add("down_" + ("release" if release else _kind(topic)), len(payload))
         super().handle(topic, payload)
 
     def on_release(self, payload: bytes) -> None:

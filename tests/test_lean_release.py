@@ -1,0 +1,108 @@
+"""Lean release archives (protocol v1.2): only the manifest and the weights travel; a device takes the programs from
+a release it has and rebuilds infer.ptd, or fetches the full archive when it cannot."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from coordinator.release import release_builder
+from edge_runtime.agent import DeviceAgent, DeviceConfig
+from edge_runtime.release import IncompleteReleaseError, ReleaseStore
+from edgelearn.bundle import (
+    INFER_PTD,
+    BundleError,
+    load_weights,
+    pack_release,
+    read_lean_release,
+    read_release,
+    verify_bundle,
+)
+from edgelearn.protocol import Topics
+
+CREATED = "2026-12-01T00:00:00Z"
+
+
+@pytest.fixture
+def v2(bundle_dir, tmp_path):
+    """Release 2 of the session bundle, built by the coordinator's release path from moved weights."""
+    rng = np.random.default_rng(3)
+    new = {k: (v + 0.05 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in load_weights(bundle_dir).items()}
+    release_builder()(bundle_dir, new, 2, tmp_path / "v2", created=CREATED)
+    return tmp_path / "v2"
+
+
+def members(payload: bytes) -> list[str]:
+    with tarfile.open(fileobj=io.BytesIO(payload), mode="r:") as tar:
+        return tar.getnames()
+
+
+def test_a_lean_archive_carries_the_manifest_and_the_weights_only(v2):
+    lean, full = pack_release(v2, lean=True), pack_release(v2)
+    assert members(lean) == ["manifest.json", "weights.safetensors"]
+    assert len(lean) < len(full) and set(members(full)) == {"manifest.json", *verify_bundle(v2).files}
+    with pytest.raises(BundleError, match="lacks"):
+        read_release(lean)  # a reader that cannot complete it refuses it
+    manifest, files = read_lean_release(lean)
+    assert manifest.version == 2 and set(files) == {"weights.safetensors"}
+
+
+def test_a_device_with_an_earlier_release_completes_a_lean_one_byte_for_byte(bundle_dir, v2, tmp_path):
+    store = ReleaseStore(tmp_path / "state")
+    assert store.install(pack_release(bundle_dir)).version == 1
+    store.activate(1)
+    manifest = store.install(pack_release(v2, lean=True))
+    assert manifest is not None and manifest.version == 2
+    for name in manifest.files:  # programs copied, infer.ptd rebuilt from the weights: all as the coordinator's
+        assert (store.path(2) / name).read_bytes() == (v2 / name).read_bytes()
+
+
+def test_a_new_device_cannot_complete_a_lean_release_and_nothing_is_written(v2, tmp_path):
+    store = ReleaseStore(tmp_path / "state")
+    with pytest.raises(IncompleteReleaseError, match="no release here has"):
+        store.install(pack_release(v2, lean=True))
+    assert not store.path(2).exists()
+
+
+def test_tampered_lean_weights_are_refused_before_anything_is_rebuilt(bundle_dir, v2, tmp_path):
+    store = ReleaseStore(tmp_path / "state")
+    store.install(pack_release(bundle_dir))
+    store.activate(1)
+    payload = bytearray(pack_release(v2, lean=True))
+    weights = (v2 / "weights.safetensors").read_bytes()
+    at = payload.find(weights[-64:]) + 10
+    payload[at] ^= 0x01
+    with pytest.raises(BundleError, match="weights.safetensors does not match its sha256"):
+        store.install(bytes(payload))
+    assert not store.path(2).exists()
+
+
+def test_a_new_device_given_a_lean_release_fetches_the_full_archive_through_the_broker(mosquitto, fleet, recorder, v2,
+                                                                                      tmp_path):  # fmt: skip
+    # Prepare: the coordinator's two retained archives on a real mosquitto, and an agent with no release at all
+    t = Topics(fleet)
+    pub = recorder([t.device("dev1", "status")])
+    pub.publish(t.model_full, pack_release(v2), retain=True)
+    pub.publish(t.model_latest, pack_release(v2, lean=True), retain=True)
+    rng = np.random.default_rng(0)
+    x, y = rng.uniform(0, 1, (40, 64)).astype(np.float32), rng.integers(0, 10, 40)
+    agent = DeviceAgent(DeviceConfig(mosquitto.url, fleet, "dev1", tmp_path / "state"), x, y)
+    stop = threading.Event()
+    th = threading.Thread(target=agent.run, args=(stop,), daemon=True)
+    # Execute
+    th.start()
+    try:
+        end = time.monotonic() + 60
+        while agent.version != 2 and time.monotonic() < end:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        th.join(timeout=30)
+    # Assert: it asked for the full archive, activated it, and stopped listening there
+    assert agent.version == 2 and t.model_full not in agent.link.subscriptions
+    assert (tmp_path / "state" / "releases" / "v2" / INFER_PTD).read_bytes() == (v2 / INFER_PTD).read_bytes()
