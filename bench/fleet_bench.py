@@ -3,10 +3,11 @@
     .venv/bin/python bench/fleet_bench.py [--bundle DIR]   # exports the digits bundle if none is given
 
 The coordinator is the real `edgelearn coordinator` process (spool fsync + SQLite commit per update,
-real re-lowering of the release). Simulated devices are one MQTT client publishing N precomputed
-updates on N device topics and counting the acks. Reported per N: collect seconds (first publish →
-N-th ack), release seconds (first publish → release v2 received), coordinator CPU seconds over each
-phase (psutil), CPU ms per update. Writes bench/results/fleet.json and fleet.md.
+the release built as it always is: the same programs with a new data file, no lowering). Simulated
+devices are one MQTT client publishing N precomputed updates on N device topics and counting the acks.
+Reported per N: collect seconds (first publish → N-th ack), release seconds (first publish → release v2
+received), coordinator CPU seconds over each phase (psutil), CPU ms per update.
+Writes bench/results/fleet.json and fleet.md.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def one_round(broker: Mosquitto, bundle: Path, n: int, work: Path) -> dict:
 
 def markdown(rows: list[dict]) -> str:
     lines = [
-        "| devices | update bytes | collect s | release s (incl. re-lowering) | coordinator CPU s (collect) "
+        "| devices | update bytes | collect s | release s (aggregate + build + publish) | coordinator CPU s (collect) "
         "| CPU ms / update | coordinator CPU s (aggregate + rebuild) |",
         "|---|---|---|---|---|---|---|",
     ]

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from coordinator.optim import ServerOptConfig, make_server_opt
+from coordinator.optim import ServerOptConfig, default_server_opt, make_server_opt
 from coordinator.strategies import WeightedMean
 from devices.simulate.run import LOCAL_DEFAULTS
 from devices.simulate.speakers import speaker_texts
@@ -220,8 +220,9 @@ def main() -> None:
     ap.add_argument("--devices", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--export-minutes", type=float, default=2.0, help="release 1: the exporter's budgeted recipe")
-    ap.add_argument("--server-opt", default="fedavg")
-    ap.add_argument("--server-lr", type=float, default=1.0)
+    ap.add_argument("--server-opt", default=None, help="default: the char-lm default (coordinator.optim)")
+    ap.add_argument("--server-lr", type=float, default=None)
+    ap.add_argument("--server-momentum", type=float, default=None)
     ap.add_argument("--steps", type=int, default=RECIPE.steps)
     ap.add_argument("--lr", type=float, default=RECIPE.lr)
     a = ap.parse_args()
@@ -229,7 +230,8 @@ def main() -> None:
     torch.manual_seed(0)
     t0 = time.perf_counter()
     split = leaf_split(a.text.read_bytes(), a.devices)
-    recipe, server = replace(RECIPE, steps=a.steps, lr=a.lr), ServerOptConfig(a.server_opt, a.server_lr)
+    recipe = replace(RECIPE, steps=a.steps, lr=a.lr)
+    server = default_server_opt("char-lm", name=a.server_opt, lr=a.server_lr, momentum=a.server_momentum)
     ex, ey = text_windows(split.export_text)
     release1, steps = fit_for(CharLM(STUDENT), ex, ey, Budget(60 * a.export_minutes), name="release-1")
     w1 = weights_of(release1)
@@ -248,7 +250,8 @@ def main() -> None:
         personal, forget = personal_f.result(), forget_f.result()
     doc = {
         "command": f"bench/lm_learning.py --text {a.text.name} --devices {a.devices} --rounds {a.rounds} "
-                   f"--export-minutes {a.export_minutes} --server-opt {a.server_opt} --server-lr {a.server_lr} "
+                   f"--export-minutes {a.export_minutes} --server-opt {server.name} --server-lr {server.lr} "
+                   f"--server-momentum {server.momentum} "
                    f"--steps {a.steps} --lr {a.lr}",
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread per process, 2 processes",
         "split": {"held_out_speakers": split.held_out, "devices": [d[0] for d in split.devices],
@@ -278,7 +281,7 @@ def markdown(d: dict) -> str:
         f"Held-out speakers ({', '.join(d['split']['held_out_speakers'])}): {d['split']['eval_positions']} next-byte "
         f"positions. Export text {d['split']['export_bytes']} B; {len(d['split']['devices'])} device speakers "
         f"{d['split']['device_bytes']} B (80 % each). Recipe per device and round: {d['recipe']}; server "
-        f"{d['server_opt']['name']} lr {d['server_opt']['lr']}.", "",
+        f"{d['server_opt']['name']} lr {d['server_opt']['lr']} momentum {d['server_opt']['momentum']}.", "",
         "| model | accuracy | cross-entropy (nats) |", "|---|---|---|",
         f"| unigram | {b['unigram']['acc']:.3f} | {b['unigram']['ce']:.3f} |",
         f"| bigram | {b['bigram']['acc']:.3f} | {b['bigram']['ce']:.3f} |",

@@ -6,8 +6,9 @@ For each model a release 1 is exported (char-lm: `--lm-minutes` of training on t
 - build s: release v+1 from moved weights by the coordinator's path (`coordinator/release.py`, data only)
   in a fresh process (`cold`: imports + test split + first build) and warm (median of 5), next to the
   format 1 path that lowers again (`export.pipeline.rebuild_bundle`, median of 2);
-- coordinator peak RSS (ru_maxrss) of a fresh process that builds 3 releases either way;
-- bytes per device per release: the lean archive (protocol v1.2), the full archive, the weights file;
+- coordinator peak RSS (VmHWM) of a fresh process that builds 3 releases either way;
+- bytes per device per release: the lean archive (protocol v1.2), the same with an int8 delta
+  (`--delta-releases`), the full archive, the weights file;
 - device activation s: install + load + smoke test + activate of a lean archive (median of 5), and of the full one;
 - agreement of the data-only program with a program lowered afresh from the same weights (test split).
 Writes bench/results/release.json and release.md.
@@ -35,7 +36,7 @@ from edgelearn.bundle import WEIGHTS, load_weights, pack_release  # noqa: E402
 RESULTS = ROOT / "bench" / "results"
 CREATED = "2026-12-01T00:00:00Z"
 BUILD_SCRIPT = """
-import resource, sys, time, json
+import sys, time, json
 from pathlib import Path
 import numpy as np
 t0 = time.perf_counter()
@@ -54,8 +55,8 @@ for v in range(3):
     t = time.perf_counter()
     rebuild(prev, new, 2 + v, out / f"v{2 + v}", created="2026-12-01T00:00:00Z")
     times.append(time.perf_counter() - t)
-print(json.dumps({"cold_s": time.perf_counter() - t0, "times_s": times,
-                  "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0]  # not ru_maxrss: kept across exec
+print(json.dumps({"cold_s": time.perf_counter() - t0, "times_s": times, "max_rss_mb": int(hwm.split()[1]) / 1024,
                   "exporter_loaded": "executorch.exir" in sys.modules}))
 """
 
@@ -135,6 +136,8 @@ def bench_model(model: str, work: Path, lm_minutes: float) -> dict:
     data, relower = build_process("data", bundle, work), build_process("relower", bundle, work)
     weights_b = (v2 / WEIGHTS).stat().st_size
     lean_b, full_b = len(pack_release(v2, lean=True)), len(pack_release(v2))
+    release_builder(delta=True)(v2, moved(load_weights(v2), 1), 3, work / "v3-delta", created=CREATED)
+    delta_b = len(pack_release(work / "v3-delta", lean=True))
     return {
         "model": model,
         "build_s": {
@@ -150,6 +153,8 @@ def bench_model(model: str, work: Path, lm_minutes: float) -> dict:
             "full": full_b,
             "lean_over_weights": lean_b / weights_b,
             "full_over_weights": full_b / weights_b,
+            "lean_delta": delta_b,
+            "lean_delta_over_weights": delta_b / weights_b,
         },
         "activation_s": {"lean": activation(bundle, v2, work, True), "full": activation(bundle, v2, work, False)},
         "vs_fresh_lowering": agreement(model, v2),
@@ -166,19 +171,21 @@ def write(rows: list[dict]) -> None:
     lines = [
         "# Releases without lowering (bench/release_bench.py)",
         "",
-        f"Machine: {meta['machine']}. Build = round closed → release bundle written; RSS = peak of a fresh "
-        "coordinator-side process building 3 releases; bytes = one device's download per release.",
+        f"Machine: {meta['machine']}. Build = round closed → release bundle written; RSS = peak (VmHWM) of a "
+        "fresh coordinator-side process building 3 releases; bytes = one device's download per release.",
         "",
         "| model | build s data (cold / warm) | build s relower | coordinator RSS MB data / relower | "
-        "weights B | lean archive B (× weights) | full archive B (× weights) | activation s lean / full | "
+        "weights B | lean archive B (× weights) | int8 delta archive B (× weights) | full archive B (× weights) | "
+        "activation s lean / full | "
         "vs fresh lowering: max |Δ logit|, argmax agree |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         b, m, y, a, f = r["build_s"], r["coordinator_max_rss_mb"], r["bytes"], r["activation_s"], r["vs_fresh_lowering"]
         lines.append(
             f"| {r['model']} | {b['data_cold']:.2f} / {b['data_warm']:.3f} | {b['relower']:.2f} | "
             f"{m['data']:.0f} / {m['relower']:.0f} | {y['weights']} | {y['lean']} ({y['lean_over_weights']:.2f}) | "
+            f"{y['lean_delta']} ({y['lean_delta_over_weights']:.2f}) | "
             f"{y['full']} ({y['full_over_weights']:.2f}) | {a['lean']:.3f} / {a['full']:.3f} | "
             f"{f['max_abs_diff']:.3g}, {f['argmax_agree']:.3f} ({f['rows']} rows) |"
         )

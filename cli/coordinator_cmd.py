@@ -11,10 +11,20 @@ from cli.common import add_recipe_options, broker_url, fleet_name, recipe, stop_
 from edgelearn.protocol import DEFAULT_LOCAL
 
 
+def _bundle_model(path: Any) -> str:
+    """The model id of the bundle at `path`, or "" if it is none (cmd_coordinator says so before this matters)."""
+    from edgelearn.bundle import BundleError, verify_bundle
+
+    try:
+        return verify_bundle(path).model_id
+    except (BundleError, OSError):
+        return ""
+
+
 def _coordinator_config(a: argparse.Namespace):
     from coordinator.aggregate import DpConfig
     from coordinator.config import CoordinatorConfig
-    from coordinator.optim import ServerOptConfig
+    from coordinator.optim import default_server_opt
     from coordinator.selection import Eligibility
 
     return CoordinatorConfig(
@@ -36,7 +46,9 @@ def _coordinator_config(a: argparse.Namespace):
         trim_fraction=a.trim_fraction,
         clip_norm=a.clip_norm,
         dp=DpConfig(a.dp_clip, a.dp_noise) if a.dp_clip is not None else None,
-        server_opt=ServerOptConfig(a.server_opt, a.server_lr, a.server_momentum),
+        server_opt=default_server_opt(
+            _bundle_model(a.bundle), name=a.server_opt, lr=a.server_lr, momentum=a.server_momentum
+        ),
         keep_releases=a.keep_releases,
         metrics_port=a.metrics_port,
         metrics_addr=a.metrics_addr,
@@ -74,7 +86,7 @@ def cmd_rollback(a: argparse.Namespace) -> int:
 def cmd_coordinator(a: argparse.Namespace) -> int:
     if a.action == "rollback":
         return cmd_rollback(a)
-    from coordinator.release import release_builder
+    from coordinator.release import release_builder, warm_up
     from coordinator.server import Coordinator
     from coordinator.state import StateLockedError
     from edgelearn.bundle import BundleError, verify_bundle
@@ -89,8 +101,9 @@ def cmd_coordinator(a: argparse.Namespace) -> int:
         verify_bundle(a.bundle)
         cfg = _coordinator_config(a)
         key = load_private(a.signing_key) if a.signing_key else None
-        rebuild = release_builder(relower)
+        rebuild = release_builder(relower, delta=a.delta_releases)
         coord = Coordinator(cfg, signing_rebuild(rebuild, key) if key else rebuild)
+        warm_up(coord.rounds.release_dir(coord.rounds.version))
         if key:  # release 1 (imported from --bundle) is signed too, before anything is published
             ensure_signed(coord.rounds.release_dir(coord.rounds.version), key)
     except (BundleError, ValueError, StateLockedError) as e:
@@ -174,9 +187,12 @@ def _add_coordinator_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--clip-norm", type=float, default=None, help="clip each update to this L2 norm")
     c.add_argument("--dp-clip", type=float, default=None, help="central DP: clip norm C (enables DP)")
     c.add_argument("--dp-noise", type=float, default=1.0, help="central DP: noise multiplier σ (default 1)")
-    c.add_argument("--server-opt", choices=("fedavg", "fedavgm", "fedadam"), default="fedavg")
-    c.add_argument("--server-lr", type=float, default=1.0, help="server learning rate η (default 1)")
-    c.add_argument("--server-momentum", type=float, default=0.9, help="fedavgm momentum β (default 0.9)")
+    c.add_argument("--server-opt", choices=("fedavg", "fedavgm", "fedadam"), default=None,
+                   help="server optimizer (default per model: fedavgm β 0.6 for char-lm, else fedavg)")  # fmt: skip
+    c.add_argument("--server-lr", type=float, default=None, help="server learning rate η (default 1)")
+    c.add_argument("--server-momentum", type=float, default=None, help="fedavgm momentum β (default 0.9; char-lm 0.6)")
+    c.add_argument("--delta-releases", action="store_true",
+                   help="send release weights as an int8 delta from the last (lossy; docs/protocol.md)")  # fmt: skip
     c.add_argument("--keep-releases", type=int, default=5, help="release versions kept for rollback (default 5)")
     c.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     c.add_argument("--metrics-addr", default="127.0.0.1", help="address for --metrics-port (default 127.0.0.1)")

@@ -52,13 +52,10 @@ def _local(a: argparse.Namespace):
 
 
 def _server_opt(a: argparse.Namespace):
-    """The model's default server optimizer, or the one given."""
-    from dataclasses import replace
+    """The model's default server optimizer, with the fields given."""
+    from coordinator.optim import default_server_opt
 
-    from devices.simulate.run import SERVER_DEFAULTS
-
-    given = {k: v for k, v in (("name", a.server_opt), ("lr", a.server_lr), ("momentum", a.server_momentum)) if v}
-    return replace(SERVER_DEFAULTS[a.model], **given)
+    return default_server_opt(a.model, name=a.server_opt, lr=a.server_lr, momentum=a.server_momentum)
 
 
 def cmd_simulate(a: argparse.Namespace) -> int:
@@ -133,7 +130,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     _add_round_options(s)
     s.add_argument("--alpha", type=float, default=None, help="Dirichlet α of the class mix (default: label skew)")
     add_recipe_options(s, "per model, see `LOCAL_DEFAULTS` in devices/simulate/run.py and docs/simulate.md")
-    g = s.add_argument_group("server optimizer (defaults per model: SERVER_DEFAULTS in devices/simulate/run.py)")
+    g = s.add_argument_group("server optimizer (default per model: fedavgm β 0.6 for char-lm, else fedavg)")
     g.add_argument("--server-opt", choices=SERVER_OPT_NAMES, default=None, help="fedavg, fedavgm or fedadam")
     g.add_argument("--server-lr", type=float, default=None, help="server learning rate η")
     g.add_argument("--server-momentum", type=float, default=None, help="fedavgm momentum β")

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from edgelearn.bundle import (
+    DELTA,
     EXPORT_JSON,
     INFER_PTD,
     INFER_PTE,
@@ -32,17 +33,21 @@ from edgelearn.bundle import (
     BundleError,
     Manifest,
     dump_weights,
+    load_weights,
+    sha256,
     verify_bundle,
     write_bundle,
 )
 from edgelearn.datafile import DATA_LAYOUT, load_layout, patch_data
+from edgelearn.delta import encode_delta
+from edgelearn.et_import import runtime_modules
 from edgelearn.programs import InferenceProgram
 from models.quality import release_metrics
 from models.registry import TaskData, get_spec
 from models.text import read_text
 
 log = logging.getLogger(__name__)
-RELEASE_ONLY = ("report.json",)  # release 1's export report is not carried into later releases
+RELEASE_ONLY = ("report.json", DELTA)  # release 1's export report and a release's own delta are not carried on
 Rebuild = Callable[..., Manifest]
 
 
@@ -71,12 +76,19 @@ def measure(
 
 
 def data_release(
-    prev_dir: Path, weights: dict[str, np.ndarray], version: int, out: Path, created: str = ""
+    prev_dir: Path, weights: dict[str, np.ndarray], version: int, out: Path, created: str = "", delta: bool = False
 ) -> Manifest:
     """Release `version` with `weights`: the format 1.1 bundle at `prev_dir` with a new data file. Deterministic:
-    the same inputs write the same bytes (a close redone after a crash publishes the same release)."""
+    the same inputs write the same bytes (a close redone after a crash publishes the same release).
+    `delta`: the release's weights are those an int8 delta from `prev_dir`'s rebuilds (edgelearn/delta.py),
+    and the delta is part of the bundle, when it is smaller than the weights file."""
     prev = verify_bundle(prev_dir)
     files = {n: (prev_dir / n).read_bytes() for n in prev.files if n not in RELEASE_ONLY}
+    if delta:
+        base = files[WEIGHTS]
+        rebuilt, blob = encode_delta(load_weights(prev_dir), weights, sha256(base))
+        if len(blob) < len(base):
+            weights, files[DELTA] = rebuilt, blob
     layout = load_layout(files[DATA_LAYOUT])
     files[INFER_PTD] = patch_data(files[INFER_PTD], layout, weights)
     files[WEIGHTS] = dump_weights(weights)
@@ -86,17 +98,25 @@ def data_release(
     return write_bundle(out, Manifest(**asdict(manifest)), files)
 
 
+def warm_up(bundle_dir: Path) -> None:
+    """Load what a data release of `bundle_dir`'s lineage needs (the ExecuTorch runtime, the export's test split)
+    now, so that the first round's close does not pay for it."""
+    if has_data_layout(bundle_dir):
+        runtime_modules()
+        release_test_split(verify_bundle(bundle_dir).model_id, (Path(bundle_dir) / EXPORT_JSON).read_bytes())
+
+
 def has_data_layout(bundle_dir: Path) -> bool:
     return (Path(bundle_dir) / DATA_LAYOUT).exists() and (Path(bundle_dir) / INFER_PTD).exists()
 
 
-def release_builder(relower: Rebuild | None = None) -> Rebuild:
-    """`rebuild(prev_dir, weights, version, out, created)`: `data_release` for a format 1.1 bundle, else
-    `relower` (which lowers the programs again); without `relower` a format 1 bundle raises BundleError."""
+def release_builder(relower: Rebuild | None = None, delta: bool = False) -> Rebuild:
+    """`rebuild(prev_dir, weights, version, out, created)`: `data_release` (with `delta`) for a format 1.1 bundle,
+    else `relower` (which lowers the programs again); without `relower` a format 1 bundle raises BundleError."""
 
     def rebuild(prev_dir: Path, weights: dict[str, np.ndarray], version: int, out: Path, created: str = "") -> Manifest:
         if has_data_layout(prev_dir):
-            return data_release(prev_dir, weights, version, out, created)
+            return data_release(prev_dir, weights, version, out, created, delta)
         if relower is None:
             raise BundleError(f"{prev_dir} keeps its constants inside infer.pte (bundle format 1): a new release "
                               "must be lowered again, which needs the exporter; export a new release 1")  # fmt: skip

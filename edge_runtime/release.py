@@ -17,18 +17,21 @@ from edge_runtime.engines import TrainEngine, make_engine
 from edge_runtime.samples import SampleFormat
 from edgelearn.atomic import write_bytes
 from edgelearn.bundle import (
+    DELTA,
     INFER_PTD,
     MANIFEST,
     TRAIN_PTE,
     WEIGHTS,
     BundleError,
     Manifest,
+    dump_weights,
     load_weights,
     sha256,
     verify_bundle,
     write_bundle,
 )
 from edgelearn.datafile import DATA_LAYOUT, load_layout, patch_data
+from edgelearn.delta import DeltaError, apply_delta, delta_base
 from edgelearn.programs import InferenceProgram, bundle_program
 from edgelearn.signing import load_public, read_signed_release
 
@@ -107,16 +110,27 @@ class ReleaseStore:
         rebuilt from the new weights on an installed one with the same data layout (edgelearn/datafile.py).
         Raises IncompleteReleaseError if any is missing (the caller fetches the full archive)."""
         files: dict[str, bytes] = {}
-        for name in sorted(set(manifest.files) - set(members)):
+        if WEIGHTS not in members and DELTA in members:
+            files.update(self._rebuilt_weights(manifest, members[DELTA]))
+        for name in sorted(set(manifest.files) - set(members) - set(files)):
             blob = self._local_file(name, manifest.files[name]["sha256"])
             if blob is not None:
                 files[name] = blob
         if INFER_PTD not in members and INFER_PTD not in files and DATA_LAYOUT in manifest.files:
-            files.update(self._rebuilt_data(manifest, members[WEIGHTS]))
+            weights_file = members.get(WEIGHTS, files.get(WEIGHTS))
+            files.update(self._rebuilt_data(manifest, weights_file) if weights_file else {})
         missing = sorted(set(manifest.files) - set(members) - set(files))
         if missing:
             raise IncompleteReleaseError(f"release v{manifest.version} is lean and no release here has {missing[0]}")
         return files
+
+    def _rebuilt_weights(self, manifest: Manifest, delta: bytes) -> dict[str, bytes]:
+        """{weights.safetensors: the delta applied to the installed release it extends}, or {} if none is here."""
+        try:
+            base = self._local_file(WEIGHTS, delta_base(delta))
+            return {} if base is None else {WEIGHTS: dump_weights(apply_delta(st_load(base), delta))}
+        except (DeltaError, SafetensorError) as e:
+            raise BundleError(f"cannot apply the delta of release v{manifest.version}: {e}") from None
 
     def _rebuilt_data(self, manifest: Manifest, weights_file: bytes) -> dict[str, bytes]:
         """{infer.ptd: rebuilt from `weights_file`} on an installed release with the same data layout, or {}."""

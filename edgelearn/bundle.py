@@ -30,6 +30,7 @@ WEIGHTS = "weights.safetensors"
 INFER_PTE = "infer.pte"
 INFER_PTD = "infer.ptd"  # format 1.1: the inference program's constants (edgelearn/datafile.py)
 TRAIN_PTE = "train.pte"
+DELTA = "weights.delta"  # v1.2, opt-in: the weights as an int8 difference from the previous release's
 EXPORT_JSON = "export.json"  # the export settings: test split, and how a format 1 bundle is lowered again
 REQUIRED_FILES = (WEIGHTS, INFER_PTE)
 MAX_MEMBER_BYTES = 512 * 1024 * 1024
@@ -149,17 +150,19 @@ def verify_bundle(bundle_dir: str | Path) -> Manifest:
 
 
 LEAN_MEMBERS = (MANIFEST, WEIGHTS)  # what a lean archive (format 1.1) carries; the device has or derives the rest
+LEAN_DELTA_MEMBERS = (MANIFEST, DELTA)  # ... of a delta release: the weights follow from the previous ones
 
 
 def pack_release(bundle_dir: str | Path, lean: bool = False) -> bytes:
     """The release archive of a verified bundle: POSIX tar, `manifest.json` first. `lean` (format 1.1 only):
     just the manifest and the weights; a device takes the programs from a release it has installed and
-    rebuilds infer.ptd from the weights (protocol v1.2)."""
+    rebuilds infer.ptd from the weights (protocol v1.2); a delta release carries its weights as `weights.delta`."""
     bundle_dir = Path(bundle_dir)
     manifest = verify_bundle(bundle_dir)
     names = [MANIFEST, *manifest.files]
     if lean and manifest.format == BUNDLE_FORMAT_DATA:
-        names = [n for n in names if n in LEAN_MEMBERS]
+        keep = LEAN_DELTA_MEMBERS if DELTA in manifest.files else LEAN_MEMBERS
+        names = [n for n in names if n in keep]
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for name in names:
@@ -169,7 +172,8 @@ def pack_release(bundle_dir: str | Path, lean: bool = False) -> bytes:
             info.mtime = 0
             info.mode = 0o644
             tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
+        end = tar.offset + 2 * tarfile.BLOCKSIZE  # the end-of-archive blocks; not the padding to a 10 KiB record
+    return buf.getvalue()[:end]
 
 
 Complete = Callable[[Manifest, dict[str, bytes]], dict[str, bytes]]

@@ -116,8 +116,9 @@ def test_updates_survive_broker_kill_and_offline_coordinator(bundle_dir, fleet, 
     # once: θ₂ = θ₁ + Σ (n_k/Σn)·Δ_k
     budget = seen[-1]["budget"]
     assert budget["decision"]["reasons"] == ["temperature"] and budget["reading"]["temperature_c"] == 90.0
-    assert sorted(u.device_id for u in sent.values()) == ["dev0", "dev1"]
-    n = sum(u.num_samples for u in sent.values())
+    first = [u for u in sent.values() if u.base_version == 1]  # release 2 may open round 2 before the agents stop
+    assert sorted(u.device_id for u in first) == ["dev0", "dev1"]
+    n = sum(u.num_samples for u in first)
     for name in sent["dev0-r1-v1"].deltas:
-        expected = base[name] + sum(u.num_samples / n * u.deltas[name] for u in sent.values())
+        expected = base[name] + sum(u.num_samples / n * u.deltas[name] for u in first)
         np.testing.assert_allclose(new[name], expected, atol=1e-6)

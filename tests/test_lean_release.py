@@ -15,6 +15,7 @@ from coordinator.release import release_builder
 from edge_runtime.agent import DeviceAgent, DeviceConfig
 from edge_runtime.release import IncompleteReleaseError, ReleaseStore
 from edgelearn.bundle import (
+    DELTA,
     INFER_PTD,
     BundleError,
     load_weights,
@@ -23,6 +24,7 @@ from edgelearn.bundle import (
     read_release,
     verify_bundle,
 )
+from edgelearn.delta import apply_delta
 from edgelearn.protocol import Topics
 
 CREATED = "2026-12-01T00:00:00Z"
@@ -106,3 +108,38 @@ def test_a_new_device_given_a_lean_release_fetches_the_full_archive_through_the_
     # Assert: it asked for the full archive, activated it, and stopped listening there
     assert agent.version == 2 and t.model_full not in agent.link.subscriptions
     assert (tmp_path / "state" / "releases" / "v2" / INFER_PTD).read_bytes() == (v2 / INFER_PTD).read_bytes()
+
+
+def test_a_delta_release_rebuilds_its_weights_exactly_within_half_a_step_of_the_target(bundle_dir, tmp_path):
+    # Prepare
+    rng = np.random.default_rng(4)
+    w1 = load_weights(bundle_dir)
+    target = {k: (v + 0.05 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in w1.items()}
+    rebuild = release_builder(delta=True)
+    # Execute
+    m = rebuild(bundle_dir, target, 2, tmp_path / "v2", created=CREATED)
+    # Assert: the release holds what the delta rebuilds; each weight moved within half a row step of the target
+    w2 = load_weights(tmp_path / "v2")
+    rebuilt = apply_delta(w1, (tmp_path / "v2" / DELTA).read_bytes())
+    for k in w1:
+        assert rebuilt[k].tobytes() == w2[k].tobytes()
+        step = np.abs(target[k] - w1[k]).max() / 127
+        assert np.abs(w2[k] - target[k]).max() <= step / 2 + 1e-7
+    lean = pack_release(tmp_path / "v2", lean=True)
+    assert members(lean) == ["manifest.json", DELTA] and DELTA in m.files
+    assert len(lean) < len(pack_release(bundle_dir, lean=True))  # digits is tiny: manifest and headers weigh
+
+
+def test_a_device_rebuilds_a_delta_release_on_the_one_it_runs_and_else_fetches_the_full(bundle_dir, tmp_path):
+    rebuild, w1 = release_builder(delta=True), load_weights(bundle_dir)
+    rebuild(bundle_dir, {k: v * 1.01 for k, v in w1.items()}, 2, tmp_path / "v2", created=CREATED)
+    rebuild(tmp_path / "v2", {k: v * 1.02 for k, v in w1.items()}, 3, tmp_path / "v3", created=CREATED)
+    store = ReleaseStore(tmp_path / "state")
+    store.install(pack_release(bundle_dir))
+    store.activate(1)
+    with pytest.raises(IncompleteReleaseError, match="is lean"):
+        store.install(pack_release(tmp_path / "v3", lean=True))  # v3's delta extends v2, which it missed
+    manifest = store.install(pack_release(tmp_path / "v2", lean=True))
+    assert manifest is not None
+    for name in manifest.files:
+        assert (store.path(2) / name).read_bytes() == (tmp_path / "v2" / name).read_bytes()

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from coordinator.optim import ServerOptConfig
-from coordinator.release import release_builder
+from coordinator.optim import ServerOptConfig, default_server_opt
+from coordinator.release import release_builder, warm_up
 from coordinator.selection import Eligibility
 from coordinator.server import Coordinator, CoordinatorConfig, RoundSummary
 from devices.simulate.data import device_shards
@@ -39,10 +39,6 @@ LOCAL_DEFAULTS = {
     "digits-mlp": LocalConfig(steps=10, batch_size=16, lr=0.2),
     "char-lm": LocalConfig(50, 16, 1e-3, "adamw", warmup_steps=5, schedule="cosine", clip_norm=1.0),
 }
-SERVER_DEFAULTS = {  # server optimizer per model when none is given
-    "digits-mlp": ServerOptConfig(),
-    "char-lm": ServerOptConfig(),
-}
 
 
 @dataclass(frozen=True)
@@ -63,7 +59,7 @@ class SimConfig:
     samples_per_device: int | None = None  # digits: None → label skew partitions the pool (see device_shards);
     # char-lm: at most this many windows per device (None: all of its speaker's)
     local: LocalConfig | None = None  # None: LOCAL_DEFAULTS[model]
-    server_opt: ServerOptConfig | None = None  # None: SERVER_DEFAULTS[model]
+    server_opt: ServerOptConfig | None = None  # None: the model's (coordinator.optim.default_server_opt)
     export_minutes: float | None = None  # release 1's training budget when exporting (None: the model's default)
     round_timeout_s: float = 60.0
     outages: tuple[Outage, ...] = ()
@@ -201,10 +197,11 @@ def _serve(cfg: SimConfig, bundle: Path, fleet: Fleet, broker: tuple[str, bool],
     ccfg = CoordinatorConfig(
         url, cfg.fleet, bundle, work / "coordinator", min_updates=cfg.quorum, round_timeout_s=cfg.round_timeout_s,
         local=cfg.local or LOCAL_DEFAULTS[cfg.model], max_rounds=cfg.rounds, mqtt_v311=v311,
-        server_opt=cfg.server_opt or SERVER_DEFAULTS[cfg.model],
+        server_opt=cfg.server_opt or default_server_opt(cfg.model),
         target_participants=cfg.participants, eligibility=cfg.eligibility, selection_grace_s=5.0,
     )  # fmt: skip
     coord = Coordinator(ccfg, release_builder(rebuild_bundle), closed.put)
+    warm_up(coord.rounds.release_dir(coord.rounds.version))
     invited = f", {cfg.participants} (×1.3) invited" if cfg.participants else ""
     say(f"[sim] {cfg.devices} devices ({', '.join(f'{p}:{w:g}' for p, w in cfg.profiles)}), {cfg.cohort} online "
         f"per round{invited}, quorum {cfg.quorum}, broker {url}")  # fmt: skip
