@@ -45,6 +45,7 @@ def _coordinator_config(a: argparse.Namespace):
         aggregator=a.aggregator,
         trim_fraction=a.trim_fraction,
         clip_norm=a.clip_norm,
+        clip_to_median=a.clip_to_median or None,
         dp=DpConfig(a.dp_clip, a.dp_noise) if a.dp_clip is not None else None,
         server_opt=default_server_opt(
             _bundle_model(a.bundle), name=a.server_opt, lr=a.server_lr, momentum=a.server_momentum
@@ -185,6 +186,8 @@ def _add_coordinator_parser(sub: argparse._SubParsersAction) -> None:
     )
     c.add_argument("--trim-fraction", type=float, default=0.1, help="trimmed_mean: share cut at each end")
     c.add_argument("--clip-norm", type=float, default=None, help="clip each update to this L2 norm")
+    c.add_argument("--clip-to-median", type=float, default=3.0, metavar="K",
+                   help="clip each update to K × the last round's median update norm (default 3; 0: off)")  # fmt: skip
     c.add_argument("--dp-clip", type=float, default=None, help="central DP: clip norm C (enables DP)")
     c.add_argument("--dp-noise", type=float, default=1.0, help="central DP: noise multiplier σ (default 1)")
     c.add_argument("--server-opt", choices=("fedavg", "fedavgm", "fedadam"), default=None,

@@ -66,7 +66,7 @@ def cmd_simulate(a: argparse.Namespace) -> int:
             devices=a.devices, profiles=a.profiles, rounds=a.rounds, broker=a.broker, out=a.out, bundle=a.bundle,
             model=a.model, text=a.text, online=a.online, participants=a.participants,
             eligibility=tuple(a.eligible), min_updates=a.min_updates, alpha=a.alpha, local=_local(a),
-            server_opt=_server_opt(a),
+            server_opt=_server_opt(a), clip_to_median=a.clip_to_median or None,
             round_timeout_s=a.round_timeout,
             outages=tuple(a.outage), outage_rate=a.outage_rate, hot=tuple(a.hot), seed=a.seed,
         )  # fmt: skip
@@ -134,6 +134,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--server-opt", choices=SERVER_OPT_NAMES, default=None, help="fedavg, fedavgm or fedadam")
     g.add_argument("--server-lr", type=float, default=None, help="server learning rate η")
     g.add_argument("--server-momentum", type=float, default=None, help="fedavgm momentum β")
+    s.add_argument("--clip-to-median", type=float, default=3.0, metavar="K",
+                   help="clip each update to K × the last round's median update norm (default 3; 0: off)")  # fmt: skip
     s.add_argument("--round-timeout", type=float, default=60.0, help="round deadline in seconds (default 60)")
     s.add_argument("--outage", type=_outage, action="append", default=[], help="scripted outage DEVICE:ROUND:SECONDS")
     s.add_argument("--outage-rate", type=float, default=0.02, help="chance a participant drops after training")

@@ -35,6 +35,7 @@ class CoordinatorConfig:
     aggregator: str = "mean"  # mean (streaming) | median | trimmed_mean (these hold all K updates)
     trim_fraction: float = 0.1
     clip_norm: float | None = None  # clip each update to this L2 norm before aggregating
+    clip_to_median: float | None = 3.0  # k: clip each update to k × the previous round's median norm (None: off)
     dp: DpConfig | None = None  # central DP: clip to C, add N(0, (σC)²) to the sum
     server_opt: ServerOptConfig = field(default_factory=ServerOptConfig)
     keep_releases: int = 5
@@ -64,6 +65,8 @@ class CoordinatorConfig:
             raise ValueError("min_updates and buffer_size must be >= 1")
         if self.clip_norm is not None and not self.clip_norm > 0:
             raise ValueError(f"clip norm {self.clip_norm} must be > 0 (leave it out for no clipping)")
+        if self.clip_to_median is not None and not self.clip_to_median >= 1:
+            raise ValueError(f"clip-to-median factor {self.clip_to_median} must be >= 1 (0 on the command line: off)")
         if self.local.steps < 1 or self.local.batch_size < 1 or not self.local.lr >= 0:
             raise ValueError("local steps and batch size must be >= 1 and lr >= 0")
         if not 0.0 <= self.trim_fraction < 0.5:

@@ -97,6 +97,7 @@ class Rounds:
         self.weights = load_weights(self.release_dir(self.version))
         self.shapes = {n: tuple(self.weights[n].shape) for n in self.manifest.trainable}
         self.opt_state = self._load_opt_state()
+        self.norm_ref = float(self.store.get("median_update_norm") or 0.0)  # of the last closed round's updates
         self._reset_round()
         self._refold()
 
@@ -123,6 +124,7 @@ class Rounds:
         self.agg = self.strategy.accumulator(self.shapes)
         self.n_total = 0.0
         self.devices: list[str] = []
+        self.norms: list[float] = []  # ‖Δ_k‖ of the round's folded updates, before clipping
         rejected, self.duplicates = self.store.counts(self.round)
         self.rejected: Counter[str] = Counter(rejected)
 
@@ -144,11 +146,20 @@ class Rounds:
         return Rules(self.manifest.model_id, self.shapes, self.version, rnd, self.cfg.max_update_norm,
                      self.cfg.max_staleness, min_base)  # fmt: skip
 
+    def clip_limit(self) -> float | None:
+        """C for the open round: the strategy's (--clip-norm, DP) and k × the median ‖Δ‖ of the last closed round's
+        updates (--clip-to-median k), whichever is smaller; None when neither applies (round 1 without --clip-norm)."""
+        limits = [c for c in (self.strategy.clip_norm,) if c]
+        if self.cfg.clip_to_median and self.norm_ref > 0:
+            limits.append(self.cfg.clip_to_median * self.norm_ref)
+        return min(limits) if limits else None
+
     def _fold(self, u: Update, row: AcceptedRow, payload: bytes) -> None:
-        """Fold w·clip(Δ) (= w·f·Δ with f = min(1, C/‖Δ‖)); one pass over the payload bytes when they are flat.
-        The weight w was set by the strategy when the update was accepted (row.weight)."""
-        clip_norm = self.strategy.clip_norm
-        factor = agg.clip_factor(agg.l2_norm(u.deltas), clip_norm) if clip_norm else 1.0
+        """Fold w·clip(Δ) (= w·f·Δ with f = min(1, C/‖Δ‖), C = clip_limit()); one pass over the payload bytes when
+        they are flat. The weight w was set by the strategy when the update was accepted (row.weight)."""
+        clip_norm, norm = self.clip_limit(), agg.l2_norm(u.deltas)
+        self.norms.append(norm)
+        factor = agg.clip_factor(norm, clip_norm) if clip_norm else 1.0
         flat = fp32_data_view(payload, self.shapes) if isinstance(self.agg, agg.StreamingMean) else None
         if flat is not None and isinstance(self.agg, agg.StreamingMean):
             self.agg.add_flat(flat, row.weight, factor)
@@ -240,9 +251,11 @@ class Rounds:
             rnd, v + 1, tuple(sorted(self.devices)), self.count, dict(self.rejected), self.duplicates,
             dict(self.manifest.metrics), time.time() - opened,  # across restarts too
         )  # fmt: skip
-        self.store.close_round(
-            rnd, v + 1, summary.__dict__ | {"rejected": summary.rejected}, {"version": v + 1, "round": rnd + 1}
-        )
+        meta: dict[str, object] = {"version": v + 1, "round": rnd + 1}
+        if self.norms:  # the next round's clipping reference, committed with the round
+            self.norm_ref = float(np.median(self.norms))
+            meta["median_update_norm"] = repr(self.norm_ref)
+        self.store.close_round(rnd, v + 1, summary.__dict__ | {"rejected": summary.rejected}, meta)
         self.version, self.round = v + 1, rnd + 1
         self.weights, self.opt_state = load_weights(self.release_dir(v + 1)), opt_state
         self.spool.drop_round(rnd)

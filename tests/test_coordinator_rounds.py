@@ -411,3 +411,27 @@ def test_a_store_from_before_device_keyed_ids_is_migrated(bundle_dir, tmp_path):
     assert again.count == 1 and ("d1", "u1") in again.store.accepted_ids
     assert again.handle("d2", upd(again, "u1", 5, 2, dev="d2")).status == "accepted"  # same id, other device
     again.store.close()
+
+
+def test_an_update_far_larger_than_the_last_rounds_median_is_clipped_to_k_times_it(bundle_dir, tmp_path):
+    # Prepare: round 1 of three honest updates sets the reference (their median norm)
+    e = Rounds(make_cfg(bundle_dir, tmp_path), weights_only_rebuild)
+    for k in range(3):
+        p = upd(e, f"h{k}", 10, k)
+        e.handle(decoded(p).device_id, p)
+    honest = [agg.l2_norm(decoded(upd(e, f"h{k}", 10, k)).deltas) for k in range(3)]
+    e.close()
+    theta = load_weights(e.release_dir(2))
+    # Execute: round 2, two honest devices and one sending a 1000× larger Δ (the same sample claim)
+    attack = decoded(upd(e, "evil", 10, 9))
+    attack.deltas.update({k: 1000 * v for k, v in attack.deltas.items()})
+    payloads = [upd(e, "h3", 10, 3), upd(e, "h4", 10, 4), encode_update(attack)]
+    for p in payloads:
+        assert e.handle(decoded(p).device_id, p).status == "accepted"
+    e.store.close()
+    e = Rounds(make_cfg(bundle_dir, tmp_path), weights_only_rebuild)  # the reference survives a restart
+    e.close()
+    # Assert: the attacker moved the model by at most 3 × median / 3 devices, not by its 1000×
+    step = np.sqrt(sum(((load_weights(e.release_dir(3))[n] - theta[n]) ** 2).sum() for n in e.shapes))
+    assert e.norm_ref > 0 and step <= (3 * float(np.median(honest)) + 2 * max(honest)) / 3 * 1.001
+    assert step >= 0.5 * float(np.median(honest))  # honest updates still count

@@ -54,6 +54,7 @@ class SimConfig:
     online: int | None = None  # devices online per round, a seeded random cohort (None: all, for the whole run)
     participants: int | None = None  # the coordinator invites ⌈1.3·K⌉ eligible online devices (None: all online)
     eligibility: tuple[Eligibility, ...] = ()  # coordinator rules on device status, e.g. temp_c<75
+    clip_to_median: float | None = 3.0  # the coordinator's --clip-to-median (None: off)
     min_updates: int | None = None  # None: 60 % of the participants (or of the online devices)
     alpha: float | None = None  # Dirichlet α of the class mix; None: label skew (4 classes per device)
     samples_per_device: int | None = None  # digits: None → label skew partitions the pool (see device_shards);
@@ -199,6 +200,7 @@ def _serve(cfg: SimConfig, bundle: Path, fleet: Fleet, broker: tuple[str, bool],
         local=cfg.local or LOCAL_DEFAULTS[cfg.model], max_rounds=cfg.rounds, mqtt_v311=v311,
         server_opt=cfg.server_opt or default_server_opt(cfg.model),
         target_participants=cfg.participants, eligibility=cfg.eligibility, selection_grace_s=5.0,
+        clip_to_median=cfg.clip_to_median,
     )  # fmt: skip
     coord = Coordinator(ccfg, release_builder(rebuild_bundle), closed.put)
     warm_up(coord.rounds.release_dir(coord.rounds.version))
