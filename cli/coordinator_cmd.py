@@ -127,12 +127,18 @@ def cmd_fleet(a: argparse.Namespace) -> int:
 
 
 def cmd_broker(a: argparse.Namespace) -> int:
-    from edgelearn.broker import mosquitto_config, size_broker
+    from edgelearn.broker import fleet_acl, mosquitto_config, size_broker
 
     try:
+        if a.acl_out and not a.fleet:
+            raise ValueError("--acl-out needs --fleet (the ACL is written for one fleet's topics)")
         sizing = size_broker(a.devices, a.model_bytes, a.release_bytes)
-        text = mosquitto_config(a.port, a.data_dir, sizing, a.bind, a.password_file, a.acl_file)
-    except ValueError as e:
+        acl = a.acl_file or a.acl_out
+        text = mosquitto_config(a.port, a.data_dir, sizing, a.bind, a.password_file, acl)
+        if a.acl_out:
+            a.acl_out.write_text(fleet_acl(a.fleet, a.topic_root))
+            print(f"wrote {a.acl_out}: the coordinator account 'coordinator', one account per device id")
+    except (ValueError, OSError) as e:
         print(f"edgelearn broker config: error: {e}", file=sys.stderr)
         return 2
     if a.out:
@@ -221,6 +227,10 @@ def _add_ops_parsers(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--bind", default="127.0.0.1", help="listener address (default 127.0.0.1: anonymous access)")
     b.add_argument("--password-file", type=Path, default=None, help="mosquitto_passwd file (needed off loopback)")
     b.add_argument("--acl-file", type=Path, default=None, help="mosquitto ACL file (topics per user)")
+    b.add_argument("--acl-out", type=Path, default=None,
+                   help="write the fleet's ACL here (from the protocol's topics; needs --fleet), use it")  # fmt: skip
+    b.add_argument("--fleet", default=None, help="the fleet whose ACL --acl-out writes")
+    b.add_argument("--topic-root", default="edgelearn", help="topic root of that fleet (default edgelearn)")
     b.add_argument("--data-dir", type=Path, default=Path("/var/lib/mosquitto"), help="persistence folder")
     b.add_argument("--out", type=Path, default=None, help="file to write (default: print)")
     b.set_defaults(func=cmd_broker)

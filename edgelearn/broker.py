@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgelearn.protocol import parse_broker_url
+from edgelearn.protocol import Topics, parse_broker_url
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,28 @@ def is_loopback(host: str) -> bool:
     return host == "localhost" or host == "::1" or host.startswith("127.")
 
 
+COORDINATOR_USER = "coordinator"  # the broker account of a fleet's coordinator in the generated ACL
+
+
+def fleet_acl(fleet: str, root: str = "edgelearn", coordinator_user: str = COORDINATOR_USER) -> str:
+    """A mosquitto ACL for one fleet, from the protocol's topic table (edgelearn/protocol.py: Topics): the
+    coordinator's account reads and writes `P/#`; a device's account, named by its device id, writes only its
+    own update and status and reads the releases, the round, the coordinator's status and its own acks."""
+    t = Topics(fleet, root)
+    own = t.device("ACCOUNT", "update").rsplit("/", 1)[0].replace("ACCOUNT", "%u")
+    return "\n".join([
+        f"# edgelearn fleet {fleet} (generated): one account per device, named by its device id",
+        f"user {coordinator_user}",
+        f"topic readwrite {t.prefix}/#",
+        "",
+        f"pattern write {own}/update",
+        f"pattern write {own}/status",
+        f"pattern read {own}/ack",
+        *[f"pattern read {topic}" for topic in (t.model_latest, t.model_full, t.rounds_current, t.coordinator_status)],
+        "",
+    ])  # fmt: skip
+
+
 def mosquitto_config(
     port: int,
     data_dir: Path,
@@ -96,10 +118,10 @@ def mosquitto_config(
     if password_file is None and not is_loopback(bind):
         raise ValueError(f"listening on {bind} needs --password-file (and --acl-file): anonymous clients could "
                          "publish releases and acks")  # fmt: skip
-    auth = (
+    auth = (  # with accounts, a client's id is its username: nobody can take another's session
         ["allow_anonymous true"]
         if password_file is None
-        else ["allow_anonymous false", f"password_file {password_file}"]
+        else ["allow_anonymous false", f"password_file {password_file}", "use_username_as_clientid true"]
     )
     auth += [f"acl_file {acl_file}"] if acl_file else []
     return "\n".join(

@@ -1,0 +1,81 @@
+"""The generated access layer on a real mosquitto: accounts from mosquitto_passwd, the fleet ACL from the protocol's
+topic table, client ids bound to usernames. A device with valid credentials cannot pose as another device or the
+coordinator (trust issue, attacks 4 and the ACL rows)."""
+
+from __future__ import annotations
+
+import queue
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from edgelearn.broker import Mosquitto, fleet_acl, mosquitto_config
+from edgelearn.mqtt import MqttLink
+from edgelearn.protocol import Topics
+
+ACCOUNTS = {"coordinator": "c-secret", "dev1": "d1-secret", "dev2": "d2-secret"}
+
+
+@pytest.fixture
+def guarded():
+    """A mosquitto with the generated config, accounts and ACL for fleet `f`, in a folder the `mosquitto` user can
+    reach (it drops to that user before reading the password file; pytest's tmp_path is 0700)."""
+    passwd = shutil.which("mosquitto_passwd")
+    if passwd is None:
+        pytest.skip("mosquitto_passwd is not installed (it comes with the mosquitto package)")
+    home = Path(tempfile.mkdtemp(prefix="edgelearn-acl-"))
+    home.chmod(0o755)
+    broker = Mosquitto(home / "broker")
+    pw, acl = broker.data_dir / "passwd", broker.data_dir / "acl"
+    pw.touch()
+    for user, secret in ACCOUNTS.items():
+        subprocess.run([passwd, "-b", str(pw), user, secret], check=True, capture_output=True)
+    acl.write_text(fleet_acl("f"))
+    for f in (pw, acl):
+        f.chmod(0o644)  # mosquitto reads them after dropping to its own user
+    broker.conf.write_text(mosquitto_config(broker.port, broker.data_dir, password_file=pw, acl_file=acl))
+    yield broker.start()
+    broker.stop()
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def link(broker: Mosquitto, user: str, client_id: str, topics: list[str]) -> tuple[MqttLink, queue.Queue]:
+    got: queue.Queue[tuple[str, bytes]] = queue.Queue()
+    url = f"mqtt://{user}:{ACCOUNTS[user]}@127.0.0.1:{broker.port}"
+    made = MqttLink(url, client_id, topics, lambda t, p: got.put((t, p)), session_expiry_s=0)
+    assert made.start(wait_s=10), f"{user} could not connect"
+    return made, got
+
+
+def received(q: queue.Queue, wait_s: float = 1.5) -> list[tuple[str, bytes]]:
+    time.sleep(wait_s)
+    out = []
+    while not q.empty():
+        out.append(q.get())
+    return out
+
+
+def test_a_device_cannot_take_the_coordinators_session_or_write_where_it_may_not(guarded):
+    t = Topics("f")
+    coord, to_coord = link(guarded, "coordinator", t.client_id(), [t.all_devices("update")])
+    dev2, to_dev2 = link(guarded, "dev2", t.client_id("dev2"), [t.model_latest, t.device("dev2", "ack")])
+    try:
+        # Session takeover: dev1's credentials with the coordinator's client id
+        evil, _ = link(guarded, "dev1", t.client_id(), [])
+        time.sleep(1.0)
+        assert coord.connected.is_set() and evil.connected.is_set()  # both online: the ids are the usernames
+        # Writes: its own update passes; another device's update, a release and an ack for dev2 do not
+        evil.publish(t.device("dev1", "update"), b"own")
+        evil.publish(t.device("dev2", "update"), b"forged")
+        evil.publish(t.model_latest, b"forged release", retain=True)
+        evil.publish(t.device("dev2", "ack"), b"forged ack")
+        assert received(to_coord) == [(t.device("dev1", "update"), b"own")]
+        assert received(to_dev2, 0.5) == []
+        assert coord.connected.is_set()
+    finally:
+        for c in (coord, dev2):
+            c.stop()
