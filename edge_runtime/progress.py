@@ -25,13 +25,19 @@ HASH_CHARS = 12  # 48 bits of sha256: a collision between two ids of one device 
 class Progress:
     last_round: int = 0  # last synchronous round whose update was queued
     async_seq: int = 0  # sequence number of the last asynchronous update queued
+    last_round_base: int = 0  # the release that round trained on: a later release's rounds are new again
+
+    def is_new_round(self, rnd: int, base_version: int) -> bool:
+        """(round, base) is after the last finished one: a newer release, or a later round on the same one. So a
+        forged round with a huge number stops a device only until the next (signed) release."""
+        return base_version > self.last_round_base or (base_version == self.last_round_base and rnd > self.last_round)
 
 
 def load_progress(path: Path) -> Progress:
     """The saved progress; all zeros if there is none or it is unreadable (logged)."""
     try:
         d = json.loads(path.read_bytes())
-        return Progress(int(d.get("last_round", 0)), int(d.get("async_seq", 0)))
+        return Progress(int(d.get("last_round", 0)), int(d.get("async_seq", 0)), int(d.get("last_round_base", 0)))
     except FileNotFoundError:
         return Progress()
     except (ValueError, TypeError, AttributeError) as e:

@@ -53,7 +53,7 @@ class Scheduler:
 
     def offer_round(self, rnd: RoundMsg) -> None:
         """Remember a round that includes this device and is newer than the last one it finished."""
-        if rnd.includes(self.device_id) and rnd.round > self.progress.last_round:
+        if rnd.includes(self.device_id) and self.progress.is_new_round(rnd.round, rnd.base_version):
             self.pending_round = rnd
 
     def round_ready(self, version: int) -> bool:
@@ -79,7 +79,7 @@ class Scheduler:
         weighs staleness) and its update is sent with that base_version."""
         if job.seq:
             return job.seq <= self.progress.async_seq
-        return job.base_version != version or job.round <= self.progress.last_round
+        return job.base_version != version or not self.progress.is_new_round(job.round, job.base_version)
 
     def update_id(self, job: Job) -> str:
         """`{device_id}-r{round}-v{base}` or `{device_id}-a{seq}-v{base}`, shortened to 64 characters."""
@@ -108,5 +108,5 @@ class Scheduler:
             self.progress = replace(self.progress, async_seq=job.seq)
             self.last_async_s = now_s
         else:
-            self.progress = replace(self.progress, last_round=job.round)
+            self.progress = replace(self.progress, last_round=job.round, last_round_base=job.base_version)
         save_progress(self.progress_file, self.progress)

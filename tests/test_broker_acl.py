@@ -62,17 +62,20 @@ def received(q: queue.Queue, wait_s: float = 1.5) -> list[tuple[str, bytes]]:
 def test_a_device_cannot_take_the_coordinators_session_or_write_where_it_may_not(guarded):
     t = Topics("f")
     coord, to_coord = link(guarded, "coordinator", t.client_id(), [t.all_devices("update")])
-    dev2, to_dev2 = link(guarded, "dev2", t.client_id("dev2"), [t.model_latest, t.device("dev2", "ack")])
+    dev2, to_dev2 = link(
+        guarded, "dev2", t.client_id("dev2"), [t.model_latest, t.rounds_current, t.device("dev2", "ack")]
+    )
     try:
         # Session takeover: dev1's credentials with the coordinator's client id
         evil, _ = link(guarded, "dev1", t.client_id(), [])
         time.sleep(1.0)
         assert coord.connected.is_set() and evil.connected.is_set()  # both online: the ids are the usernames
-        # Writes: its own update passes; another device's update, a release and an ack for dev2 do not
+        # Writes: its own update passes; another device's update, a release, a round and an ack for dev2 do not
         evil.publish(t.device("dev1", "update"), b"own")
         evil.publish(t.device("dev2", "update"), b"forged")
         evil.publish(t.model_latest, b"forged release", retain=True)
         evil.publish(t.device("dev2", "ack"), b"forged ack")
+        evil.publish(t.rounds_current, b"forged round 10^9", retain=True)
         assert received(to_coord) == [(t.device("dev1", "update"), b"own")]
         assert received(to_dev2, 0.5) == []
         assert coord.connected.is_set()
