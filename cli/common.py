@@ -6,6 +6,8 @@ import argparse
 import signal
 import threading
 from dataclasses import replace
+from pathlib import Path
+from urllib.parse import urlencode
 
 from edgelearn.protocol import LOCAL_OPTIMIZERS, LOCAL_SCHEDULES, LocalConfig, check_name, parse_broker_url
 
@@ -40,6 +42,25 @@ def broker_url(value: str) -> str:
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return value
+
+
+def add_tls_options(p: argparse.ArgumentParser) -> None:
+    """Mutual TLS to an mqtts:// broker (certificates from `edgelearn pki`); folded into the URL by `with_tls`."""
+    g = p.add_argument_group("TLS (mqtts:// brokers; hostname checked)")
+    g.add_argument("--cafile", type=Path, default=None, help="the fleet CA that signed the broker's certificate")
+    g.add_argument("--cert", type=Path, default=None, help="this client's certificate (mutual TLS)")
+    g.add_argument("--key", type=Path, default=None, help="this client's private key (mutual TLS)")
+
+
+def with_tls(url: str, a: argparse.Namespace) -> str:
+    """`url` with `?cafile=…&cert=…&key=…` from --cafile/--cert/--key (edgelearn.protocol.parse_broker_url checks
+    them: mqtts:// only, cert and key together)."""
+    given = {k: str(v) for k, v in (("cafile", a.cafile), ("cert", a.cert), ("key", a.key)) if v is not None}
+    if not given:
+        return url
+    url = f"{url}{'&' if '?' in url else '?'}{urlencode(given, safe='/')}"
+    parse_broker_url(url)
+    return url
 
 
 def add_recipe_options(p: argparse.ArgumentParser, defaults: str) -> None:

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cli.common import add_recipe_options, broker_url, fleet_name, recipe, stop_on_signals
+from cli.common import add_recipe_options, add_tls_options, broker_url, fleet_name, recipe, stop_on_signals, with_tls
 from edgelearn.protocol import DEFAULT_LOCAL
 
 
@@ -28,7 +28,7 @@ def _coordinator_config(a: argparse.Namespace):
     from coordinator.selection import Eligibility
 
     return CoordinatorConfig(
-        a.broker,
+        with_tls(a.broker, a),
         a.fleet,
         a.bundle,
         a.state,
@@ -127,14 +127,18 @@ def cmd_fleet(a: argparse.Namespace) -> int:
 
 
 def cmd_broker(a: argparse.Namespace) -> int:
-    from edgelearn.broker import fleet_acl, mosquitto_config, size_broker
+    from edgelearn.broker import MutualTls, fleet_acl, mosquitto_config, size_broker
 
     try:
+        tls_files = (a.tls_cert, a.tls_key, a.cafile)
+        if any(tls_files) and not all(tls_files):
+            raise ValueError("mutual TLS needs --tls-cert, --tls-key and --cafile together (edgelearn pki makes them)")
+        tls = MutualTls(a.tls_cert, a.tls_key, a.cafile) if all(tls_files) else None
         if a.acl_out and not a.fleet:
             raise ValueError("--acl-out needs --fleet (the ACL is written for one fleet's topics)")
         sizing = size_broker(a.devices, a.model_bytes, a.release_bytes)
         acl = a.acl_file or a.acl_out
-        text = mosquitto_config(a.port, a.data_dir, sizing, a.bind, a.password_file, acl)
+        text = mosquitto_config(a.port, a.data_dir, sizing, a.bind, a.password_file, acl, tls)
         if a.acl_out:
             a.acl_out.write_text(fleet_acl(a.fleet, a.topic_root))
             print(f"wrote {a.acl_out}: the coordinator account 'coordinator', one account per device id")
@@ -164,6 +168,7 @@ def _add_coordinator_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("action", nargs="?", choices=("run", "rollback"), default="run", help="run (default) or rollback")
     c.add_argument("--to", type=int, default=None, help="rollback: the kept release version to return to")
     c.add_argument("--broker", type=broker_url, default=None, help="mqtt://[user[:pass]@]host[:port] or mqtts://")
+    add_tls_options(c)
     c.add_argument("--fleet", type=fleet_name, default=None, help="fleet name ([A-Za-z0-9_-]{1,64})")
     c.add_argument("--bundle", type=Path, default=None, help="bundle directory of release 1")
     c.add_argument("--state", type=Path, default=None, help="state directory (releases, spool, state.sqlite)")
@@ -231,6 +236,9 @@ def _add_ops_parsers(sub: argparse._SubParsersAction) -> None:
                    help="write the fleet's ACL here (from the protocol's topics; needs --fleet), use it")  # fmt: skip
     b.add_argument("--fleet", default=None, help="the fleet whose ACL --acl-out writes")
     b.add_argument("--topic-root", default="edgelearn", help="topic root of that fleet (default edgelearn)")
+    b.add_argument("--tls-cert", type=Path, default=None, help="mutual TLS: the broker's certificate (edgelearn pki)")
+    b.add_argument("--tls-key", type=Path, default=None, help="mutual TLS: the broker's private key")
+    b.add_argument("--cafile", type=Path, default=None, help="mutual TLS: the fleet CA clients must be signed by")
     b.add_argument("--data-dir", type=Path, default=Path("/var/lib/mosquitto"), help="persistence folder")
     b.add_argument("--out", type=Path, default=None, help="file to write (default: print)")
     b.set_defaults(func=cmd_broker)

@@ -11,7 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cli.common import broker_url, device_id, fleet_name, stop_on_signals
+from cli.common import add_tls_options, broker_url, device_id, fleet_name, stop_on_signals, with_tls
 from devices.profiles import DEFAULT_PROFILE, Profile, ProfileError, load_profile
 from edge_runtime.budget import Budget
 from edgelearn.bundle import BundleError, verify_bundle
@@ -51,7 +51,7 @@ def _device_config(a: argparse.Namespace, profile: Profile) -> DeviceConfig:
     from edge_runtime.agent import DeviceConfig  # lazy, as every torch-importing module here: see cli/__init__.py
 
     ack_timeout_s = profile.outbox.ack_timeout_s if a.ack_timeout is _UNSET else a.ack_timeout
-    return DeviceConfig(a.broker, a.fleet, a.id, a.state, a.topic_root, a.encoding, ack_timeout_s,
+    return DeviceConfig(with_tls(a.broker, a), a.fleet, a.id, a.state, a.topic_root, a.encoding, ack_timeout_s,
                         max_outbox=profile.outbox.max_items, keepalive_s=profile.mqtt.keepalive_s,
                         budget=_budget(a, profile), engine=a.engine, samples=a.samples, mu=a.mu,
                         replay_size=a.replay_size, max_store_samples=a.max_store_samples,
@@ -223,6 +223,7 @@ def _add_device_parser(sub: argparse._SubParsersAction) -> None:
     )
     v.add_argument("--fleet", type=fleet_name, required=True, help="fleet name")
     v.add_argument("--id", type=device_id, required=True, help="device id ([A-Za-z0-9_-]{1,64})")
+    add_tls_options(v)
     v.add_argument("--state", type=Path, required=True, help="state directory (releases, outbox, progress)")
     v.add_argument("--data", type=Path, default=None, help="fixed local data: safetensors file with tensors x and y")
     v.add_argument("--samples", default=None, help="sample stream: JSON-lines file, folder of *.jsonl, or - (stdin)")

@@ -22,6 +22,24 @@ def cmd_keys(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pki(a: argparse.Namespace) -> int:
+    from edgelearn.pki import PkiError, init_ca, issue
+
+    try:
+        if a.action == "init":
+            print(f"fleet CA: {init_ca(a.dir, a.fleet)} (give it to every client as --cafile; keep ca.key offline)")
+        else:
+            if not a.name:
+                raise PkiError("issue needs --name (a device id, coordinator, or the broker's name with --host)")
+            cert, key = issue(a.dir, a.name, tuple(a.host))
+            what = "server certificate" if a.host else "client certificate (its common name is the MQTT username)"
+            print(f"{what}: {cert}, key {key} (0600)")
+    except (PkiError, OSError) as e:
+        print(f"edgelearn pki: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_profiles(a: argparse.Namespace) -> int:
     from devices.profiles import ProfileError, list_profiles, load_profile
 
@@ -148,8 +166,19 @@ def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
     m.set_defaults(func=cmd_demo)
 
 
+def _add_pki_parser(sub: argparse._SubParsersAction) -> None:
+    k = sub.add_parser("pki", help="a fleet CA and certificates for mutual TLS (broker, coordinator, devices)")
+    k.add_argument("action", choices=("init", "issue"), help="init: make the CA; issue: a certificate signed by it")
+    k.add_argument("--dir", type=Path, required=True, help="the PKI folder (ca.crt, ca.key, NAME.crt, NAME.key)")
+    k.add_argument("--fleet", default="default", help="init: the fleet named in the CA (default: default)")
+    k.add_argument("--name", default=None, help="issue: a device id, coordinator, or the broker's name")
+    k.add_argument("--host", action="append", default=[], help="issue: a DNS name or IP of the broker (server)")
+    k.set_defaults(func=cmd_pki)
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     _add_keys_parser(sub)
+    _add_pki_parser(sub)
     _add_profiles_parser(sub)
     _add_flash_parser(sub)
     _add_demo_parser(sub)

@@ -98,6 +98,20 @@ def fleet_acl(fleet: str, root: str = "edgelearn", coordinator_user: str = COORD
     ])  # fmt: skip
 
 
+@dataclass(frozen=True)
+class MutualTls:
+    """A TLS listener that requires a client certificate signed by `cafile` and takes its common name as the
+    MQTT username (so the ACL's `%u` is the device id); made by `edgelearn pki`."""
+
+    certfile: Path
+    keyfile: Path
+    cafile: Path
+
+    def lines(self) -> list[str]:
+        return [f"certfile {self.certfile}", f"keyfile {self.keyfile}", f"cafile {self.cafile}",
+                "require_certificate true", "use_identity_as_username true"]  # fmt: skip
+
+
 def mosquitto_config(
     port: int,
     data_dir: Path,
@@ -105,6 +119,7 @@ def mosquitto_config(
     bind: str = "127.0.0.1",
     password_file: Path | None = None,
     acl_file: Path | None = None,
+    tls: MutualTls | None = None,
 ) -> str:
     """A mosquitto.conf for one fleet broker: persistence on, MQTT 5-capable listener, queues sized for the fleet.
 
@@ -115,20 +130,20 @@ def mosquitto_config(
     """
     if sizing.max_packet_bytes > MAX_PACKET_LIMIT_BYTES:
         raise ValueError(f"max_packet_bytes {sizing.max_packet_bytes} must be < 256 MiB (paho rejects larger)")
-    if password_file is None and not is_loopback(bind):
-        raise ValueError(f"listening on {bind} needs --password-file (and --acl-file): anonymous clients could "
-                         "publish releases and acks")  # fmt: skip
-    auth = (  # with accounts, a client's id is its username: nobody can take another's session
-        ["allow_anonymous true"]
-        if password_file is None
-        else ["allow_anonymous false", f"password_file {password_file}", "use_username_as_clientid true"]
-    )
+    if password_file is None and tls is None and not is_loopback(bind):
+        raise ValueError(f"listening on {bind} needs --tls-cert/--tls-key/--cafile (mutual TLS) or --password-file "
+                         "(and --acl-file): anonymous clients could publish releases and acks")  # fmt: skip
+    auth = ["allow_anonymous true"] if password_file is None and tls is None else ["allow_anonymous false"]
+    auth += [f"password_file {password_file}"] if password_file else []
+    if password_file or tls:  # with accounts, a client's id is its username: nobody can take another's session
+        auth += ["use_username_as_clientid true"]
     auth += [f"acl_file {acl_file}"] if acl_file else []
     return "\n".join(
         [
             f"# edgelearn fleet broker (generated): persistence on, MQTT 5 clients on port {port}",
             f"listener {port} {bind}",
             "protocol mqtt",
+            *(tls.lines() if tls else []),
             *auth,
             "persistence true",
             f"persistence_location {data_dir}/",

@@ -63,8 +63,9 @@ class MqttLink:
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=proto, **kwargs)
         if self.broker.username:
             self.client.username_pw_set(self.broker.username, self.broker.password)
-        if self.broker.tls:
-            self.client.tls_set()
+        if self.broker.tls:  # hostname checked against the broker's certificate
+            b = self.broker
+            self.client.tls_set(ca_certs=b.cafile, certfile=b.certfile, keyfile=b.keyfile)
         if will:
             self.client.will_set(will[0], will[1], qos=QOS, retain=True)
         self.client.reconnect_delay_set(min_delay=1, max_delay=30)

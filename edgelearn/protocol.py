@@ -11,7 +11,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import numpy as np
 from safetensors import SafetensorError
@@ -123,10 +123,17 @@ class BrokerUrl:
     tls: bool = False
     username: str | None = None
     password: str | None = None
+    cafile: str | None = None  # mqtts: the fleet CA that signed the broker's certificate (None: system CAs)
+    certfile: str | None = None  # mqtts + mTLS: this client's certificate and key
+    keyfile: str | None = None
+
+
+TLS_QUERY = {"cafile": "cafile", "cert": "certfile", "key": "keyfile"}  # mqtts://host?cafile=…&cert=…&key=…
 
 
 def parse_broker_url(url: str) -> BrokerUrl:
-    """Parse `mqtt://[user[:password]@]host[:port]` (port 1883) or `mqtts://...` (TLS, port 8883).
+    """Parse `mqtt://[user[:password]@]host[:port]` (port 1883) or `mqtts://...` (TLS, port 8883), the latter with
+    `?cafile=PATH` (the CA to trust) and, for mutual TLS, `&cert=PATH&key=PATH` (this client's certificate).
 
     Whitespace and control characters are refused before parsing (urlsplit silently drops some, e.g. a newline
     that would otherwise reach a device's environment file); percent-encode them in a user name or password.
@@ -147,7 +154,22 @@ def parse_broker_url(url: str) -> BrokerUrl:
         raise ValueError(f"invalid broker URL {url!r}: {e}") from None
     user = unquote(parts.username) if parts.username else None
     password = unquote(parts.password) if parts.password else None
-    return BrokerUrl(parts.hostname, port, tls, user, password)
+    files = _tls_files(url, parts.query, tls)
+    return BrokerUrl(parts.hostname, port, tls, user, password, **files)
+
+
+def _tls_files(url: str, query: str, tls: bool) -> dict[str, str]:
+    """{cafile, certfile, keyfile} from an mqtts URL's query; ValueError naming what is wrong."""
+    pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=False) if query else []
+    unknown = [k for k, _ in pairs if k not in TLS_QUERY]
+    if unknown:
+        raise ValueError(f"invalid broker URL {url!r}: unknown parameter {unknown[0]!r} (use cafile, cert, key)")
+    files = {TLS_QUERY[k]: v for k, v in pairs}
+    if files and not tls:
+        raise ValueError(f"invalid broker URL {url!r}: cafile/cert/key need mqtts://")
+    if ("certfile" in files) != ("keyfile" in files):
+        raise ValueError(f"invalid broker URL {url!r}: give both cert and key (mutual TLS) or neither")
+    return files
 
 
 # ---------------------------------------------------------------- JSON messages

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from edgelearn.broker import Mosquitto, fleet_acl, mosquitto_config
+from edgelearn.broker import Mosquitto, MutualTls, fleet_acl, mosquitto_config
 from edgelearn.mqtt import MqttLink
+from edgelearn.pki import init_ca, issue
 from edgelearn.protocol import Topics
 
 ACCOUNTS = {"coordinator": "c-secret", "dev1": "d1-secret", "dev2": "d2-secret"}
@@ -82,3 +83,46 @@ def test_a_device_cannot_take_the_coordinators_session_or_write_where_it_may_not
     finally:
         for c in (coord, dev2):
             c.stop()
+
+
+def test_mutual_tls_end_to_end_names_each_device_by_its_certificate(tmp_path):
+    # Prepare: a fleet PKI, and mosquitto with the generated mTLS listener and ACL (no passwords at all)
+    home = Path(tempfile.mkdtemp(prefix="edgelearn-mtls-"))
+    home.chmod(0o755)
+    pki = home / "pki"
+    ca = init_ca(pki, "f")
+    broker_cert, broker_key = issue(pki, "broker", hosts=("127.0.0.1", "localhost"))
+    for name in ("coordinator", "dev1", "dev2"):
+        issue(pki, name)
+    for f in (pki, broker_key, broker_cert, ca):
+        f.chmod(0o755 if f.is_dir() else 0o644)  # the test's broker runs as user mosquitto; deploy: chown it
+    broker = Mosquitto(home / "broker")
+    acl = broker.data_dir / "acl"
+    acl.write_text(fleet_acl("f"))
+    acl.chmod(0o644)
+    tls = MutualTls(broker_cert, broker_key, ca)
+    broker.conf.write_text(mosquitto_config(broker.port, broker.data_dir, acl_file=acl, tls=tls))
+    broker.start()
+    t = Topics("f")
+
+    def url(name: str | None) -> str:
+        mine = f"&cert={pki / name}.crt&key={pki / name}.key" if name else ""
+        return f"mqtts://127.0.0.1:{broker.port}?cafile={ca}{mine}"
+
+    try:
+        got: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        coord = MqttLink(url("coordinator"), t.client_id(), [t.all_devices("update")], lambda a, b: got.put((a, b)))
+        dev1 = MqttLink(url("dev1"), t.client_id("dev1"), [], lambda a, b: None)
+        stranger = MqttLink(url(None), "stranger", [], lambda a, b: None)  # trusts the CA but shows no certificate
+        assert coord.start(wait_s=10) and dev1.start(wait_s=10)
+        assert not stranger.start(wait_s=3)
+        # Execute: dev1 (named by its certificate) writes its own update and one for dev2
+        dev1.publish(t.device("dev1", "update"), b"own")
+        dev1.publish(t.device("dev2", "update"), b"forged")
+        # Assert
+        assert received(got) == [(t.device("dev1", "update"), b"own")]
+    finally:
+        for c in (coord, dev1, stranger):
+            c.stop()
+        broker.stop()
+        shutil.rmtree(home, ignore_errors=True)
