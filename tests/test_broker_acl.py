@@ -7,6 +7,7 @@ from __future__ import annotations
 import queue
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -14,9 +15,12 @@ from pathlib import Path
 import pytest
 
 from edgelearn.broker import Mosquitto, MutualTls, fleet_acl, mosquitto_config
+from edgelearn.bundle import read_lean_release
 from edgelearn.mqtt import MqttLink
 from edgelearn.pki import init_ca, issue
 from edgelearn.protocol import Topics
+from models.shards import write_shards
+from tests.conftest import SERVER_FRACTION
 
 ACCOUNTS = {"coordinator": "c-secret", "dev1": "d1-secret", "dev2": "d2-secret"}
 
@@ -85,17 +89,20 @@ def test_a_device_cannot_take_the_coordinators_session_or_write_where_it_may_not
             c.stop()
 
 
-def test_mutual_tls_end_to_end_names_each_device_by_its_certificate(tmp_path):
-    # Prepare: a fleet PKI, and mosquitto with the generated mTLS listener and ACL (no passwords at all)
+@pytest.fixture
+def mtls():
+    """A fleet PKI (CA; certificates for broker, coordinator, dev0, dev1, dev2, observer) and a mosquitto with the
+    generated mTLS listener and ACL; yields (broker, url(name)): the mqtts URL a client with that certificate
+    uses (None: no certificate)."""
     home = Path(tempfile.mkdtemp(prefix="edgelearn-mtls-"))
     home.chmod(0o755)
     pki = home / "pki"
     ca = init_ca(pki, "f")
     broker_cert, broker_key = issue(pki, "broker", hosts=("127.0.0.1", "localhost"))
-    for name in ("coordinator", "dev1", "dev2"):
+    for name in ("coordinator", "dev0", "dev1", "dev2", "observer"):
         issue(pki, name)
-    for f in (pki, broker_key, broker_cert, ca):
-        f.chmod(0o755 if f.is_dir() else 0o644)  # the test's broker runs as user mosquitto; deploy: chown it
+    pki.chmod(0o755)
+    broker_key.chmod(0o644)  # the test's broker runs as user mosquitto; deploy: chown mosquitto
     broker = Mosquitto(home / "broker")
     acl = broker.data_dir / "acl"
     acl.write_text(fleet_acl("f"))
@@ -103,17 +110,25 @@ def test_mutual_tls_end_to_end_names_each_device_by_its_certificate(tmp_path):
     tls = MutualTls(broker_cert, broker_key, ca)
     broker.conf.write_text(mosquitto_config(broker.port, broker.data_dir, acl_file=acl, tls=tls))
     broker.start()
-    t = Topics("f")
 
     def url(name: str | None) -> str:
         mine = f"&cert={pki / name}.crt&key={pki / name}.key" if name else ""
         return f"mqtts://127.0.0.1:{broker.port}?cafile={ca}{mine}"
 
+    yield broker, url
+    broker.stop()
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def test_mutual_tls_end_to_end_names_each_device_by_its_certificate(mtls):
+    # Prepare
+    _, url = mtls
+    t = Topics("f")
+    got: queue.Queue[tuple[str, bytes]] = queue.Queue()
+    coord = MqttLink(url("coordinator"), t.client_id(), [t.all_devices("update")], lambda a, b: got.put((a, b)))
+    dev1 = MqttLink(url("dev1"), t.client_id("dev1"), [], lambda a, b: None)
+    stranger = MqttLink(url(None), "stranger", [], lambda a, b: None)  # trusts the CA but shows no certificate
     try:
-        got: queue.Queue[tuple[str, bytes]] = queue.Queue()
-        coord = MqttLink(url("coordinator"), t.client_id(), [t.all_devices("update")], lambda a, b: got.put((a, b)))
-        dev1 = MqttLink(url("dev1"), t.client_id("dev1"), [], lambda a, b: None)
-        stranger = MqttLink(url(None), "stranger", [], lambda a, b: None)  # trusts the CA but shows no certificate
         assert coord.start(wait_s=10) and dev1.start(wait_s=10)
         assert not stranger.start(wait_s=3)
         # Execute: dev1 (named by its certificate) writes its own update and one for dev2
@@ -124,5 +139,43 @@ def test_mutual_tls_end_to_end_names_each_device_by_its_certificate(tmp_path):
     finally:
         for c in (coord, dev1, stranger):
             c.stop()
-        broker.stop()
-        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_a_fleet_round_over_mutual_tls(mtls, bundle_dir, tmp_path):
+    # Prepare: the coordinator and two device processes, each with its own certificate, and an observer
+    _, url = mtls
+    t = Topics("f")
+    got: queue.Queue[tuple[str, bytes]] = queue.Queue()
+    observer = MqttLink(url("observer"), "observer", [t.model_latest], lambda a, b: got.put((a, b)))
+    assert observer.start(wait_s=10)
+    shards = write_shards(tmp_path / "data", 2, SERVER_FRACTION)
+    log = (tmp_path / "procs.log").open("wb")
+    cli = [sys.executable, "-m", "cli"]
+    coordinator = ["--fleet", "f", "--bundle", str(bundle_dir), "--state", str(tmp_path / "coord"),
+                   "--min-updates", "2", "--steps", "5"]  # fmt: skip
+    procs = [subprocess.Popen([*cli, "coordinator", "--broker", url("coordinator"), *coordinator],
+                              stdout=log, stderr=subprocess.STDOUT)]  # fmt: skip
+    for k, shard in enumerate(shards):
+        device = ["--fleet", "f", "--id", f"dev{k}", "--state", str(tmp_path / f"dev{k}"), "--data", str(shard)]
+        procs.append(subprocess.Popen([*cli, "device", "--broker", url(f"dev{k}"), *device],
+                                      stdout=log, stderr=subprocess.STDOUT))  # fmt: skip
+    # Execute: wait for release 2
+    try:
+        end, version = time.monotonic() + 180, 0
+        while version < 2 and time.monotonic() < end:
+            try:
+                _, payload = got.get(timeout=1)
+            except queue.Empty:
+                assert all(p.poll() is None for p in procs), (tmp_path / "procs.log").read_text()[-3000:]
+                continue
+            version = max(version, read_lean_release(payload)[0].version)
+    finally:
+        observer.stop()
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=30)
+        log.close()
+    # Assert: the round closed with both devices over mTLS
+    assert version == 2, (tmp_path / "procs.log").read_text()[-3000:]
