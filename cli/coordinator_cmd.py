@@ -102,7 +102,7 @@ def cmd_coordinator(a: argparse.Namespace) -> int:
         verify_bundle(a.bundle)
         cfg = _coordinator_config(a)
         key = load_private(a.signing_key) if a.signing_key else None
-        rebuild = release_builder(relower, delta=a.delta_releases)
+        rebuild = release_builder(relower, delta=a.delta_releases, fleet=a.fleet)
         coord = Coordinator(cfg, signing_rebuild(rebuild, key) if key else rebuild)
         warm_up(coord.rounds.release_dir(coord.rounds.version))
         if key:  # release 1 (imported from --bundle) is signed too, before anything is published

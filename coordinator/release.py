@@ -76,12 +76,19 @@ def measure(
 
 
 def data_release(
-    prev_dir: Path, weights: dict[str, np.ndarray], version: int, out: Path, created: str = "", delta: bool = False
+    prev_dir: Path,
+    weights: dict[str, np.ndarray],
+    version: int,
+    out: Path,
+    created: str = "",
+    delta: bool = False,
+    fleet: str = "",
 ) -> Manifest:
     """Release `version` with `weights`: the format 1.1 bundle at `prev_dir` with a new data file. Deterministic:
     the same inputs write the same bytes (a close redone after a crash publishes the same release).
     `delta`: the release's weights are those an int8 delta from `prev_dir`'s rebuilds (edgelearn/delta.py),
-    and the delta is part of the bundle, when it is smaller than the weights file."""
+    and the delta is part of the bundle, when it is smaller than the weights file. `fleet` names the fleet in the
+    manifest (signed with it): a device of another fleet refuses the release."""
     prev = verify_bundle(prev_dir)
     files = {n: (prev_dir / n).read_bytes() for n in prev.files if n not in RELEASE_ONLY}
     if delta:
@@ -93,7 +100,8 @@ def data_release(
     files[INFER_PTD] = patch_data(files[INFER_PTD], layout, weights)
     files[WEIGHTS] = dump_weights(weights)
     metrics = measure(prev, weights, files[INFER_PTE], files[INFER_PTD], files[EXPORT_JSON])
-    manifest = replace(prev, version=version, metrics=metrics, created=created, signature=None, files={})
+    manifest = replace(prev, version=version, metrics=metrics, created=created, signature=None, files={},
+                       fleet=fleet or prev.fleet)  # fmt: skip
     log.debug("data release %s v%d -> v%d", prev.model_id, prev.version, version)
     return write_bundle(out, Manifest(**asdict(manifest)), files)
 
@@ -110,13 +118,13 @@ def has_data_layout(bundle_dir: Path) -> bool:
     return (Path(bundle_dir) / DATA_LAYOUT).exists() and (Path(bundle_dir) / INFER_PTD).exists()
 
 
-def release_builder(relower: Rebuild | None = None, delta: bool = False) -> Rebuild:
+def release_builder(relower: Rebuild | None = None, delta: bool = False, fleet: str = "") -> Rebuild:
     """`rebuild(prev_dir, weights, version, out, created)`: `data_release` (with `delta`) for a format 1.1 bundle,
     else `relower` (which lowers the programs again); without `relower` a format 1 bundle raises BundleError."""
 
     def rebuild(prev_dir: Path, weights: dict[str, np.ndarray], version: int, out: Path, created: str = "") -> Manifest:
         if has_data_layout(prev_dir):
-            return data_release(prev_dir, weights, version, out, created, delta)
+            return data_release(prev_dir, weights, version, out, created, delta, fleet)
         if relower is None:
             raise BundleError(f"{prev_dir} keeps its constants inside infer.pte (bundle format 1): a new release "
                               "must be lowered again, which needs the exporter; export a new release 1")  # fmt: skip

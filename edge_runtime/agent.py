@@ -81,7 +81,7 @@ class DeviceAgent:
         self.x, self.y = x, y  # the fixed local data set, if any (it is also imported into the sample store)
         self.topics = Topics(cfg.fleet, cfg.topic_root)
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
-        self.releases = ReleaseStore(cfg.state_dir, public_key(cfg.public_key_path))
+        self.releases = ReleaseStore(cfg.state_dir, public_key(cfg.public_key_path), cfg.fleet)
         self.outbox = Outbox(cfg.state_dir / "outbox", cfg.max_outbox)
         self._outbox_full_logged = False
         self.schedule = Scheduler(

@@ -46,8 +46,9 @@ class IncompleteReleaseError(BundleError):
 class ReleaseStore:
     """`state/releases/v{N}/` bundles plus `state/active.json` naming the running version."""
 
-    def __init__(self, state_dir: Path, public_key: Ed25519PublicKey | None = None) -> None:
+    def __init__(self, state_dir: Path, public_key: Ed25519PublicKey | None = None, fleet: str = "") -> None:
         self.public_key = public_key  # an Ed25519PublicKey: this fleet accepts only releases signed by it
+        self.fleet = fleet  # a release naming another fleet is refused ("" : not checked)
         self.root = state_dir / "releases"
         self.root.mkdir(parents=True, exist_ok=True)
         self.active_file = state_dir / "active.json"
@@ -82,6 +83,8 @@ class ReleaseStore:
         manifest, files = read_signed_release(payload, self.public_key, self.complete)
         current = self.active_version()
         running = self._model_id(current)
+        if self.fleet and manifest.fleet and manifest.fleet != self.fleet:
+            raise BundleError(f"release is for fleet {manifest.fleet!r}, this device is in {self.fleet!r}")
         if running is not None and manifest.model_id != running:
             raise BundleError(f"release is for model {manifest.model_id!r}, this device runs {running!r}")
         if manifest.version <= current:

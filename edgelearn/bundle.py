@@ -54,9 +54,18 @@ class Manifest:
     created: str = ""
     signature: dict | None = None
     format: str = BUNDLE_FORMAT
+    fleet: str = ""  # v1.2: the fleet a coordinator built this release for ("": unnamed, e.g. an export)
+
+    def fields(self) -> dict:
+        """The manifest as JSON fields; an empty `fleet` is left out, so manifests without one keep their bytes
+        (and their signatures)."""
+        d = asdict(self)
+        if not d["fleet"]:
+            del d["fleet"]
+        return d
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), indent=2, sort_keys=True).encode()
+        return json.dumps(self.fields(), indent=2, sort_keys=True).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> Manifest:
@@ -259,7 +268,7 @@ def _field_problem(m: Manifest) -> str | None:
     """The first manifest field of the wrong type or form (protocol v1), or None."""
     if not _is_int(m.version, 1):
         return f"version {m.version!r} is not an integer >= 1"
-    for key in ("model_id", "task", "target", "created", "format"):
+    for key in ("model_id", "task", "target", "created", "format", "fleet"):
         if not isinstance(getattr(m, key), str):
             return f"{key} is not a string"
     shape = m.input.get("shape") if isinstance(m.input, dict) else None

@@ -10,7 +10,7 @@ import base64
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ ALG = "ed25519"
 
 def canonical(manifest: Manifest) -> bytes:
     """Canonical JSON of the manifest with `signature` removed: sorted keys, separators `,` `:`, UTF-8."""
-    d = asdict(manifest)
+    d = manifest.fields()
     d.pop("signature")
     return json.dumps(d, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 

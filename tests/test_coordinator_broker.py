@@ -33,7 +33,7 @@ def test_cli_writes_the_config(tmp_path, capsys):
     assert "256 MiB" in capsys.readouterr().err
 
 
-def test_a_listener_off_loopback_needs_a_password_file(tmp_path, capsys):
+def test_a_listener_off_loopback_needs_mutual_tls_or_a_password_file(tmp_path, capsys):
     # Execute: anonymous on 0.0.0.0 (refused), then with a password file and an ACL
     refused = main(["broker", "config", "--devices", "10", "--model-bytes", "1000", "--bind", "0.0.0.0"])
     err = capsys.readouterr().err
@@ -44,7 +44,7 @@ def test_a_listener_off_loopback_needs_a_password_file(tmp_path, capsys):
     )
     text = out.read_text()
     # Assert
-    assert refused == 2 and "needs --password-file" in err and "\n" not in err.strip()
+    assert refused == 2 and "mutual TLS) or --password-file" in err and "\n" not in err.strip()
     assert ok == 0 and "allow_anonymous false" in text and "password_file /etc/mosquitto/passwd" in text
     assert "acl_file /etc/mosquitto/acl" in text and "allow_anonymous true" not in text
     assert "max_queued_bytes 0" not in text  # an offline coordinator's backlog is bounded

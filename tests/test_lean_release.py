@@ -143,3 +143,18 @@ def test_a_device_rebuilds_a_delta_release_on_the_one_it_runs_and_else_fetches_t
     assert manifest is not None
     for name in manifest.files:
         assert (store.path(2) / name).read_bytes() == (tmp_path / "v2" / name).read_bytes()
+
+
+def test_a_release_signed_for_another_fleet_is_refused(bundle_dir, tmp_path):
+    # Prepare: one signing key shared by two fleets; the coordinator of fleet "b" names its releases
+    from edgelearn.signing import generate_keys, load_private, load_public, sign_bundle
+
+    generate_keys(tmp_path / "k", tmp_path / "k.pub")
+    release_builder(fleet="b")(bundle_dir, load_weights(bundle_dir), 2, tmp_path / "v2", created=CREATED)
+    signed = sign_bundle(tmp_path / "v2", load_private(tmp_path / "k"))
+    public = load_public(tmp_path / "k.pub")
+    # Execute / Assert: a device of fleet "a" refuses it; one of fleet "b" takes it; unnamed manifests keep bytes
+    with pytest.raises(BundleError, match="release is for fleet 'b', this device is in 'a'"):
+        ReleaseStore(tmp_path / "a", public, fleet="a").install(pack_release(tmp_path / "v2"))
+    assert ReleaseStore(tmp_path / "b", public, fleet="b").install(pack_release(tmp_path / "v2")) == signed
+    assert signed.fleet == "b" and b'"fleet"' not in (bundle_dir / "manifest.json").read_bytes()

@@ -202,7 +202,7 @@ def _serve(cfg: SimConfig, bundle: Path, fleet: Fleet, broker: tuple[str, bool],
         target_participants=cfg.participants, eligibility=cfg.eligibility, selection_grace_s=5.0,
         clip_to_median=cfg.clip_to_median,
     )  # fmt: skip
-    coord = Coordinator(ccfg, release_builder(rebuild_bundle), closed.put)
+    coord = Coordinator(ccfg, release_builder(rebuild_bundle, fleet=cfg.fleet), closed.put)
     warm_up(coord.rounds.release_dir(coord.rounds.version))
     invited = f", {cfg.participants} (×1.3) invited" if cfg.participants else ""
     say(f"[sim] {cfg.devices} devices ({', '.join(f'{p}:{w:g}' for p, w in cfg.profiles)}), {cfg.cohort} online "
