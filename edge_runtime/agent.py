@@ -61,6 +61,7 @@ class DeviceConfig:
     mu: float = 0.0  # proximal term μ/2‖θ − θ_global‖²
     checkpoint_every_s: float = 5.0
     public_key_path: Path | None = None  # signed fleet: refuse releases not signed by this ed25519 key
+    min_release: int = 0  # rollback floor: never install a release older than this, even with no state
     async_interval_s: float = 10.0  # asynchronous mode: least time between two queued updates
     async_local: LocalConfig = field(default_factory=LocalConfig)  # asynchronous mode: the local recipe
 
@@ -81,7 +82,7 @@ class DeviceAgent:
         self.x, self.y = x, y  # the fixed local data set, if any (it is also imported into the sample store)
         self.topics = Topics(cfg.fleet, cfg.topic_root)
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
-        self.releases = ReleaseStore(cfg.state_dir, public_key(cfg.public_key_path), cfg.fleet)
+        self.releases = ReleaseStore(cfg.state_dir, public_key(cfg.public_key_path), cfg.fleet, cfg.min_release)
         self.outbox = Outbox(cfg.state_dir / "outbox", cfg.max_outbox)
         self._outbox_full_logged = False
         self.schedule = Scheduler(

@@ -46,7 +46,10 @@ class IncompleteReleaseError(BundleError):
 class ReleaseStore:
     """`state/releases/v{N}/` bundles plus `state/active.json` naming the running version."""
 
-    def __init__(self, state_dir: Path, public_key: Ed25519PublicKey | None = None, fleet: str = "") -> None:
+    def __init__(
+        self, state_dir: Path, public_key: Ed25519PublicKey | None = None, fleet: str = "", min_release: int = 0
+    ) -> None:
+        self.min_release = min_release  # rollback floor: older releases are refused even on a device with no state
         self.public_key = public_key  # an Ed25519PublicKey: this fleet accepts only releases signed by it
         self.fleet = fleet  # a release naming another fleet is refused ("" : not checked)
         self.root = state_dir / "releases"
@@ -83,6 +86,8 @@ class ReleaseStore:
         manifest, files = read_signed_release(payload, self.public_key, self.complete)
         current = self.active_version()
         running = self._model_id(current)
+        if manifest.version < self.min_release:
+            raise BundleError(f"release v{manifest.version} is older than this device's floor v{self.min_release}")
         if self.fleet and manifest.fleet and manifest.fleet != self.fleet:
             raise BundleError(f"release is for fleet {manifest.fleet!r}, this device is in {self.fleet!r}")
         if running is not None and manifest.model_id != running:

@@ -158,3 +158,10 @@ def test_a_release_signed_for_another_fleet_is_refused(bundle_dir, tmp_path):
         ReleaseStore(tmp_path / "a", public, fleet="a").install(pack_release(tmp_path / "v2"))
     assert ReleaseStore(tmp_path / "b", public, fleet="b").install(pack_release(tmp_path / "v2")) == signed
     assert signed.fleet == "b" and b'"fleet"' not in (bundle_dir / "manifest.json").read_bytes()
+
+
+def test_a_device_with_a_rollback_floor_refuses_older_releases_even_without_state(bundle_dir, v2, tmp_path):
+    floor = ReleaseStore(tmp_path / "fresh", min_release=2)  # e.g. flashed knowing v2 is the oldest it may run
+    with pytest.raises(BundleError, match="older than this device's floor v2"):
+        floor.install(pack_release(bundle_dir))
+    assert not floor.path(1).exists() and floor.install(pack_release(v2)) is not None
