@@ -91,7 +91,7 @@ def cmd_coordinator(a: argparse.Namespace) -> int:
     from coordinator.server import Coordinator
     from coordinator.state import StateLockedError
     from edgelearn.bundle import BundleError, verify_bundle
-    from edgelearn.signing import ensure_signed, load_private, signing_rebuild
+    from edgelearn.signing import ensure_signed, load_private, sign_message, signing_rebuild
 
     missing = [f"--{n}" for n in ("broker", "fleet", "bundle", "state") if getattr(a, n) is None]
     if missing:
@@ -103,7 +103,8 @@ def cmd_coordinator(a: argparse.Namespace) -> int:
         cfg = _coordinator_config(a)
         key = load_private(a.signing_key) if a.signing_key else None
         rebuild = release_builder(relower, delta=a.delta_releases, fleet=a.fleet)
-        coord = Coordinator(cfg, signing_rebuild(rebuild, key) if key else rebuild)
+        signer = (lambda payload, topic: sign_message(payload, topic, key)) if key else None
+        coord = Coordinator(cfg, signing_rebuild(rebuild, key) if key else rebuild, sign=signer)
         warm_up(coord.rounds.release_dir(coord.rounds.version))
         if key:  # release 1 (imported from --bundle) is signed too, before anything is published
             ensure_signed(coord.rounds.release_dir(coord.rounds.version), key)

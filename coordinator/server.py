@@ -31,9 +31,15 @@ class Coordinator:
     """Synchronous FedAvg rounds (protocol v1) or asynchronous FedBuff, over one MQTT connection."""
 
     def __init__(
-        self, cfg: CoordinatorConfig, rebuild: Rebuild, on_round: Callable[[RoundSummary], None] | None = None
+        self,
+        cfg: CoordinatorConfig,
+        rebuild: Rebuild,
+        on_round: Callable[[RoundSummary], None] | None = None,
+        sign: Callable[[bytes, str], bytes] | None = None,
     ) -> None:
+        """`sign(payload, topic)`: a signed fleet's signer for rounds and acks (edgelearn.signing.sign_message)."""
         self.cfg, self.on_round = cfg, on_round
+        self.sign = sign or (lambda payload, topic: payload)
         self._lock = StateLayout(cfg.state_dir).lock("starting a coordinator")
         self.rounds = Rounds(cfg, rebuild)
         self.topics = Topics(cfg.fleet, cfg.topic_root)
@@ -85,7 +91,8 @@ class Coordinator:
     def publish_round(self) -> None:
         if self.cfg.mode == "sync" and self.selected:
             self.rounds.open_round(self.participants)
-            self.link.publish(self.topics.rounds_current, self.round_msg().encode(), retain=True)
+            topic = self.topics.rounds_current
+            self.link.publish(topic, self.sign(self.round_msg().encode(), topic), retain=True)
 
     def open_when_quorum(self, waited_s: float) -> bool:
         """Select and publish the round once enough eligible devices are online (`selection.may_open`);
@@ -181,7 +188,8 @@ class Coordinator:
                 log.warning("rejected update %s from %s: %s", verdict.update_id, device_id, verdict.reason)
             else:
                 log.info("%s update %s from %s", verdict.status, verdict.update_id, device_id)
-            self.link.publish(self.topics.device(device_id, "ack"), Ack(*_ack_fields(verdict, e.version)).encode())
+            topic = self.topics.device(device_id, "ack")
+            self.link.publish(topic, self.sign(Ack(*_ack_fields(verdict, e.version)).encode(), topic))
         log.info("round %d: %d accepted so far", e.round, e.count)
         self.metrics.round_accepted.set(e.count)  # `tick` closes the round once it is ready
 

@@ -11,12 +11,12 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from edge_runtime.budget import PAUSE, Budget, Governor, PsutilSource, ReadingSource
+from edge_runtime.budget import PAUSE, Governor, PsutilSource, ReadingSource
+from edge_runtime.config import DeviceConfig
 from edge_runtime.ingest import Ingestor, open_source
 from edge_runtime.learner import Job, Learner
 from edge_runtime.outbox import Outbox
@@ -28,7 +28,6 @@ from edgelearn.mqtt import MqttLink
 from edgelearn.protocol import (
     OFFLINE,
     Ack,
-    LocalConfig,
     ProtocolError,
     RoundMsg,
     Topics,
@@ -36,34 +35,9 @@ from edgelearn.protocol import (
     encode_status,
     encode_update,
 )
+from edgelearn.signing import verify_message
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class DeviceConfig:
-    broker_url: str
-    fleet: str
-    device_id: str
-    state_dir: Path
-    topic_root: str = "edgelearn"
-    encoding: str = "fp32"
-    ack_timeout_s: float = 30.0  # above a release build (~15 s here): the coordinator acks nothing meanwhile
-    max_outbox: int = 100
-    tick_s: float = 0.2
-    keepalive_s: int = 30
-    mqtt_v311: bool = False  # only for brokers without MQTT 5 (the embedded demo broker)
-    budget: Budget = field(default_factory=Budget)
-    engine: str | None = None  # None: the faster engine for the model (engines.DEFAULT_ENGINE)
-    samples: str | None = None  # JSON-lines file, folder of *.jsonl, or "-" for stdin
-    max_store_samples: int = 20000
-    replay_size: int = 2000
-    mu: float = 0.0  # proximal term μ/2‖θ − θ_global‖²
-    checkpoint_every_s: float = 5.0
-    public_key_path: Path | None = None  # signed fleet: refuse releases not signed by this ed25519 key
-    min_release: int = 0  # rollback floor: never install a release older than this, even with no state
-    async_interval_s: float = 10.0  # asynchronous mode: least time between two queued updates
-    async_local: LocalConfig = field(default_factory=LocalConfig)  # asynchronous mode: the local recipe
 
 
 class DeviceAgent:
@@ -271,7 +245,18 @@ class DeviceAgent:
         """Install a local bundle (e.g. the one flashed with the device) as if it came from the broker."""
         self.on_release(pack_release(bundle_dir))
 
+    def signed_by_coordinator(self, payload: bytes, topic: str, what: str) -> bool:
+        """In a signed fleet, a round or ack counts only with the coordinator's signature for its topic (v1.2)."""
+        try:
+            verify_message(payload, topic, self.releases.public_key)
+            return True
+        except BundleError as e:
+            log.warning("%s: %s ignored: %s", self.cfg.device_id, what, e)
+            return False
+
     def on_round(self, payload: bytes) -> None:
+        if not self.signed_by_coordinator(payload, self.topics.rounds_current, "round"):
+            return
         try:
             rnd = RoundMsg.decode(payload)
         except ProtocolError as e:
@@ -347,6 +332,8 @@ class DeviceAgent:
         self.flush_outbox()
 
     def on_ack(self, payload: bytes) -> None:
+        if not self.signed_by_coordinator(payload, self.topics.device(self.cfg.device_id, "ack"), "ack"):
+            return
         try:
             ack = Ack.decode(payload)
         except ProtocolError as e:

@@ -79,6 +79,42 @@ def verify(manifest: Manifest, public: Ed25519PublicKey | None) -> None:
         raise BundleError(f"release signature does not verify with key {key_id(public)}") from None
 
 
+MESSAGE_SIG = "sig"  # v1.2: the field of a signed round or ack (a v1 device ignores it)
+
+
+def _message_bytes(body: dict, topic: str) -> bytes:
+    """What a control message's signature covers: canonical JSON of {"topic": topic, "body": body without sig}.
+    The topic names the fleet (and the device, for an ack), so a message cannot be replayed elsewhere."""
+    body = {k: v for k, v in body.items() if k != MESSAGE_SIG}
+    return json.dumps({"topic": topic, "body": body}, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+def sign_message(payload: bytes, topic: str, private: Ed25519PrivateKey) -> bytes:
+    """The JSON control message `payload` (a round or an ack) for `topic`, with `sig` = {alg, key_id, sig}."""
+    body = json.loads(payload)
+    sig = private.sign(_message_bytes(body, topic))
+    body[MESSAGE_SIG] = {"alg": ALG, "key_id": key_id(private.public_key()), "sig": base64.b64encode(sig).decode()}
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+def verify_message(payload: bytes, topic: str, public: Ed25519PublicKey | None) -> None:
+    """No key: anything goes (unsigned fleet). With a key: BundleError unless `payload` carries a valid signature
+    by it for `topic`."""
+    if public is None:
+        return
+    try:
+        body = json.loads(payload)
+    except (ValueError, RecursionError):
+        raise BundleError("not JSON") from None
+    s = body.get(MESSAGE_SIG) if isinstance(body, dict) else None
+    if not isinstance(s, dict) or s.get("alg") != ALG or not isinstance(s.get("sig"), str):
+        raise BundleError("not signed (this fleet requires ed25519 signatures on rounds and acks)")
+    try:
+        public.verify(base64.b64decode(s["sig"], validate=True), _message_bytes(body, topic))
+    except (InvalidSignature, ValueError):  # ValueError: bad base64
+        raise BundleError(f"signature does not verify with key {key_id(public)} for {topic}") from None
+
+
 def read_signed_release(
     payload: bytes, public: Ed25519PublicKey | None, complete: Complete | None = None
 ) -> tuple[Manifest, dict[str, bytes]]:
