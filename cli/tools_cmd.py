@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cli.common import broker_url, device_id, fleet_name
+from cli.common import add_tls_options, broker_url, device_id, fleet_name
 
 
 def cmd_keys(a: argparse.Namespace) -> int:
@@ -72,7 +72,10 @@ def cmd_flash(a: argparse.Namespace) -> int:
 
     try:
         profile = load_profile(a.profile, a.profile_file)
-        settings = DeviceSettings(a.device_id, a.fleet, a.broker, a.data_path, a.public_key)
+        tls = (a.cafile, a.cert, a.key) if a.cafile or a.cert or a.key else None
+        if tls is not None and not all(tls):
+            raise FlashError("mutual TLS needs --cafile, --cert and --key together (edgelearn pki makes them)")
+        settings = DeviceSettings(a.device_id, a.fleet, a.broker, a.data_path, a.public_key, tls)
         pid = flash(a.bundle, profile, settings, a.to, a.wheels)
     except (FlashError, ProfileError) as e:
         print(f"edgelearn flash: error: {e}", file=sys.stderr)
@@ -139,6 +142,7 @@ def _add_flash_parser(sub: argparse._SubParsersAction) -> None:
         help="release.pub of a signed fleet: the device refuses releases not signed by its key "
         "(without it the fleet is unsigned)",
     )
+    add_tls_options(f)
     f.add_argument("--to", required=True, help="TARGET: a folder (root file system) or user@host")
     f.set_defaults(func=cmd_flash)
 

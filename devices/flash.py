@@ -39,7 +39,8 @@ class DeviceSettings:
     """What a flashed device is told: its id, fleet, broker, data file, and (signed fleet) the release key.
 
     `public_key` is a file on the flashing machine; it ships in the package as `release.pub`. Without it the
-    device accepts unsigned releases (an unsigned fleet).
+    device accepts unsigned releases (an unsigned fleet). `tls` files ship under `tls/` (the key 0600) and the
+    agent connects with them (mutual TLS to an mqtts:// broker).
     """
 
     device_id: str
@@ -47,9 +48,13 @@ class DeviceSettings:
     broker_url: str
     data_path: str = f"{DEVICE_HOME}/data.safetensors"
     public_key: Path | None = None
+    tls: tuple[Path, Path, Path] | None = None  # (fleet CA, device certificate, device key) from `edgelearn pki`
 
 
-def unit_text(s: DeviceSettings) -> str:
+TLS_FILES = ("ca.crt", "device.crt", "device.key")  # in the package's tls/ folder
+
+
+def unit_text(s: DeviceSettings, min_release: int = 0) -> str:
     """The systemd unit: runs the agent from /opt/edgelearn/current, restarts it on failure.
 
     The broker URL (it may hold a password) reaches the agent as EDGELEARN_BROKER from device.env, never on the
@@ -57,6 +62,9 @@ def unit_text(s: DeviceSettings) -> str:
     needs (its state under /var/lib/edgelearn, /sys and /proc readings for its budget) and nothing else to write.
     """
     signed = f" \\\n  --public-key /opt/edgelearn/current/{PUBLIC_KEY}" if s.public_key else ""
+    tls = "/opt/edgelearn/current/tls"
+    signed += f" \\\n  --cafile {tls}/ca.crt --cert {tls}/device.crt --key {tls}/device.key" if s.tls else ""
+    signed += f" \\\n  --min-release {min_release}" if min_release else ""
     return f"""[Unit]
 Description=edgelearn device agent ({s.device_id})
 After=network-online.target
@@ -123,6 +131,24 @@ def write_private(path: Path, text: str) -> None:
         f.write(text)
 
 
+def check_device_certificate(files: tuple[Path, Path, Path], device_id: str) -> None:
+    """FlashError unless the CA and certificate parse and the certificate's common name is the device id (the
+    broker takes it as the MQTT username: the ACL lets a device write only its own topics)."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    try:
+        x509.load_pem_x509_certificate(files[0].read_bytes())
+        cert = x509.load_pem_x509_certificate(files[1].read_bytes())
+        files[2].read_bytes()
+    except (OSError, ValueError) as e:
+        raise FlashError(f"--cafile/--cert/--key: {e}") from None
+    names = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    if names != [device_id]:
+        raise FlashError(f"certificate {files[1]} is for {names[0] if names else 'no name'!r}, not device "
+                         f"{device_id!r} (edgelearn pki issue --name {device_id})")  # fmt: skip
+
+
 def check_public_key(path: Path) -> None:
     """Refuse a file that is not a base64 raw ed25519 public key, or that is the private key of a `*.pub` next to
     it (both are 32 base64 bytes; `edgelearn keys` writes release.key beside release.pub)."""
@@ -161,6 +187,12 @@ def check_request(bundle_dir: Path, settings: DeviceSettings) -> Manifest:
         raise FlashError(str(e)) from None
     if not settings.data_path.startswith("/"):
         raise FlashError(f"--data-path must be an absolute path on the device, got {settings.data_path!r}")
+    if settings.tls is not None:
+        if not parse_broker_url(settings.broker_url).tls:
+            raise FlashError(
+                f"--cafile/--cert/--key need an mqtts:// broker, got {settings.broker_url.split('://')[0]}://"
+            )
+        check_device_certificate(settings.tls, settings.device_id)
     if settings.public_key is not None:
         check_public_key(settings.public_key)
         try:
@@ -182,7 +214,14 @@ def build_package(
     shutil.copytree(bundle_dir, out / "bundle")
     (out / "profile.toml").write_text(profile.to_toml(), encoding="utf-8")
     write_private(out / "device.env", env_text(settings))
-    (out / UNIT).write_text(unit_text(settings))
+    (out / UNIT).write_text(unit_text(settings, min_release=manifest.version))  # never older than what it ships
+    if settings.tls is not None:
+        (out / "tls").mkdir()
+        for src, name in zip(settings.tls, TLS_FILES, strict=True):
+            if name.endswith(".key"):
+                write_private(out / "tls" / name, src.read_text())
+            else:
+                shutil.copyfile(src, out / "tls" / name)
     shutil.copy2(INSTALL_SH, out / "install.sh")
     if settings.public_key is not None:
         shutil.copyfile(settings.public_key, out / PUBLIC_KEY)
@@ -197,6 +236,7 @@ def build_package(
         "model_id": manifest.model_id,
         "bundle_version": manifest.version,
         "signed": settings.public_key is not None,
+        "mutual_tls": settings.tls is not None,
     }
     (out / "PACKAGE.json").write_text(json.dumps(info, indent=2) + "\n")
     return pid

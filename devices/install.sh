@@ -20,6 +20,7 @@ if [ ! -d "$BASE/packages/$ID" ]; then
 fi
 # device.env holds the broker password: owner only, also in the packages that older flashes left behind
 find "$BASE/packages" -mindepth 2 -maxdepth 2 -name device.env -exec chmod 600 {} +
+find "$BASE/packages" -mindepth 3 -maxdepth 3 -path '*/tls/device.key' -exec chmod 600 {} +
 ln -sfn "packages/$ID" "$BASE/.current.tmp"
 mv -T "$BASE/.current.tmp" "$BASE/current"
 cp "$BASE/packages/$ID/edgelearn-device.service" "$UNITS/.edgelearn-device.service.tmp"

@@ -309,3 +309,29 @@ def test_profiles_command_shows_a_complete_profile_file_without_base(tmp_path, c
     rc = main(["profiles", "--file", str(f)])
     # Assert
     assert rc == 0 and capsys.readouterr().out == load_profile("rpi4").to_toml()
+
+
+def test_flash_installs_the_devices_certificate_and_the_agent_is_started_with_it(bundle_dir, tmp_path, monkeypatch):
+    # Prepare: a fleet PKI with a certificate for this device and one for another
+    from edgelearn.pki import init_ca, issue
+
+    ca = init_ca(tmp_path / "pki", "home")
+    cert, key = issue(tmp_path / "pki", "pi-1")
+    other, other_key = issue(tmp_path / "pki", "pi-2")
+    url, root = "mqtts://broker.local:8883", tmp_path / "sdcard"
+    # Execute
+    flash(bundle_dir, load_profile("rpi4"), DeviceSettings("pi-1", "home", url, tls=(ca, cert, key)), str(root))
+    _, args = agent_args(root, monkeypatch)
+    # Assert: the files are installed (the key private), the agent gets them and a rollback floor at the flashed v
+    tls = root / CURRENT / "tls"
+    assert (tls / "device.crt").read_bytes() == cert.read_bytes() and stat.S_IMODE(
+        (tls / "device.key").stat().st_mode
+    ) == 0o600
+    assert args.cert == Path(f"/{CURRENT}/tls/device.crt") and args.key == Path(f"/{CURRENT}/tls/device.key")
+    assert args.min_release == verify_bundle(bundle_dir).version
+    with pytest.raises(FlashError, match="is for 'pi-2', not device 'pi-1'"):
+        build_package(tmp_path / "p2", bundle_dir, load_profile("rpi4"),
+                      DeviceSettings("pi-1", "home", url, tls=(ca, other, other_key)))  # fmt: skip
+    with pytest.raises(FlashError, match="need an mqtts:// broker"):
+        build_package(tmp_path / "p3", bundle_dir, load_profile("rpi4"),
+                      DeviceSettings("pi-1", "home", "mqtt://broker.local", tls=(ca, cert, key)))  # fmt: skip
