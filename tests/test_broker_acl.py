@@ -179,3 +179,77 @@ def test_a_fleet_round_over_mutual_tls(mtls, bundle_dir, tmp_path):
         log.close()
     # Assert: the round closed with both devices over mTLS
     assert version == 2, (tmp_path / "procs.log").read_text()[-3000:]
+
+
+@pytest.mark.slow
+def test_one_device_with_valid_credentials_cannot_hijack_outweigh_or_fill_a_round_over_mtls(mtls, bundle_dir, tmp_path):
+    # Prepare: the coordinator process (round = 2 devices, 5 steps × batch 8: a claim weighs at most 40 samples);
+    # dev1 honest, dev2 the attacker, each with its own certificate
+    import numpy as np
+    from safetensors.numpy import load
+
+    from edgelearn.bundle import load_weights, verify_bundle
+    from edgelearn.protocol import Ack, Update, encode_update
+
+    _, url = mtls
+    t, m = Topics("f"), verify_bundle(bundle_dir)
+    theta = load_weights(bundle_dir)
+    rng = np.random.default_rng(0)
+
+    def delta(scale: float) -> dict:
+        return {n: (scale * rng.normal(0, 0.01, theta[n].shape)).astype(np.float32) for n in m.trainable}
+
+    inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
+    links = {name: MqttLink(url(name), t.client_id(name), [t.device(name, "ack"), t.rounds_current],
+                            lambda a, b: inbox.put((a, b))) for name in ("dev1", "dev2")}  # fmt: skip
+    observer = MqttLink(url("observer"), "observer", [t.model_latest], lambda a, b: inbox.put((a, b)))
+    log = (tmp_path / "coord.log").open("wb")
+    args = ["--fleet", "f", "--bundle", str(bundle_dir), "--state", str(tmp_path / "coord"), "--min-updates", "2",
+            "--steps", "5", "--batch-size", "8", "--round-timeout", "120"]  # fmt: skip
+    coord = subprocess.Popen([sys.executable, "-m", "cli", "coordinator", "--broker", url("coordinator"), *args],
+                             stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    acks: dict[str, list[Ack]] = {"dev1": [], "dev2": []}
+    release = None
+    try:
+        assert all(c.start(wait_s=10) for c in (*links.values(), observer))
+        wait_until = time.monotonic() + 60
+        while not any(topic == t.rounds_current for topic, _ in list(inbox.queue)) and time.monotonic() < wait_until:
+            time.sleep(0.1)
+        # Execute: dev2 sends dev1's next update id with 10^14 samples and a 1000× Δ, then a second update;
+        # then dev1 sends its honest update under that id
+        evil, honest = delta(1000.0), delta(1.0)
+        links["dev2"].publish(
+            t.device("dev2", "update"), encode_update(Update("dev1-r1-v1", "dev2", m.model_id, 1, 10**14, evil, 1))
+        )
+        links["dev2"].publish(
+            t.device("dev2", "update"), encode_update(Update("dev2-r1-v1", "dev2", m.model_id, 1, 40, delta(1.0), 1))
+        )
+        time.sleep(1.0)
+        links["dev1"].publish(
+            t.device("dev1", "update"), encode_update(Update("dev1-r1-v1", "dev1", m.model_id, 1, 40, honest, 1))
+        )
+        end = time.monotonic() + 120
+        while (release is None or len(acks["dev1"]) + len(acks["dev2"]) < 3) and time.monotonic() < end:
+            try:
+                topic, payload = inbox.get(timeout=1)
+            except queue.Empty:
+                assert coord.poll() is None, (tmp_path / "coord.log").read_text()[-3000:]
+                continue
+            if topic.endswith("/ack"):
+                acks[topic.split("/")[-2]].append(Ack.decode(payload))
+            elif topic == t.model_latest and read_lean_release(payload)[0].version == 2:
+                release = load(read_lean_release(payload)[1]["weights.safetensors"])
+    finally:
+        for c in (*links.values(), observer):
+            c.stop()
+        coord.terminate()
+        coord.wait(timeout=30)
+        log.close()
+    # Assert: the victim's update counted (not `duplicate`); the attacker's second update refused; the attacker's
+    # 10^14-sample claim weighed as 40: θ₂ = θ₁ + (40·Δ_evil + 40·Δ_honest)/80
+    assert release is not None, (tmp_path / "coord.log").read_text()[-3000:]
+    assert [a.status for a in acks["dev1"]] == ["accepted"]
+    assert [(a.status, a.reason) for a in acks["dev2"]][0][0] == "accepted"
+    assert acks["dev2"][1].status == "rejected" and "second_update_for_base" in (acks["dev2"][1].reason or "")
+    for n in m.trainable:
+        np.testing.assert_allclose(release[n], theta[n] + (evil[n] + honest[n]) / 2, atol=1e-5)
