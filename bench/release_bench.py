@@ -108,8 +108,7 @@ def agreement(model: str, v2: Path) -> dict:
     import torch
 
     from coordinator.release import release_test_split
-    from edgelearn.programs import bundle_program
-    from export.metrics import loaded_program
+    from edgelearn.programs import bundle_program, loaded_program
     from export.pipeline import ExportConfig, check_config, lower_programs
     from models.quality import program_logits
 

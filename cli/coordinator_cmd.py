@@ -11,17 +11,8 @@ from cli.common import add_recipe_options, add_tls_options, broker_url, fleet_na
 from edgelearn.protocol import DEFAULT_LOCAL
 
 
-def _bundle_model(path: Any) -> str:
-    """The model id of the bundle at `path`, or "" if it is none (cmd_coordinator says so before this matters)."""
-    from edgelearn.bundle import BundleError, verify_bundle
-
-    try:
-        return verify_bundle(path).model_id
-    except (BundleError, OSError):
-        return ""
-
-
-def _coordinator_config(a: argparse.Namespace):
+def _coordinator_config(a: argparse.Namespace, model_id: str = ""):
+    """The coordinator's settings from its options; `model_id` (the bundle's) picks the default server optimizer."""
     from coordinator.aggregate import DpConfig
     from coordinator.config import CoordinatorConfig
     from coordinator.optim import default_server_opt
@@ -47,9 +38,7 @@ def _coordinator_config(a: argparse.Namespace):
         clip_norm=a.clip_norm,
         clip_to_median=a.clip_to_median or None,
         dp=DpConfig(a.dp_clip, a.dp_noise) if a.dp_clip is not None else None,
-        server_opt=default_server_opt(
-            _bundle_model(a.bundle), name=a.server_opt, lr=a.server_lr, momentum=a.server_momentum
-        ),
+        server_opt=default_server_opt(model_id, name=a.server_opt, lr=a.server_lr, momentum=a.server_momentum),
         keep_releases=a.keep_releases,
         metrics_port=a.metrics_port,
         metrics_addr=a.metrics_addr,
@@ -99,13 +88,12 @@ def cmd_coordinator(a: argparse.Namespace) -> int:
               file=sys.stderr)  # fmt: skip
         return 2
     try:
-        verify_bundle(a.bundle)
-        cfg = _coordinator_config(a)
+        cfg = _coordinator_config(a, verify_bundle(a.bundle).model_id)
         key = load_private(a.signing_key) if a.signing_key else None
         rebuild = release_builder(relower, delta=a.delta_releases, fleet=a.fleet)
         signer = (lambda payload, topic: sign_message(payload, topic, key)) if key else None
         coord = Coordinator(cfg, signing_rebuild(rebuild, key) if key else rebuild, sign=signer)
-        warm_up(coord.rounds.release_dir(coord.rounds.version))
+        warm_up(coord.rounds.release_dir(coord.rounds.version), coord.rounds.manifest.model_id)
         if key:  # release 1 (imported from --bundle) is signed too, before anything is published
             ensure_signed(coord.rounds.release_dir(coord.rounds.version), key)
     except (BundleError, ValueError, StateLockedError) as e:

@@ -14,15 +14,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import torch
+from safetensors.numpy import load as st_load
 
 from edgelearn.bundle import (
     DELTA,
@@ -33,15 +33,14 @@ from edgelearn.bundle import (
     BundleError,
     Manifest,
     dump_weights,
-    load_weights,
+    read_bundle,
     sha256,
-    verify_bundle,
     write_bundle,
 )
 from edgelearn.datafile import DATA_LAYOUT, load_layout, patch_data
 from edgelearn.delta import encode_delta
 from edgelearn.et_import import runtime_modules
-from edgelearn.programs import InferenceProgram
+from edgelearn.programs import loaded_program
 from models.quality import release_metrics
 from models.registry import TaskData, get_spec
 from models.text import read_text
@@ -68,10 +67,7 @@ def measure(
     spec = get_spec(manifest.model_id)
     model = spec.make_student()
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp, INFER_PTD)
-        path.write_bytes(ptd)
-        program = InferenceProgram(infer_pte, path)
+    with loaded_program(infer_pte, ptd) as program:
         return release_metrics(spec, model, program, release_test_split(manifest.model_id, export_json))
 
 
@@ -89,11 +85,11 @@ def data_release(
     `delta`: the release's weights are those an int8 delta from `prev_dir`'s rebuilds (edgelearn/delta.py),
     and the delta is part of the bundle, when it is smaller than the weights file. `fleet` names the fleet in the
     manifest (signed with it): a device of another fleet refuses the release."""
-    prev = verify_bundle(prev_dir)
-    files = {n: (prev_dir / n).read_bytes() for n in prev.files if n not in RELEASE_ONLY}
+    prev, files = read_bundle(prev_dir)
+    files = {n: data for n, data in files.items() if n not in RELEASE_ONLY}
     if delta:
         base = files[WEIGHTS]
-        rebuilt, blob = encode_delta(load_weights(prev_dir), weights, sha256(base))
+        rebuilt, blob = encode_delta(st_load(base), weights, sha256(base))
         if len(blob) < len(base):
             weights, files[DELTA] = rebuilt, blob
     layout = load_layout(files[DATA_LAYOUT])
@@ -103,15 +99,15 @@ def data_release(
     manifest = replace(prev, version=version, metrics=metrics, created=created, signature=None, files={},
                        fleet=fleet or prev.fleet)  # fmt: skip
     log.debug("data release %s v%d -> v%d", prev.model_id, prev.version, version)
-    return write_bundle(out, Manifest(**asdict(manifest)), files)
+    return write_bundle(out, manifest, files)
 
 
-def warm_up(bundle_dir: Path) -> None:
-    """Load what a data release of `bundle_dir`'s lineage needs (the ExecuTorch runtime, the export's test split)
-    now, so that the first round's close does not pay for it."""
+def warm_up(bundle_dir: Path, model_id: str) -> None:
+    """Load what a data release of the (verified) bundle `bundle_dir` of `model_id` needs (the ExecuTorch
+    runtime, the export's test split) now, so that the first round's close does not pay for it."""
     if has_data_layout(bundle_dir):
         runtime_modules()
-        release_test_split(verify_bundle(bundle_dir).model_id, (Path(bundle_dir) / EXPORT_JSON).read_bytes())
+        release_test_split(model_id, (Path(bundle_dir) / EXPORT_JSON).read_bytes())
 
 
 def has_data_layout(bundle_dir: Path) -> bool:

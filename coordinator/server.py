@@ -17,7 +17,7 @@ from coordinator.metrics import Metrics
 from coordinator.rounds import Rebuild, Rounds, RoundSummary
 from coordinator.selection import eligible, may_open, over_selected, select, top_up
 from coordinator.state import StateLayout, StateLockedError
-from edgelearn.bundle import pack_release
+from edgelearn.bundle import release_archives
 from edgelearn.mqtt import MqttLink
 from edgelearn.protocol import NAME_RE, OFFLINE, Ack, ProtocolError, RoundMsg, Topics, decode_status, encode_status
 
@@ -78,8 +78,9 @@ class Coordinator:
         e = self.rounds
         self.publish_status()
         release = e.release_dir(e.version)  # v1.2: full archive first, so a device sent there finds it
-        self.link.publish(self.topics.model_full, pack_release(release), retain=True)
-        self.link.publish(self.topics.model_latest, pack_release(release, lean=True), retain=True)
+        full, lean = release_archives(release)
+        self.link.publish(self.topics.model_full, full, retain=True)
+        self.link.publish(self.topics.model_latest, lean, retain=True)
         self.publish_round()
 
     def publish_status(self, **extra: object) -> None:

@@ -141,13 +141,15 @@ def write_bundle(out_dir: str | Path, manifest: Manifest, files: dict[str, bytes
     return final
 
 
-def verify_bundle(bundle_dir: str | Path) -> Manifest:
-    """Check that every file the manifest lists exists with its sha256; returns the manifest or raises BundleError."""
+def read_bundle(bundle_dir: str | Path) -> tuple[Manifest, dict[str, bytes]]:
+    """The manifest and every file it lists, each checked against its sha256; BundleError if any is missing or
+    differs. One read of each file, for callers that need the bytes too (releases, archives)."""
     bundle_dir = Path(bundle_dir)
     try:
         manifest = Manifest.from_json((bundle_dir / MANIFEST).read_bytes())
     except FileNotFoundError:
         raise BundleError(f"{bundle_dir}: no manifest.json (not a bundle directory)") from None
+    files: dict[str, bytes] = {}
     for name, meta in manifest.files.items():
         try:
             data = (bundle_dir / name).read_bytes()
@@ -155,7 +157,13 @@ def verify_bundle(bundle_dir: str | Path) -> Manifest:
             raise BundleError(f"{bundle_dir}: {name} listed in the manifest is missing") from None
         if sha256(data) != meta.get("sha256") or len(data) != meta.get("bytes"):
             raise BundleError(f"{bundle_dir}: {name} does not match its sha256 in the manifest (tampered?)")
-    return manifest
+        files[name] = data
+    return manifest, files
+
+
+def verify_bundle(bundle_dir: str | Path) -> Manifest:
+    """Check that every file the manifest lists exists with its sha256; returns the manifest or raises BundleError."""
+    return read_bundle(bundle_dir)[0]
 
 
 LEAN_MEMBERS = (MANIFEST, WEIGHTS)  # what a lean archive (format 1.1) carries; the device has or derives the rest
@@ -163,11 +171,23 @@ LEAN_DELTA_MEMBERS = (MANIFEST, DELTA)  # ... of a delta release: the weights fo
 
 
 def pack_release(bundle_dir: str | Path, lean: bool = False) -> bytes:
-    """The release archive of a verified bundle: POSIX tar, `manifest.json` first. `lean` (format 1.1 only):
-    just the manifest and the weights; a device takes the programs from a release it has installed and
-    rebuilds infer.ptd from the weights (protocol v1.2); a delta release carries its weights as `weights.delta`."""
-    bundle_dir = Path(bundle_dir)
-    manifest = verify_bundle(bundle_dir)
+    """The release archive of a verified bundle (`pack_files` of `read_bundle`, manifest.json as on disk)."""
+    return release_archives(bundle_dir, (lean,))[0]
+
+
+def release_archives(bundle_dir: str | Path, leans: tuple[bool, ...] = (False, True)) -> list[bytes]:
+    """One archive of a verified bundle per entry of `leans` (full, lean), its files read and checked once."""
+    manifest, files = read_bundle(bundle_dir)
+    files = {MANIFEST: (Path(bundle_dir) / MANIFEST).read_bytes(), **files}
+    return [pack_files(manifest, files, lean) for lean in leans]
+
+
+def pack_files(manifest: Manifest, files: dict[str, bytes], lean: bool = False) -> bytes:
+    """A release archive: POSIX tar, `manifest.json` (`files[MANIFEST]`, else the manifest's JSON) first. `lean`
+    (format 1.1 only): just the manifest and the weights; a device takes the programs from a release it has
+    installed and rebuilds infer.ptd from the weights (protocol v1.2); a delta release carries its weights as
+    `weights.delta`."""
+    members = {MANIFEST: manifest.to_json(), **files}
     names = [MANIFEST, *manifest.files]
     if lean and manifest.format == BUNDLE_FORMAT_DATA:
         keep = LEAN_DELTA_MEMBERS if DELTA in manifest.files else LEAN_MEMBERS
@@ -175,7 +195,7 @@ def pack_release(bundle_dir: str | Path, lean: bool = False) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for name in names:
-            data = (bundle_dir / name).read_bytes()
+            data = members[name]
             info = tarfile.TarInfo(name)
             info.size = len(data)
             info.mtime = 0

@@ -18,10 +18,10 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from edgelearn.bundle import DELTA
+from edgelearn.datafile import Q8_MAX
 
 DELTA_ENCODING = "int8-rowwise"
 SCALE_SUFFIX = "::scale"
-Q8_MAX = 127.0
 
 
 class DeltaError(ValueError):

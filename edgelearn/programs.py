@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -35,3 +38,16 @@ def bundle_program(bundle_dir: Path) -> InferenceProgram:
     """The inference program of a (verified) bundle directory, with its data file if it has one (format 1.1)."""
     data = bundle_dir / INFER_PTD
     return InferenceProgram((bundle_dir / INFER_PTE).read_bytes(), data if data.exists() else None)
+
+
+@contextmanager
+def loaded_program(pte: bytes, data: bytes | None = None) -> Iterator[InferenceProgram]:
+    """The inference program `pte`, with its data file's bytes `data` when it keeps its constants outside (a program
+    that needs a data file must get it: the runtime does not check)."""
+    if data is None:
+        yield InferenceProgram(pte)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp, INFER_PTD)
+        path.write_bytes(data)
+        yield InferenceProgram(pte, path)

@@ -3,18 +3,14 @@ The quality metrics themselves are in models/quality.py."""
 
 from __future__ import annotations
 
-import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from pathlib import Path
+from collections.abc import Callable
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from edgelearn.bundle import INFER_PTD
-from edgelearn.programs import InferenceProgram
+from edgelearn.programs import loaded_program
 from models.quality import program_logits
 
 LATENCY_RUNS = 200
@@ -49,19 +45,6 @@ def eager_latency_us(model: nn.Module, x: torch.Tensor, runs: int = LATENCY_RUNS
             return median_us(lambda: model(x), runs)
     finally:
         torch.set_num_threads(threads)
-
-
-@contextmanager
-def loaded_program(pte: bytes, data: bytes | None = None) -> Iterator[InferenceProgram]:
-    """The inference program `pte`, with its data file's bytes `data` when it keeps its constants outside (a program
-    that needs a data file must get it: the runtime does not check)."""
-    if data is None:
-        yield InferenceProgram(pte)
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp, INFER_PTD)
-        path.write_bytes(data)
-        yield InferenceProgram(pte, path)
 
 
 def pte_latency_us(pte: bytes, x: torch.Tensor, runs: int = LATENCY_RUNS, data: bytes | None = None) -> float:

@@ -31,11 +31,11 @@ from edgelearn.bundle import (
     write_bundle,
 )
 from edgelearn.datafile import DATA_LAYOUT, dump_layout
+from edgelearn.programs import loaded_program
 from export import ExportError
 from export.datamap import find_layout
 from export.distill import Budget, fit, fit_for
 from export.lower import check_target, export_train, lower_infer, lower_infer_split, quant_mode
-from export.metrics import loaded_program
 from export.prune import magnitude_prune
 from export.report import build_report
 from models.quality import predict_logits, quality, release_metrics

@@ -203,7 +203,7 @@ def _serve(cfg: SimConfig, bundle: Path, fleet: Fleet, broker: tuple[str, bool],
         clip_to_median=cfg.clip_to_median,
     )  # fmt: skip
     coord = Coordinator(ccfg, release_builder(rebuild_bundle, fleet=cfg.fleet), closed.put)
-    warm_up(coord.rounds.release_dir(coord.rounds.version))
+    warm_up(coord.rounds.release_dir(coord.rounds.version), coord.rounds.manifest.model_id)
     invited = f", {cfg.participants} (×1.3) invited" if cfg.participants else ""
     say(f"[sim] {cfg.devices} devices ({', '.join(f'{p}:{w:g}' for p, w in cfg.profiles)}), {cfg.cohort} online "
         f"per round{invited}, quorum {cfg.quorum}, broker {url}")  # fmt: skip
