@@ -77,10 +77,10 @@ class Coordinator:
         """(Re)publish coordinator status, the current release and (sync mode) the current round, retained."""
         e = self.rounds
         self.publish_status()
-        release = e.release_dir(e.version)  # v1.2: full archive first, so a device sent there finds it
+        release = e.release_dir(e.version)  # v1's full archive first, so a v1.2 device sent there finds it
         full, lean = release_archives(release)
-        self.link.publish(self.topics.model_full, full, retain=True)
-        self.link.publish(self.topics.model_latest, lean, retain=True)
+        self.link.publish(self.topics.model_latest, full, retain=True)
+        self.link.publish(self.topics.model_lean, lean, retain=True)
         self.publish_round()
 
     def publish_status(self, **extra: object) -> None:

@@ -77,7 +77,7 @@ class DeviceAgent:
             cfg.broker_url,
             self.topics.client_id(cfg.device_id),
             [
-                self.topics.model_latest,
+                self.topics.model_lean,
                 self.topics.rounds_current,
                 self.topics.coordinator_status,
                 self.topics.device(cfg.device_id, "ack"),
@@ -190,10 +190,10 @@ class DeviceAgent:
     def handle(self, topic: str, payload: bytes) -> None:
         if topic == "":
             self.publish_status(self._state())
-        elif topic == self.topics.model_latest:
+        elif topic == self.topics.model_lean:
             self.on_release(payload)
-        elif topic == self.topics.model_full:  # asked for after a lean release this device could not complete
-            self.link.unsubscribe(self.topics.model_full)
+        elif topic == self.topics.model_latest:  # the full archive, asked for after a lean one it could not complete
+            self.link.unsubscribe(self.topics.model_latest)
             self.on_release(payload)
         elif topic == self.topics.rounds_current:
             self.on_round(payload)
@@ -219,7 +219,7 @@ class DeviceAgent:
             manifest = self.releases.install(payload)
         except IncompleteReleaseError as e:
             log.info("%s: %s; fetching the full archive", self.cfg.device_id, e)
-            self.link.subscribe(self.topics.model_full)
+            self.link.subscribe(self.topics.model_latest)
             return
         except BundleError as e:
             log.error("%s: release refused: %s (keeping v%d)", self.cfg.device_id, e, self.version)

@@ -93,7 +93,7 @@ def fleet_acl(fleet: str, root: str = "edgelearn", coordinator_user: str = COORD
         f"pattern write {own}/update",
         f"pattern write {own}/status",
         f"pattern read {own}/ack",
-        *[f"pattern read {topic}" for topic in (t.model_latest, t.model_full, t.rounds_current, t.coordinator_status)],
+        *[f"pattern read {topic}" for topic in (t.model_latest, t.model_lean, t.rounds_current, t.coordinator_status)],
         "",
     ])  # fmt: skip
 

@@ -74,9 +74,10 @@ class Topics:
         return f"{self.prefix}/model/latest"
 
     @property
-    def model_full(self) -> str:
-        """v1.2: the full archive of the current release, for a device that cannot complete the lean one."""
-        return f"{self.prefix}/model/full"
+    def model_lean(self) -> str:
+        """v1.2: the lean archive of the current release (manifest + weights); `model_latest` keeps the full one
+        of protocol v1, for v1 devices and for a v1.2 device that cannot complete the lean one."""
+        return f"{self.prefix}/model/lean"
 
     @property
     def rounds_current(self) -> str:

@@ -89,8 +89,8 @@ def test_a_new_device_given_a_lean_release_fetches_the_full_archive_through_the_
     # Prepare: the coordinator's two retained archives on a real mosquitto, and an agent with no release at all
     t = Topics(fleet)
     pub = recorder([t.device("dev1", "status")])
-    pub.publish(t.model_full, pack_release(v2), retain=True)
-    pub.publish(t.model_latest, pack_release(v2, lean=True), retain=True)
+    pub.publish(t.model_latest, pack_release(v2), retain=True)
+    pub.publish(t.model_lean, pack_release(v2, lean=True), retain=True)
     rng = np.random.default_rng(0)
     x, y = rng.uniform(0, 1, (40, 64)).astype(np.float32), rng.integers(0, 10, 40)
     agent = DeviceAgent(DeviceConfig(mosquitto.url, fleet, "dev1", tmp_path / "state"), x, y)
@@ -106,7 +106,7 @@ def test_a_new_device_given_a_lean_release_fetches_the_full_archive_through_the_
         stop.set()
         th.join(timeout=30)
     # Assert: it asked for the full archive, activated it, and stopped listening there
-    assert agent.version == 2 and t.model_full not in agent.link.subscriptions
+    assert agent.version == 2 and t.model_latest not in agent.link.subscriptions
     assert (tmp_path / "state" / "releases" / "v2" / INFER_PTD).read_bytes() == (v2 / INFER_PTD).read_bytes()
 
 

@@ -185,11 +185,11 @@ def test_agent_keeps_serving_after_malformed_messages_and_an_unforeseen_failure(
         release_with_manifest(bundle_dir, lambda d: {**_drop_sha(d), "version": 5}),
         release_with_manifest(bundle_dir, lambda d: b"[" * 100_000 + b"]" * 100_000),
     ):
-        agent.events.put((t.model_latest, payload))
+        agent.events.put((t.model_lean, payload))
     agent.events.put((t.rounds_current, json.dumps({**ROUND_OK, "local": "x"}).encode()))
     agent.events.put((ack_topic, b'{"update_id": "u", "status": "accepted", "version": "x"}'))
     agent.events.put((ack_topic, b'{"update_id": "u", "status": "accepted", "version": 1}'))
-    agent.events.put((t.model_latest, release_with_version(bundle_dir, tmp_path, 2)))
+    agent.events.put((t.model_lean, release_with_version(bundle_dir, tmp_path, 2)))
     stop = threading.Event()
     th = threading.Thread(target=agent.run, args=(stop,), daemon=True)
     # Execute

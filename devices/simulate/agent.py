@@ -94,7 +94,7 @@ class SimAgent(DeviceAgent):
 
     def handle(self, topic: str, payload: bytes) -> None:
         if topic:
-            release = topic in (self.topics.model_latest, self.topics.model_full)
+            release = topic in (self.topics.model_latest, self.topics.model_lean)
             self.meter.add("down_" + ("release" if release else _kind(topic)), len(payload))
         super().handle(topic, payload)
 
