@@ -11,10 +11,14 @@ global weights (`EagerEngine.loss_and_grads`, `clip_grads_`, `LocalOptimizer`, `
 updates (`coordinator.strategies.WeightedMean.aggregate`, then the server optimizer's `step`). MQTT, the
 sample store and the budget governor are left out: `edgelearn simulate` covers those; this measures learning.
 
+The fleet runs twice, side by side: full updates and rank-r adapter updates (`--lora-rank`, protocol v1.3;
+the device trains B with `edge_runtime.lora.LoraEngine`, the coordinator folds ΔW = B·A).
+
 Scored on the held-out speakers: 250 windows, positions 32..63 of each (8,000 next-byte predictions with at
 least 32 bytes of context), next to unigram and bigram tables fitted on all training text and to a centralized
 learner given the same samples (one AdamW run over the pooled device text) from the same release 1. Also:
-personal heads (global vs global + a head fine-tuned on the device's own 80 %, scored on its 20 %) and
+personal parts (global vs global + a head or an adapter fine-tuned on the device's own 80 %, scored on its
+20 %) and
 forgetting (the export text's accuracy after learning one device's text, with and without replay).
 Writes bench/results/lm_learning.{json,md,png}.
 """
@@ -37,8 +41,10 @@ from coordinator.optim import ServerOptConfig, default_server_opt, make_server_o
 from coordinator.strategies import WeightedMean
 from devices.simulate.run import LOCAL_DEFAULTS
 from devices.simulate.speakers import speaker_texts
-from edge_runtime.engines import EagerEngine
+from edge_runtime.engines import EagerEngine, TrainEngine
+from edge_runtime.lora import LoraEngine
 from edge_runtime.optim import LocalOptimizer, clip_grads_
+from edgelearn import lora
 from edgelearn.protocol import LocalConfig, Update
 from edgelearn.schedule import lr_at
 from export.distill import Budget, fit_for
@@ -115,7 +121,7 @@ def net_of(w: dict[str, np.ndarray]) -> CharLM:
     return net
 
 
-def local_job(engine: EagerEngine, x: np.ndarray, y: np.ndarray, recipe: LocalConfig, rng: np.random.Generator,
+def local_job(engine: TrainEngine, x: np.ndarray, y: np.ndarray, recipe: LocalConfig, rng: np.random.Generator,
               opt: LocalOptimizer | None = None) -> int:  # fmt: skip
     """`recipe.steps` steps of Learner.step's arithmetic on random windows; returns the distinct windows used."""
     opt = opt or LocalOptimizer(recipe.optimizer, engine.params)
@@ -130,23 +136,40 @@ def local_job(engine: EagerEngine, x: np.ndarray, y: np.ndarray, recipe: LocalCo
     return len(np.unique(np.concatenate(drawn)))
 
 
-def run_fleet(w1: dict, split: Split, rounds: int, recipe: LocalConfig, server: ServerOptConfig) -> list[dict]:
+def device_update(engine: EagerEngine, w: dict, data: tuple, recipe: LocalConfig, rng: np.random.Generator,
+                  version: int) -> tuple[int, dict[str, np.ndarray], int, float]:  # fmt: skip
+    """One device's job from the global `w`: (samples, the full Δ the coordinator folds, bytes sent, seconds).
+    With `recipe.lora_rank` the device trains adapters and sends B; Δ is the coordinator's expansion B·A."""
+    engine.load(w)
+    trained: TrainEngine = LoraEngine(engine, recipe.lora_rank, version) if recipe.lora_rank else engine
+    t0 = time.perf_counter()
+    n = local_job(trained, *data, recipe, rng)
+    seconds, theta = time.perf_counter() - t0, trained.state()
+    sent = 4 * sum(v.size for v in theta.values())
+    if recipe.lora_rank:
+        return n, lora.expand(theta, {m: v.shape for m, v in w.items()}, recipe.lora_rank, version), sent, seconds
+    return n, {m: theta[m] - w[m] for m in theta}, sent, seconds
+
+
+def run_fleet(w1: dict, split: Split, rounds: int, recipe: LocalConfig, server: ServerOptConfig,
+              label: str = "fleet") -> list[dict]:  # fmt: skip
+    """Rounds of every device's `device_update`, folded by the coordinator's code; one score per round."""
     torch.set_num_threads(1)
     rng, w, curve = np.random.default_rng(1), dict(w1), [{"round": 0, **score(net_of(w1), split.eval_x, split.eval_y)}]
     data = [text_windows(train) for _, train, _ in split.devices]
     engine, strategy, opt, state = EagerEngine("char-lm", w1), WeightedMean(), make_server_opt(server), {}
     for r in range(1, rounds + 1):
-        t0, updates = time.perf_counter(), []
-        for k, (x, y) in enumerate(data):
-            engine.load(w)
-            n = local_job(engine, x, y, recipe, rng)
-            theta = engine.state()
-            updates.append(Update(f"u{r}-{k}", f"d{k}", "char-lm", r, n, {m: theta[m] - w[m] for m in theta}, r))
+        t0, updates, sent, job_s = time.perf_counter(), [], 0, 0.0
+        for k, xy in enumerate(data):
+            n, delta, nbytes, seconds = device_update(engine, w, xy, recipe, rng, version=r)
+            updates.append(Update(f"u{r}-{k}", f"d{k}", "char-lm", r, n, delta, r))
+            sent, job_s = sent + nbytes, job_s + seconds
         w, state = opt.step(w, strategy.aggregate(updates, version=r, rnd=r), state)
-        curve.append({"round": r, "seconds": round(time.perf_counter() - t0, 1), **score(net_of(w), split.eval_x,
-                                                                                        split.eval_y)})  # fmt: skip
-        print(f"fleet round {r}: {curve[-1]}", flush=True)
-    np.savez(RESULTS / ".lm_learning_final.npz", **w)
+        curve.append({"round": r, "seconds": round(time.perf_counter() - t0, 1), "bytes_sent": sent,
+                      "ms_per_step": round(1e3 * job_s / (len(data) * recipe.steps), 2),
+                      **score(net_of(w), split.eval_x, split.eval_y)})  # fmt: skip
+        print(f"{label} round {r}: {curve[-1]}", flush=True)
+    np.savez(RESULTS / f".lm_learning_{label}.npz", **w)
     return curve
 
 
@@ -167,9 +190,10 @@ def run_central(w1: dict, split: Split, rounds: int, recipe: LocalConfig) -> lis
     return curve
 
 
-def personal_heads(w: dict, split: Split, steps: int = 100) -> list[dict]:
-    """Each device fine-tunes only its head (`head.*`, kept on the device, never sent) on its own 80 % from the
-    final global model; both are scored on the device's own last 20 %."""
+def personal(w: dict, split: Split, steps: int = 200, rank: int = 8) -> list[dict]:
+    """Each device fine-tunes, from the final global model, on its own 80 % a part it keeps (never sent): its
+    head (`head.*`), or a rank-`rank` adapter of every 2-D weight (`LoraEngine`; inference runs the merged
+    W + B·A). All three are scored on the device's own last 20 %."""
     torch.set_num_threads(1)
     out, rng = [], np.random.default_rng(3)
     head = [n for n in w if n.startswith("head.")]
@@ -177,10 +201,13 @@ def personal_heads(w: dict, split: Split, steps: int = 100) -> list[dict]:
     for name, train, own in split.devices:
         x, y = text_windows(train)
         ox, oy = text_windows(own)
-        engine = EagerEngine("char-lm", w, trainable=head)
-        local_job(engine, x, y, recipe, rng)
+        heads = EagerEngine("char-lm", w, trainable=head)
+        local_job(heads, x, y, recipe, rng)
+        adapters = LoraEngine(EagerEngine("char-lm", w), rank, version=0)
+        local_job(adapters, x, y, recipe, rng)
         out.append({"speaker": name, "global": score(net_of(w), ox, oy),
-                    "personal": score(net_of({**w, **engine.state()}), ox, oy)})  # fmt: skip
+                    "head": score(net_of({**w, **heads.state()}), ox, oy),
+                    "adapter": score(net_of({**w, **adapters.merged()}), ox, oy)})  # fmt: skip
     return out
 
 
@@ -225,12 +252,14 @@ def main() -> None:
     ap.add_argument("--server-momentum", type=float, default=None)
     ap.add_argument("--steps", type=int, default=RECIPE.steps)
     ap.add_argument("--lr", type=float, default=RECIPE.lr)
+    ap.add_argument("--lora-rank", type=int, default=8, help="rank of the adapter fleet run beside the full one")
     a = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
     t0 = time.perf_counter()
     split = leaf_split(a.text.read_bytes(), a.devices)
     recipe = replace(RECIPE, steps=a.steps, lr=a.lr)
+    full, adapters = replace(recipe, lora_rank=0), replace(recipe, lora_rank=a.lora_rank)
     server = default_server_opt("char-lm", name=a.server_opt, lr=a.server_lr, momentum=a.server_momentum)
     ex, ey = text_windows(split.export_text)
     release1, steps = fit_for(CharLM(STUDENT), ex, ey, Budget(60 * a.export_minutes), name="release-1")
@@ -239,29 +268,37 @@ def main() -> None:
     base = {"release_1": score(release1, split.eval_x, split.eval_y),
             **ngram_baselines(train_all, split.eval_y, split.eval_x)}  # fmt: skip
     print("baselines", base, flush=True)
-    with ProcessPoolExecutor(2) as pool:  # the fleet and the centralized learner, one core each
-        fleet_f = pool.submit(run_fleet, w1, split, a.rounds, recipe, server)
+    with ProcessPoolExecutor(2) as pool:  # full and adapter fleets and the centralized learner, 2 cores
+        full_f = pool.submit(run_fleet, w1, split, a.rounds, full, server, "full")
+        lora_f = pool.submit(run_fleet, w1, split, a.rounds, adapters, server, "lora")
         central_f = pool.submit(run_central, w1, split, a.rounds, recipe)
-        fleet, central = fleet_f.result(), central_f.result()
-    final = dict(np.load(RESULTS / ".lm_learning_final.npz"))
-    (RESULTS / ".lm_learning_final.npz").unlink()
+        curves = {"full": full_f.result(), "lora": lora_f.result()}
+        central = central_f.result()
+    default = "lora" if recipe.lora_rank else "full"
+    fleet, final = curves[default], dict(np.load(RESULTS / f".lm_learning_{default}.npz"))
+    for label in curves:
+        (RESULTS / f".lm_learning_{label}.npz").unlink()
     with ProcessPoolExecutor(2) as pool:
-        personal_f, forget_f = pool.submit(personal_heads, final, split), pool.submit(forgetting, final, split)
-        personal, forget = personal_f.result(), forget_f.result()
+        personal_f, forget_f = pool.submit(personal, final, split), pool.submit(forgetting, final, split)
+        own, forget = personal_f.result(), forget_f.result()
     doc = {
         "command": f"bench/lm_learning.py --text {a.text.name} --devices {a.devices} --rounds {a.rounds} "
                    f"--export-minutes {a.export_minutes} --server-opt {server.name} --server-lr {server.lr} "
                    f"--server-momentum {server.momentum} "
-                   f"--steps {a.steps} --lr {a.lr}",
+                   f"--steps {a.steps} --lr {a.lr} --lora-rank {a.lora_rank}",
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread per process, 2 processes",
         "split": {"held_out_speakers": split.held_out, "devices": [d[0] for d in split.devices],
                   "export_bytes": len(split.export_text), "device_bytes": sum(len(d[1]) for d in split.devices),
                   "eval_positions": int(split.eval_y[:, EVAL_FROM:].size)},
         "release_1_steps": steps, "recipe": asdict(recipe), "server_opt": asdict(server),
-        "baselines": base, "fleet": fleet, "centralized": central,
+        "baselines": base, "fleet": fleet, "centralized": central, "default": default, "lora_rank": a.lora_rank,
+        "full_vs_lora": {**curves, "optimizer_state_bytes": {  # AdamW: trainable + 2 moments, fp32
+            "full": 12 * sum(v.size for v in w1.values()),
+            "lora": 12 * sum(s[0] * s[1] for s in lora.adapter_shapes(
+                {n: v.shape for n, v in w1.items()}, a.lora_rank).values())}},
         "gap_closed": {"acc": gap_closed(fleet, central, "acc"), "ce": gap_closed(fleet, central, "ce")},
         "update_bytes_fp32": 4 * sum(v.size for v in w1.values()),
-        "personal": personal, "forgetting": forget, "seconds": round(time.perf_counter() - t0, 1),
+        "personal": own, "forgetting": forget, "seconds": round(time.perf_counter() - t0, 1),
     }  # fmt: skip
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "lm_learning.json").write_text(json.dumps(doc, indent=1))
@@ -273,8 +310,7 @@ def main() -> None:
 def markdown(d: dict) -> str:
     b, f, c = d["baselines"], d["fleet"], d["centralized"]
     pers = d["personal"]
-    own_g = np.mean([p["global"]["acc"] for p in pers])
-    own_p = np.mean([p["personal"]["acc"] for p in pers])
+    own = {k: np.mean([p[k]["acc"] for p in pers]) for k in ("global", "head", "adapter")}
     lines = [
         "# char-lm: what the fleet learns (bench/lm_learning.py)", "",
         f"Command: `{d['command']}` ({d['seconds']:.0f} s, {d['machine']}).", "",
@@ -290,16 +326,44 @@ def markdown(d: dict) -> str:
         f"| centralized, same samples | {c[-1]['acc']:.3f} | {c[-1]['ce']:.3f} |", "",
         f"Gap closed by the fleet (release 1 → centralized): accuracy {d['gap_closed']['acc']}, cross-entropy "
         f"{d['gap_closed']['ce']}. Update size {d['update_bytes_fp32'] / 1024:.0f} KiB (fp32). Mean round "
-        f"(20 devices in sequence, 1 thread): {np.mean([r['seconds'] for r in f[1:]]):.1f} s.", "",
+        f"({len(d['split']['devices'])} devices in sequence, 1 thread): "
+        f"{np.mean([r['seconds'] for r in f[1:]]):.1f} s.", "",
         "| round | fleet acc | fleet CE | centralized acc | centralized CE |", "|---|---|---|---|---|",
         *[f"| {x['round']} | {x['acc']:.3f} | {x['ce']:.3f} | {y['acc']:.3f} | {y['ce']:.3f} |"
           for x, y in zip(f, c, strict=True) if x["round"] % 5 == 0 or x["round"] in (1, 2)],
-        "", f"Personal heads (own-speaker last 20 %): global {own_g:.3f} → global + personal head {own_p:.3f} "
-        f"(mean over {len(pers)} devices, {own_p - own_g:+.3f}).", "",
+        "", *full_vs_lora(d), "",
+        f"Personal parts (own-speaker last 20 %, mean over {len(pers)} devices, from the final {d['default']} "
+        f"global model): global {own['global']:.3f}; + personal head {own['head']:.3f} "
+        f"({own['head'] - own['global']:+.3f}); + personal rank-8 adapter {own['adapter']:.3f} "
+        f"({own['adapter'] - own['global']:+.3f}).", "",
         "Forgetting (largest device's text alone, 200 steps): " + "; ".join(
             f"{k}: old {v['old']['acc']:.3f} / new {v['new']['acc']:.3f}" for k, v in d["forgetting"].items()),
     ]  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def full_vs_lora(d: dict) -> list[str]:
+    """The side-by-side table: accuracy per round and per MiB sent, step time, optimizer memory."""
+    fl, mem = d["full_vs_lora"], d["full_vs_lora"]["optimizer_state_bytes"]
+    rows = []
+    for label in ("full", "lora"):
+        c = fl[label]
+        mib = sum(r["bytes_sent"] for r in c[1:]) / 2**20
+        gain = c[-1]["acc"] - c[0]["acc"]
+        per_update_kib = c[1]["bytes_sent"] / len(d["split"]["devices"]) / 1024
+        rows.append(f"| {label} | {c[-1]['acc']:.3f} | {c[-1]['ce']:.3f} | {per_update_kib:.1f} "
+                    f"| {mib:.1f} | {100 * gain / mib:+.3f} | {np.mean([r['ms_per_step'] for r in c[1:]]):.1f} "
+                    f"| {mem[label] / 1024:.0f} |")  # fmt: skip
+    return [
+        f"Full updates vs rank-{d['lora_rank']} adapters (same data, rounds, recipe and server optimizer; the "
+        f"default is **{d['default']}**):", "",
+        f"| update | acc r{fl['full'][-1]['round']} | CE r{fl['full'][-1]['round']} | KiB per update "
+        "| MiB sent in all | accuracy points per MiB sent | ms per step "
+        "| AdamW state KiB |", "|---|---|---|---|---|---|---|---|", *rows, "",
+        "| round | full acc | adapters acc |", "|---|---|---|",
+        *[f"| {x['round']} | {x['acc']:.3f} | {y['acc']:.3f} |" for x, y in zip(fl["full"], fl["lora"], strict=True)
+          if x["round"] % 5 == 0 or x["round"] in (1, 2)],
+    ]  # fmt: skip
 
 
 def plot(d: dict, out: Path) -> None:
@@ -310,7 +374,10 @@ def plot(d: dict, out: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key, label in ((axes[0], "acc", "next-byte accuracy"), (axes[1], "ce", "cross-entropy (nats)")):
-        ax.plot([r["round"] for r in d["fleet"]], [r[key] for r in d["fleet"]], "o-", label="fleet")
+        for name, style in (("full", "o-"), ("lora", "^-")):
+            c = d["full_vs_lora"][name]
+            what = "full updates" if name == "full" else f"rank-{d['lora_rank']} adapters"
+            ax.plot([r["round"] for r in c], [r[key] for r in c], style, label=f"fleet, {what}")
         ax.plot([r["round"] for r in d["centralized"]], [r[key] for r in d["centralized"]], "s--",
                 label="centralized, same samples")  # fmt: skip
         for name, style in (("bigram", ":"), ("unigram", "-.")):

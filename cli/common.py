@@ -11,7 +11,7 @@ from urllib.parse import urlencode
 
 from edgelearn.protocol import LOCAL_OPTIMIZERS, LOCAL_SCHEDULES, LocalConfig, check_name, parse_broker_url
 
-RECIPE_FIELDS = ("steps", "batch_size", "lr", "optimizer", "warmup_steps", "schedule", "clip_norm")
+RECIPE_FIELDS = ("steps", "batch_size", "lr", "optimizer", "warmup_steps", "schedule", "clip_norm", "lora_rank")
 
 
 def stop_on_signals() -> threading.Event:
@@ -75,6 +75,9 @@ def add_recipe_options(p: argparse.ArgumentParser, defaults: str) -> None:
                    help="after the warm-up: constant, or cosine decay to lr/10")  # fmt: skip
     g.add_argument("--grad-clip", dest="clip_norm", type=float, default=None,
                    help="clip each local gradient to this L2 norm (0: none)")  # fmt: skip
+    g.add_argument("--lora-rank", type=int, default=None,
+                   help="devices train and send rank-r adapters of the 2-D weights (protocol v1.3); "
+                   "0: full updates")  # fmt: skip
 
 
 def recipe(a: argparse.Namespace, base: LocalConfig) -> LocalConfig:

@@ -15,7 +15,7 @@ from cli.common import add_tls_options, broker_url, device_id, fleet_name, stop_
 from devices.profiles import DEFAULT_PROFILE, Profile, ProfileError, load_profile
 from edge_runtime.budget import Budget
 from edgelearn.bundle import BundleError, verify_bundle
-from edgelearn.protocol import DEFAULT_LOCAL, ENCODINGS, LocalConfig
+from edgelearn.protocol import DEFAULT_LOCAL, ENCODINGS, LOCAL_OPTIMIZERS, LocalConfig
 from edgelearn.signing import load_public
 
 if TYPE_CHECKING:
@@ -184,12 +184,15 @@ def cmd_learn(a: argparse.Namespace) -> int:
             a.engine,
             _budget(a),
             checkpoint_every_s=a.checkpoint_every,
+            optimizer=a.optimizer,
+            lora_rank=a.lora_rank,
         )
         run = LocalRun(cfg)
     except (BundleError, ValueError, ProfileError) as e:
         print(f"edgelearn learn: error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({"event": "start", "resumed_at_step": run.resumed_at, "engine": run.engine.name}), flush=True)
+    start = {"event": "start", "resumed_at_step": run.resumed_at, "engine": run.learner.engine.name}
+    print(json.dumps(start), flush=True)
     job = run.run(stop_on_signals())
     print(
         json.dumps(
@@ -269,6 +272,11 @@ def _add_learn_parser(sub: argparse._SubParsersAction) -> None:
     )
     n.add_argument("--lr", type=float, default=DEFAULT_LOCAL.lr, help=f"learning rate (default {DEFAULT_LOCAL.lr})")
     n.add_argument("--mu", type=float, default=0.0, help="proximal term μ (default 0)")
+    n.add_argument("--optimizer", choices=LOCAL_OPTIMIZERS, default=DEFAULT_LOCAL.optimizer,
+                   help=f"local optimizer (default {DEFAULT_LOCAL.optimizer})")  # fmt: skip
+    n.add_argument("--lora-rank", type=int, default=0,
+                   help="train a personal rank-r adapter of the 2-D weights instead of the weights themselves; "
+                   "writes STATE/personal-adapter.safetensors too (default 0: the weights)")  # fmt: skip
     n.add_argument(
         "--engine",
         choices=("eager", "executorch"),

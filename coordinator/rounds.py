@@ -144,7 +144,7 @@ class Rounds:
         rnd = None if self.cfg.mode == "async" else self.round
         min_base = int(self.store.get("min_base_version") or 1)  # set by a rollback
         return Rules(self.manifest.model_id, self.shapes, self.version, rnd, self.cfg.max_update_norm,
-                     self.cfg.max_staleness, min_base)  # fmt: skip
+                     self.cfg.max_staleness, min_base, self.cfg.local.lora_rank)  # fmt: skip
 
     def clip_limit(self) -> float | None:
         """C for the open round: the strategy's (--clip-norm, DP) and k × the median ‖Δ‖ of the last closed round's

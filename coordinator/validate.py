@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Container
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
+from edgelearn import lora
 from edgelearn.protocol import MAX_UPDATE_ID_CHARS, ProtocolError, Update, decode_update, is_finite, read_metadata
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,7 @@ class Rules:
     max_staleness: int = 0  # accept base versions in [base_version - max_staleness, base_version] (sync: late
     # updates of earlier rounds, folded with a staleness weight; see coordinator.strategies)
     min_base_version: int = 1  # after a rollback to v: nothing computed on a release older than the rollback's
+    lora_rank: int = 0  # ≥ 1: adapter updates of this rank are accepted too (protocol v1.3), expanded on arrival
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,9 @@ def max_payload_bytes(shapes: dict[str, tuple[int, ...]]) -> int:
 def check_update(
     topic_device_id: str, payload: bytes, rules: Rules, accepted_ids: Container[tuple[str, str]]
 ) -> Verdict:
-    """Apply every rule of protocol v1 in order; the first broken one names the rejection.
+    """Apply every rule of protocol v1 in order; the first broken one names the rejection. An adapter update
+    (v1.3, when the round asks for rank `rules.lora_rank`) is checked against the adapter shapes, then
+    expanded to the full update ΔW = B·A it means, and every later rule and the fold see only that.
 
     A payload larger than any valid update is refused before its tensors are parsed (`payload_too_large`: it
     cannot have the release's names, shapes and dtypes); its ack still carries the update_id if the header
@@ -126,7 +130,16 @@ def check_update(
         return Verdict("duplicate", u.update_id)
     if u.model_id != rules.model_id:
         return Verdict("rejected", u.update_id, "model_id_mismatch")
-    for check in (check_version, check_names, check_shapes):
+    reason = check_version(u, rules)
+    if reason:
+        return Verdict("rejected", u.update_id, reason)
+    if rules.lora_rank and lora.is_adapter_update(list(u.deltas)):
+        adapter_rules = replace(rules, shapes=dict(lora.adapter_shapes(rules.shapes, rules.lora_rank)))
+        reason = check_names(u, adapter_rules) or check_shapes(u, adapter_rules)
+        if reason:
+            return Verdict("rejected", u.update_id, reason)
+        u = replace(u, deltas=lora.expand(u.deltas, rules.shapes, rules.lora_rank, u.base_version))
+    for check in (check_names, check_shapes):
         reason = check(u, rules)
         if reason:
             return Verdict("rejected", u.update_id, reason)

@@ -22,7 +22,7 @@ from edge_runtime.learner import Job, Learner
 from edge_runtime.outbox import Outbox
 from edge_runtime.release import Active, IncompleteReleaseError, ReleaseStore, load_release, public_key
 from edge_runtime.samples import SampleStore
-from edge_runtime.schedule import Scheduler
+from edge_runtime.schedule import Scheduler, sized_steps
 from edgelearn.bundle import BundleError, pack_release
 from edgelearn.mqtt import MqttLink
 from edgelearn.protocol import (
@@ -142,6 +142,7 @@ class DeviceAgent:
         self.learner = Learner(
             engine, self.store, self.cfg.state_dir, self.governor, self.cfg.replay_size, self.cfg.checkpoint_every_s
         )
+        self.learner.eager_factory = lambda: active.engine("eager")
         self.learner.restore()
         job = self.learner.job
         if job and self.schedule.done_or_stale(job, m.version):
@@ -312,10 +313,23 @@ class DeviceAgent:
         job = self.next_job()
         if job is None:
             return
+        self._size_to_deadline(job)
         self.learner.start(job, self.active.weights)
         kind = f"asynchronous job {job.seq}" if job.seq else f"round {job.round}"
         log.info("%s: %s from v%d", self.cfg.device_id, kind, job.base_version)
         self.publish_status("training")
+
+    def _size_to_deadline(self, job: Job) -> None:
+        """A round job takes only the steps that fit before the round's deadline at the measured step time and
+        the budget's training share (`schedule.sized_steps`), so a slow or throttled device is not late."""
+        deadline = self.schedule.round_deadline_unix_s
+        if job.seq or not job.round or deadline is None or self.learner is None:
+            return
+        steps = sized_steps(job.steps, deadline - time.time(), self.learner.s_per_step, self.cfg.budget.train_duty)
+        if steps < job.steps:
+            log.info("%s: round %d: %d of %d steps fit before the deadline (%.1f ms a step)", self.cfg.device_id,
+                     job.round, steps, job.steps, 1e3 * (self.learner.s_per_step or 0.0))  # fmt: skip
+            job.steps = steps
 
     def finish_job(self) -> None:
         """Put the update in the outbox (fsync), then record the job as done (atomic), then clear it."""

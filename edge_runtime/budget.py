@@ -50,6 +50,11 @@ class Budget:
         if self.interval_s <= 0:
             raise ValueError("budget: interval_s must be > 0")
 
+    @property
+    def train_duty(self) -> float:
+        """The share of wall time training may use: max_train_s_per_hour / 3600, capped at 1 (1 when unset)."""
+        return 1.0 if self.max_train_s_per_hour is None else min(1.0, max(0.0, self.max_train_s_per_hour / 3600))
+
 
 @dataclass(frozen=True)
 class Reading:

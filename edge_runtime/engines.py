@@ -74,9 +74,10 @@ class EagerEngine:
         names = set(trainable or spec.trainable(net, "all"))
         for n, p in net.named_parameters():
             p.requires_grad_(n in names)
-        self._step_module = TrainStep(net)
+        self.step_module = TrainStep(net)
         self._all = dict(net.named_parameters())
-        self._params = {n: p for n, p in self._all.items() if n in names}
+        self.trainable = {n: p for n, p in self._all.items() if n in names}
+        self._params = self.trainable
         self.params: list[torch.Tensor] = list(self._params.values())
         self.anchor: list[torch.Tensor] = []
         self.load(weights)
@@ -102,7 +103,7 @@ class EagerEngine:
 
     def loss_and_grads(self, x: np.ndarray, y: np.ndarray) -> tuple[float, list[torch.Tensor]]:
         """ℓ(θ; x, y) and ∇ℓ for the trainable parameters, in `params` order."""
-        loss = self._step_module(_as_tensor(x), _as_tensor(y))[0]
+        loss = self.step_module(_as_tensor(x), _as_tensor(y))[0]
         return float(loss.detach()), list(torch.autograd.grad(loss, self.params))
 
     def step(self, x: np.ndarray, y: np.ndarray, lr: float, mu: float = 0.0) -> float:

@@ -14,6 +14,7 @@ import json
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,7 +24,8 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from edge_runtime.budget import PAUSE, Governor, apply_threads
-from edge_runtime.engines import TrainEngine
+from edge_runtime.engines import EagerEngine, TrainEngine
+from edge_runtime.lora import LoraEngine
 from edge_runtime.optim import LocalOptimizer, clip_grads_
 from edge_runtime.samples import ReplayBuffer, SampleStore
 from edgelearn.atomic import write_bytes
@@ -55,13 +57,14 @@ class Job:
     warmup_steps: int = 0
     schedule: str = "constant"
     clip_norm: float = 0.0
+    lora_rank: int = 0  # ≥ 1: train and send low-rank adapters (protocol v1.3); 0: full update
 
     @classmethod
     def of(cls, round: int, base_version: int, local: LocalConfig, mu: float = 0.0, seq: int = 0) -> Job:
         """The job that carries out the recipe `local`."""
         return cls(round, base_version, local.steps, local.batch_size, local.lr, mu, seq=seq,
                    optimizer=local.optimizer, warmup_steps=local.warmup_steps, schedule=local.schedule,
-                   clip_norm=local.clip_norm)  # fmt: skip
+                   clip_norm=local.clip_norm, lora_rank=local.lora_rank)  # fmt: skip
 
     def lr_at_step(self) -> float:
         """The learning rate of the next step (warm-up, then constant or cosine)."""
@@ -96,6 +99,7 @@ class Learner:
         replay_size: int = 2000,
         checkpoint_every_s: float = 5.0,
     ) -> None:
+        self.full_engine: TrainEngine = engine  # the release's engine; a LoRA job trains adapters on top of it
         self.engine, self.store, self.governor = engine, store, governor
         self.path = state_dir / CHECKPOINT
         for tmp in state_dir.glob(f".{CHECKPOINT}.*.tmp"):  # left by a crash while writing; never read
@@ -111,6 +115,9 @@ class Learner:
         self._plan: deque = deque()
         self._plan_batch_size = 0
         self.opt = LocalOptimizer("sgd", engine.params)  # replaced by the job's at start / restore
+        self.eager_factory: Callable[[], TrainEngine] | None = None  # an eager engine on the release, for LoRA
+        self._eager: TrainEngine | None = None
+        self.s_per_step: float | None = None  # measured, smoothed (EMA 0.8): what a round job's size plans with
 
     # ------------------------------------------------------------ jobs
 
@@ -119,8 +126,9 @@ class Learner:
         if self.job and self.job.key == job.key:
             self.job.steps = job.steps  # resumed from the checkpoint
             return
+        self.engine = self._engine_for(job)
         self.engine.load(base)
-        self.base = {n: np.asarray(base[n], np.float32).copy() for n in self.engine.state()}
+        self.base = self.engine.state()  # θ_base of the trainable tensors (zero adapters in a LoRA job)
         self.job, self._seen = job, []
         self.opt = LocalOptimizer(job.optimizer, self.engine.params)
         self._plan.clear()
@@ -147,6 +155,7 @@ class Learner:
         t1 = time.monotonic()
         if self.governor is not None:
             self.governor.record_training(t0, t1)
+        self.s_per_step = t1 - t0 if self.s_per_step is None else 0.8 * self.s_per_step + 0.2 * (t1 - t0)
         job.steps_done, job.loss, job.train_s = job.steps_done + 1, loss, job.train_s + t1 - t0
         if t1 - self._last_ckpt_s >= self.checkpoint_every_s:
             self.save()
@@ -216,6 +225,24 @@ class Learner:
         self.job = None
         self.save(pending)
 
+    def _engine_for(self, job: Job) -> TrainEngine:
+        """The release's engine, or adapters on an eager engine for a LoRA job (the ExecuTorch training program
+        has no adapters: `eager_factory` builds an eager engine on the same weights; without one, or when this
+        host cannot build the model, the job trains the full weights, an update the protocol also accepts)."""
+        if not job.lora_rank:
+            return self.full_engine
+        inner, factory = self.full_engine, self.eager_factory
+        if not isinstance(inner, EagerEngine) and factory is not None:
+            try:
+                self.eager_factory, self._eager = None, factory()  # built once per release
+            except Exception as e:  # no model code on this host: full updates are still valid
+                log.warning("no eager engine for LoRA (%s)", e)
+        inner = self._eager or inner
+        if not isinstance(inner, EagerEngine):
+            log.warning("LoRA rank %d asked, engine %s trains full weights", job.lora_rank, inner.name)
+            return inner
+        return LoraEngine(inner, job.lora_rank, job.base_version)
+
     # ------------------------------------------------------------ checkpoint
 
     def save(self, pending: list[str] | None = None) -> None:
@@ -269,6 +296,7 @@ class Learner:
         self._restore_plan(tensors, meta.get("plan", []), int(meta.get("plan_batch_size", 0)))
         self.job = Job(**meta["job"]) if meta["job"] else None
         if self.job:
+            self.engine = self._engine_for(self.job)
             self.opt = LocalOptimizer(self.job.optimizer, self.engine.params)
             self.opt.load_state({k[4:]: v for k, v in tensors.items() if k.startswith("opt.")})
             self.base = {k[5:]: v for k, v in tensors.items() if k.startswith("base.")}

@@ -10,6 +10,7 @@ in the outbox, so a job is never trained and sent twice under different ids.
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import replace
@@ -24,6 +25,22 @@ MODES = ("sync", "async")
 _ASYNC_ID = re.compile(r"-a([0-9]{1,15})-v[0-9]+$")
 
 
+DEADLINE_SHARE = 0.8  # of the time left before a round's deadline, what a sized job plans to use
+MIN_STEP_SHARE = 0.25  # a sized job takes at least this share of the steps asked (then it may be late)
+
+
+def sized_steps(asked: int, time_left_s: float, s_per_step: float | None, duty: float) -> int:
+    """Steps a round job takes so that it ends before the deadline:
+    clamp(⌊DEADLINE_SHARE · time_left · duty / s_per_step⌋, ⌈MIN_STEP_SHARE · asked⌉, asked), where `duty` is
+    the share of wall time the budget lets it train (max_train_s_per_hour / 3600, or 1) and `s_per_step` the
+    measured seconds per step (None before the first step: `asked`). Fewer steps touch fewer samples, so the
+    update also weighs less in FedAvg (n_k)."""
+    if s_per_step is None or s_per_step <= 0:
+        return asked
+    fits = int(DEADLINE_SHARE * max(0.0, time_left_s) * min(1.0, max(duty, 0.0)) / s_per_step)
+    return max(min(asked, fits), min(asked, math.ceil(MIN_STEP_SHARE * asked)))
+
+
 class Scheduler:
     def __init__(
         self, device_id: str, progress_file: Path, async_interval_s: float, async_local: LocalConfig, mu: float = 0.0
@@ -33,6 +50,7 @@ class Scheduler:
         self.progress = load_progress(progress_file)
         self.mode = "sync"  # until the coordinator's status says otherwise
         self.pending_round: RoundMsg | None = None  # for this device, not started yet
+        self.round_deadline_unix_s: float | None = None  # of the round last turned into a job
         self.last_async_s: float | None = None  # monotonic time the last asynchronous update was queued
 
     def recover(self, queued_ids: Iterable[str]) -> None:
@@ -65,6 +83,7 @@ class Scheduler:
         rnd, self.pending_round = self.pending_round, None
         if rnd is None or rnd.base_version != version:
             return None  # stale: its release has been replaced
+        self.round_deadline_unix_s = rnd.deadline_unix_s
         return Job.of(rnd.round, rnd.base_version, rnd.local, self.mu)
 
     def async_job(self, version: int, now_s: float) -> Job | None:

@@ -192,6 +192,7 @@ def _parse_json(payload: bytes, what: str) -> dict:
 
 LOCAL_OPTIMIZERS = ("sgd", "adamw")
 LOCAL_SCHEDULES = ("constant", "cosine")
+MAX_LORA_RANK = 64
 
 
 @dataclass(frozen=True)
@@ -200,7 +201,9 @@ class LocalConfig:
 
     Protocol v1.1 adds the optimizer (`sgd` or `adamw`, fresh state per job), a linear warm-up over
     `warmup_steps`, the schedule after it (`constant`, or `cosine` decay to lr/10 at the last step) and
-    gradient clipping to `clip_norm` (0: none). A v1 round lacks them: plain SGD at a constant rate."""
+    gradient clipping to `clip_norm` (0: none). A v1 round lacks them: plain SGD at a constant rate.
+    Protocol v1.3 adds `lora_rank` r: ≥ 1 asks for a low-rank adapter update (`edgelearn.lora`); 0 or absent
+    asks for a full update. A device that cannot train adapters may send a full update: both are valid."""
 
     steps: int = 20
     batch_size: int = 32
@@ -209,16 +212,24 @@ class LocalConfig:
     warmup_steps: int = 0
     schedule: str = "constant"
     clip_norm: float = 0.0
+    lora_rank: int = 0
 
     def __post_init__(self) -> None:
         if self.optimizer not in LOCAL_OPTIMIZERS:
             raise ValueError(f"local optimizer {self.optimizer!r}: use one of {', '.join(LOCAL_OPTIMIZERS)}")
         if self.schedule not in LOCAL_SCHEDULES:
             raise ValueError(f"local schedule {self.schedule!r}: use one of {', '.join(LOCAL_SCHEDULES)}")
+        if not 0 <= self.lora_rank <= MAX_LORA_RANK:
+            raise ValueError(f"LoRA rank {self.lora_rank}: use 0 (full updates) to {MAX_LORA_RANK}")
 
     def as_json(self) -> dict[str, object]:
-        return {"steps": self.steps, "batch_size": self.batch_size, "lr": self.lr, "optimizer": self.optimizer,
-                "warmup_steps": self.warmup_steps, "schedule": self.schedule, "clip_norm": self.clip_norm}  # fmt: skip
+        """The round's `local` object; `lora_rank` only when set (a full-update round stays v1.1 exactly)."""
+        out: dict[str, object] = {
+            "steps": self.steps, "batch_size": self.batch_size, "lr": self.lr, "optimizer": self.optimizer,
+            "warmup_steps": self.warmup_steps, "schedule": self.schedule, "clip_norm": self.clip_norm}  # fmt: skip
+        if self.lora_rank:
+            out["lora_rank"] = self.lora_rank
+        return out
 
     @classmethod
     def from_json(cls, loc: dict) -> LocalConfig:
@@ -235,6 +246,7 @@ class LocalConfig:
             _json_int(loc, "warmup_steps", 0, d.warmup_steps),
             schedule,
             _json_float(loc, "clip_norm", 0.0, d.clip_norm),
+            min(_json_int(loc, "lora_rank", 0, d.lora_rank), MAX_LORA_RANK + 1),  # > max: __post_init__ names it
         )
 
 

@@ -23,6 +23,9 @@ from models.user import load_factory
 SUBSETS = ("all", "last", "head")
 
 
+WRAPPED = "net."  # parameter-name prefix of the network inside a TrainStep
+
+
 class TrainStep(nn.Module):
     """What the training program runs: `(x, y) -> (loss, predicted class)`, loss first as ExecuTorch wants.
 

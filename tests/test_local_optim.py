@@ -82,3 +82,15 @@ def test_unknown_recipe_values_are_caller_errors():
     with pytest.raises(ValueError, match="unknown local optimizer"):
         LocalOptimizer("lion", [torch.zeros(1)])
     assert np.isfinite(lr_at(0, 1, 1.0, 0, "cosine"))
+
+
+def test_round_jobs_are_sized_to_end_before_the_deadline():
+    from edge_runtime.budget import Budget
+    from edge_runtime.schedule import sized_steps
+
+    assert sized_steps(50, 60.0, None, 1.0) == 50  # no step measured yet: as asked
+    assert sized_steps(50, 60.0, 0.01, 1.0) == 50  # 4800 would fit
+    assert sized_steps(50, 10.0, 0.4, 1.0) == 20  # ⌊0.8 · 10 / 0.4⌋
+    assert sized_steps(50, 10.0, 0.4, Budget(max_train_s_per_hour=1800).train_duty) == 13  # half the time: 10 → 13
+    assert sized_steps(50, -5.0, 0.4, 1.0) == 13  # past the deadline: the floor, ⌈0.25 · 50⌉, and a late update
+    assert Budget().train_duty == 1.0 and Budget(max_train_s_per_hour=7200).train_duty == 1.0

@@ -150,3 +150,27 @@ def test_cohort_mode_with_coordinator_selection(mosquitto, bundle_dir, fleet, tm
     rounds = report["rounds"]
     assert [r["version"] for r in rounds] == [2, 3]
     assert all(r["online"] == 4 and 2 <= r["accepted"] <= 3 for r in rounds)
+
+
+def test_adapter_rounds_send_only_adapters_and_release_their_expansion(mosquitto, bundle_dir, fleet, tmp_path) -> None:
+    # Prepare: 4 real agents; the rounds ask for rank-4 adapters (protocol v1.3) of the digits MLP, whose
+    # default training engine (ExecuTorch) has none: each device trains them on an eager engine
+    from edgelearn.bundle import load_weights
+
+    cfg = SimConfig(
+        devices=4, profiles=(("x86-dev", 1.0),), rounds=2, broker=mosquitto.url, out=tmp_path / "out",
+        bundle=bundle_dir, local=LocalConfig(steps=6, batch_size=16, lr=0.01, optimizer="adamw", lora_rank=4),
+        min_updates=4, round_timeout_s=60, outage_rate=0.0, battery_fraction=0.0, ambient_spread_c=0.0,
+        fleet=fleet + "-lora",
+    )  # fmt: skip
+    # Execute
+    report = simulate(cfg, say=lambda s: None)
+    # Assert: every update accepted; each carried B (out × 4 per 2-D weight), a fraction of the full weights
+    rounds, totals = report["rounds"], report["totals"]
+    assert [r["accepted"] for r in rounds] == [4, 4] and totals["rejected"] == {}
+    w = load_weights(bundle_dir)
+    full_bytes = 4 * sum(v.size for v in w.values())
+    adapter_bytes = 4 * sum(v.shape[0] * 4 for v in w.values() if v.ndim == 2)
+    per_update = totals["bytes"]["up_update"] / totals["accepted"]
+    assert adapter_bytes <= per_update < adapter_bytes + 4096 < full_bytes
+    assert rounds[-1]["accuracy"] > 0.5
