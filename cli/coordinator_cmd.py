@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -116,7 +117,7 @@ def cmd_fleet(a: argparse.Namespace) -> int:
 
 
 def cmd_broker(a: argparse.Namespace) -> int:
-    from edgelearn.broker import MutualTls, fleet_acl, mosquitto_config, size_broker
+    from edgelearn.broker import MutualTls, fleet_acl, mosquitto_config, size_broker, write_accounts
 
     try:
         tls_files = (a.tls_cert, a.tls_key, a.cafile)
@@ -127,11 +128,19 @@ def cmd_broker(a: argparse.Namespace) -> int:
             raise ValueError("--acl-out needs --fleet (the ACL is written for one fleet's topics)")
         sizing = size_broker(a.devices, a.model_bytes, a.release_bytes)
         acl = a.acl_file or a.acl_out
-        text = mosquitto_config(a.port, a.data_dir, sizing, a.bind, a.password_file, acl, tls)
+        password_file = a.password_file
+        if a.accounts_out:
+            if not a.device_ids or a.password_file:
+                raise ValueError("--accounts-out needs --device-ids FILE (one id per line) and no --password-file")
+            ids = [d.strip() for d in a.device_ids.read_text().splitlines() if d.strip()]
+            password_file = write_accounts(a.accounts_out, ids)
+            print(f"wrote {password_file} and {a.accounts_out / 'accounts.txt'} (0600): 'coordinator' and "
+                  f"{len(ids)} device accounts with random passwords")  # fmt: skip
+        text = mosquitto_config(a.port, a.data_dir, sizing, a.bind, password_file, acl, tls)
         if a.acl_out:
             a.acl_out.write_text(fleet_acl(a.fleet, a.topic_root))
             print(f"wrote {a.acl_out}: the coordinator account 'coordinator', one account per device id")
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, subprocess.CalledProcessError) as e:
         print(f"edgelearn broker config: error: {e}", file=sys.stderr)
         return 2
     if a.out:
@@ -220,6 +229,9 @@ def _add_ops_parsers(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--port", type=int, default=1883, help="listener port (default 1883)")
     b.add_argument("--bind", default="127.0.0.1", help="listener address (default 127.0.0.1: anonymous access)")
     b.add_argument("--password-file", type=Path, default=None, help="mosquitto_passwd file (needed off loopback)")
+    b.add_argument("--accounts-out", type=Path, default=None,
+                   help="make accounts here: passwd (hashed, used by the config), accounts.txt (0600)")  # fmt: skip
+    b.add_argument("--device-ids", type=Path, default=None, help="--accounts-out: file of device ids, one per line")
     b.add_argument("--acl-file", type=Path, default=None, help="mosquitto ACL file (topics per user)")
     b.add_argument("--acl-out", type=Path, default=None,
                    help="write the fleet's ACL here (from the protocol's topics; needs --fleet), use it")  # fmt: skip

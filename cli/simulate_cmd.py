@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from cli.common import add_recipe_options, recipe
+from cli.common import add_recipe_options, add_tls_options, recipe, with_tls
 from coordinator.optim import SERVER_OPT_NAMES
 
 
@@ -62,8 +62,12 @@ def cmd_simulate(a: argparse.Namespace) -> int:
     from devices.simulate.run import SimConfig, simulate
 
     try:
+        local_broker = a.broker in ("embedded", "mosquitto")
+        if local_broker and (a.cafile or a.cert or a.key):
+            raise ValueError(f"--cafile/--cert/--key need an mqtts:// --broker, not {a.broker!r}")
+        broker = a.broker if local_broker else with_tls(a.broker, a)
         cfg = SimConfig(
-            devices=a.devices, profiles=a.profiles, rounds=a.rounds, broker=a.broker, out=a.out, bundle=a.bundle,
+            devices=a.devices, profiles=a.profiles, rounds=a.rounds, broker=broker, out=a.out, bundle=a.bundle,
             model=a.model, text=a.text, online=a.online, participants=a.participants,
             eligibility=tuple(a.eligible), min_updates=a.min_updates, alpha=a.alpha, local=_local(a),
             server_opt=_server_opt(a), clip_to_median=a.clip_to_median or None,
@@ -124,7 +128,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--text", type=Path, default=None,
                    help="char-lm text, NAME:/lines blocks (default: the shipped excerpt)")  # fmt: skip
     s.add_argument("--rounds", type=int, default=5, help="FedAvg rounds (default 5)")
-    s.add_argument("--broker", default="embedded", help="embedded | mosquitto | mqtt://host:port (default embedded)")
+    s.add_argument("--broker", default="embedded",
+                   help="embedded | mosquitto | mqtt[s]://host:port (default embedded)")  # fmt: skip
+    add_tls_options(s)
     s.add_argument("--out", type=Path, default=Path("sim-out"), help="report folder (default sim-out)")
     s.add_argument("--bundle", type=Path, default=None, help="exported bundle to start from (default: export one)")
     _add_round_options(s)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -17,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgelearn.protocol import Topics, parse_broker_url
+from edgelearn.protocol import Topics, check_name, parse_broker_url
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,33 @@ def fleet_acl(fleet: str, root: str = "edgelearn", coordinator_user: str = COORD
         *[f"pattern read {topic}" for topic in (t.model_latest, t.model_lean, t.rounds_current, t.coordinator_status)],
         "",
     ])  # fmt: skip
+
+
+PASSWD_FILE, ACCOUNTS_FILE = "passwd", "accounts.txt"
+
+
+def write_accounts(folder: Path, device_ids: list[str], coordinator_user: str = COORDINATOR_USER) -> Path:
+    """One broker account per device id plus the coordinator's, each with a fresh random password
+    (`secrets.token_urlsafe(18)`): FOLDER/accounts.txt (`user password` lines, mode 0600, for the operator
+    and `flash`) and FOLDER/passwd, hashed by Debian's `mosquitto_passwd -U` (mode 0644: mosquitto reads it
+    after dropping to its own user). Returns the passwd path. ValueError for a bad or repeated id."""
+    users = [coordinator_user, *(check_name("device id", d) for d in device_ids)]
+    if len(set(users)) != len(users):
+        raise ValueError(f"device ids must be distinct and not {coordinator_user!r}")
+    tool = shutil.which("mosquitto_passwd")
+    if tool is None:
+        raise FileNotFoundError("mosquitto_passwd not found: install mosquitto (Debian: apt-get install mosquitto)")
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [f"{u}:{secrets.token_urlsafe(18)}" for u in users]
+    plain = folder / ACCOUNTS_FILE
+    plain.touch(mode=0o600)
+    plain.chmod(0o600)
+    plain.write_text("".join(line.replace(":", " ", 1) + "\n" for line in lines))
+    passwd = folder / PASSWD_FILE
+    passwd.write_text("".join(line + "\n" for line in lines))
+    subprocess.run([tool, "-U", str(passwd)], check=True, capture_output=True)  # hashes the file in place
+    passwd.chmod(0o644)
+    return passwd
 
 
 @dataclass(frozen=True)

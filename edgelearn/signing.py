@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -80,6 +81,9 @@ def verify(manifest: Manifest, public: Ed25519PublicKey | None) -> None:
 
 
 MESSAGE_SIG = "sig"  # v1.2: the field of a signed round or ack (a v1 device ignores it)
+MESSAGE_EXPIRES = "expires"  # v1.3: Unix seconds after which a signed round or ack is refused (signed with it)
+MESSAGE_TTL_S = 7 * 24 * 3600  # as long as the broker keeps an offline device's queued acks (persistent sessions)
+CLOCK_PLAUSIBLE_UNIX_S = 1_735_689_600  # 2025-01-01: a device clock before this has no RTC time; expiry is skipped
 
 
 def _message_bytes(body: dict, topic: str) -> bytes:
@@ -89,17 +93,21 @@ def _message_bytes(body: dict, topic: str) -> bytes:
     return json.dumps({"topic": topic, "body": body}, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
 
-def sign_message(payload: bytes, topic: str, private: Ed25519PrivateKey) -> bytes:
-    """The JSON control message `payload` (a round or an ack) for `topic`, with `sig` = {alg, key_id, sig}."""
+def sign_message(payload: bytes, topic: str, private: Ed25519PrivateKey, now_s: float | None = None,
+                 ttl_s: float = MESSAGE_TTL_S) -> bytes:  # fmt: skip
+    """The JSON control message `payload` (a round or an ack) for `topic`, with `expires` = now + `ttl_s` (whole
+    seconds) and `sig` = {alg, key_id, sig} over both."""
     body = json.loads(payload)
+    body[MESSAGE_EXPIRES] = int((time.time() if now_s is None else now_s) + ttl_s)
     sig = private.sign(_message_bytes(body, topic))
     body[MESSAGE_SIG] = {"alg": ALG, "key_id": key_id(private.public_key()), "sig": base64.b64encode(sig).decode()}
     return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
 
-def verify_message(payload: bytes, topic: str, public: Ed25519PublicKey | None) -> None:
+def verify_message(payload: bytes, topic: str, public: Ed25519PublicKey | None, now_s: float | None = None) -> None:
     """No key: anything goes (unsigned fleet). With a key: BundleError unless `payload` carries a valid signature
-    by it for `topic`."""
+    by it for `topic` and has not expired (`expires` < now, judged only by a clock past CLOCK_PLAUSIBLE_UNIX_S:
+    a board without a real-time clock cannot tell; a v1.2 message without `expires` never expires)."""
     if public is None:
         return
     try:
@@ -113,6 +121,16 @@ def verify_message(payload: bytes, topic: str, public: Ed25519PublicKey | None) 
         public.verify(base64.b64decode(s["sig"], validate=True), _message_bytes(body, topic))
     except (InvalidSignature, ValueError):  # ValueError: bad base64
         raise BundleError(f"signature does not verify with key {key_id(public)} for {topic}") from None
+    _check_expiry(body.get(MESSAGE_EXPIRES), time.time() if now_s is None else now_s)
+
+
+def _check_expiry(expires: object, now_s: float) -> None:
+    if expires is None:
+        return
+    if isinstance(expires, bool) or not isinstance(expires, int | float):
+        raise BundleError(f"{MESSAGE_EXPIRES} is not a number")
+    if now_s >= CLOCK_PLAUSIBLE_UNIX_S and now_s > expires:
+        raise BundleError(f"expired {now_s - expires:.0f} s ago (a replayed message)")
 
 
 def read_signed_release(

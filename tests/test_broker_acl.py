@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from cli import main
 from edgelearn.broker import Mosquitto, MutualTls, fleet_acl, mosquitto_config
 from edgelearn.bundle import read_lean_release
 from edgelearn.mqtt import MqttLink
@@ -22,27 +23,31 @@ from edgelearn.protocol import Topics
 from models.shards import write_shards
 from tests.conftest import SERVER_FRACTION
 
-ACCOUNTS = {"coordinator": "c-secret", "dev1": "d1-secret", "dev2": "d2-secret"}
+ACCOUNTS: dict[str, str] = {}  # user -> password, as `edgelearn broker config --accounts-out` made them
 
 
 @pytest.fixture
 def guarded():
     """A mosquitto with the generated config, accounts and ACL for fleet `f`, in a folder the `mosquitto` user can
     reach (it drops to that user before reading the password file; pytest's tmp_path is 0700)."""
-    passwd = shutil.which("mosquitto_passwd")
-    if passwd is None:
+    if shutil.which("mosquitto_passwd") is None:
         pytest.skip("mosquitto_passwd is not installed (it comes with the mosquitto package)")
     home = Path(tempfile.mkdtemp(prefix="edgelearn-acl-"))
     home.chmod(0o755)
     broker = Mosquitto(home / "broker")
-    pw, acl = broker.data_dir / "passwd", broker.data_dir / "acl"
-    pw.touch()
-    for user, secret in ACCOUNTS.items():
-        subprocess.run([passwd, "-b", str(pw), user, secret], check=True, capture_output=True)
-    acl.write_text(fleet_acl("f"))
-    for f in (pw, acl):
-        f.chmod(0o644)  # mosquitto reads them after dropping to its own user
-    broker.conf.write_text(mosquitto_config(broker.port, broker.data_dir, password_file=pw, acl_file=acl))
+    ids, acl = home / "ids.txt", broker.data_dir / "acl"
+    ids.write_text("dev1\ndev2\n")
+    conf = home / "mosquitto.conf"
+    args = ["broker", "config", "--devices", "2", "--model-bytes", "1000", "--port", str(broker.port), "--data-dir",
+            str(broker.data_dir), "--accounts-out", str(broker.data_dir), "--device-ids", str(ids),
+            "--acl-out", str(acl), "--fleet", "f", "--out", str(conf)]  # fmt: skip
+    assert main(args) == 0
+    accounts = (broker.data_dir / "accounts.txt").read_text().split()
+    ACCOUNTS.update(zip(accounts[::2], accounts[1::2], strict=True))
+    assert sorted(ACCOUNTS) == ["coordinator", "dev1", "dev2"]
+    assert (broker.data_dir / "accounts.txt").stat().st_mode & 0o077 == 0  # the passwords: the operator's only
+    acl.chmod(0o644)  # mosquitto reads it after dropping to its own user
+    broker.conf.write_text(conf.read_text())
     yield broker.start()
     broker.stop()
     shutil.rmtree(home, ignore_errors=True)
@@ -70,6 +75,9 @@ def test_a_device_cannot_take_the_coordinators_session_or_write_where_it_may_not
     dev2, to_dev2 = link(
         guarded, "dev2", t.client_id("dev2"), [t.model_latest, t.rounds_current, t.device("dev2", "ack")]
     )
+    wrong = MqttLink(f"mqtt://dev1:{ACCOUNTS['dev2']}@127.0.0.1:{guarded.port}", "dev1", [], lambda t, p: None)
+    assert not wrong.start(wait_s=3)  # the generated passwd file: another account's password does not open dev1
+    wrong.stop()
     try:
         # Session takeover: dev1's credentials with the coordinator's client id
         evil, _ = link(guarded, "dev1", t.client_id(), [])

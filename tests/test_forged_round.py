@@ -62,7 +62,9 @@ def test_a_signed_fleets_device_takes_only_rounds_and_acks_its_coordinator_signe
     ):
         agent.handle(t.rounds_current, payload)
         assert agent.schedule.pending_round is None
-    for payload in (ack, sign_message(ack, ack_topic, evil), sign_message(ack, t.device("dev2", "ack"), fleet)):
+    week_ago = time.time() - 8 * 24 * 3600  # a signed ack recorded on the broker and replayed after it expired
+    for payload in (ack, sign_message(ack, ack_topic, evil), sign_message(ack, t.device("dev2", "ack"), fleet),
+                    sign_message(ack, ack_topic, fleet, now_s=week_ago)):  # fmt: skip
         agent.handle(ack_topic, payload)
         assert "dev1-r1-v1" in agent.outbox.pending
     # the coordinator's signature counts (a v1 decoder ignores the extra field)

@@ -79,3 +79,23 @@ def test_private_key_is_owner_only(tmp_path):
     generate_keys(tmp_path / "k", tmp_path / "k.pub")
     assert (tmp_path / "k").stat().st_mode & 0o777 == 0o600
     assert (tmp_path / "k.pub").stat().st_mode & 0o777 == 0o644
+
+
+def test_signed_messages_expire_unless_the_clock_cannot_tell(tmp_path):
+    import json
+
+    from edgelearn.signing import CLOCK_PLAUSIBLE_UNIX_S, MESSAGE_TTL_S, sign_message, verify_message
+
+    generate_keys(tmp_path / "k", tmp_path / "k.pub")
+    key, pub = load_private(tmp_path / "k"), load_public(tmp_path / "k.pub")
+    now = 1_800_000_000.0
+    msg = sign_message(b'{"round": 3}', "edgelearn/f/rounds/current", key, now_s=now)
+    assert json.loads(msg)["expires"] == int(now + MESSAGE_TTL_S)
+    verify_message(msg, "edgelearn/f/rounds/current", pub, now_s=now + MESSAGE_TTL_S - 1)
+    with pytest.raises(BundleError, match="expired"):
+        verify_message(msg, "edgelearn/f/rounds/current", pub, now_s=now + MESSAGE_TTL_S + 10)
+    verify_message(msg, "edgelearn/f/rounds/current", pub, now_s=CLOCK_PLAUSIBLE_UNIX_S - 1e6)  # no RTC: 1970
+    body = json.loads(msg)
+    body["expires"] += 10**6  # extending the expiry breaks the signature
+    with pytest.raises(BundleError, match="does not verify"):
+        verify_message(json.dumps(body).encode(), "edgelearn/f/rounds/current", pub, now_s=now)
