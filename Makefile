@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast check lint typecheck venv mosquitto clean qemu-deps qemu-test
+.PHONY: demo test test-fast check lint typecheck venv mosquitto chromium clean qemu-deps qemu-test
 
 $(STAMP): pyproject.toml
 	@command -v $(PY) >/dev/null || { echo "error: $(PY) not found (Python 3.11 is required)"; exit 1; }
@@ -25,7 +25,17 @@ mosquitto:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; \
 	else echo "error: mosquitto is missing; install it (e.g. sudo apt-get install mosquitto)"; exit 1; fi
 
-test: $(STAMP) mosquitto
+# The dashboard test renders the page in a real headless Chromium; without one (not root, no apt) it is skipped.
+chromium:
+	@if command -v chromium >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing chromium (Debian package)"; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+		echo "warning: chromium could not be installed; the dashboard's browser test will be skipped"; \
+	else echo "note: no chromium and no root to install it; the dashboard's browser test will be skipped"; fi
+
+test: $(STAMP) mosquitto chromium
 	$(BIN)/python -m pytest -q
 
 # The inner loop: everything but the tests marked slow (exports, fleets, crash and broker restarts).

@@ -81,6 +81,13 @@ def cmd_device(a: argparse.Namespace) -> int:
         print(f"edgelearn device: error: {e}", file=sys.stderr)
         return 2
     agent = DeviceAgent(cfg, x, y)
+    if a.serve is not None:
+        from edge_runtime.serve import start_serving
+
+        try:
+            start_serving(agent, *a.serve, allow_remote=a.serve_remote)
+        except (ValueError, OSError) as e:  # a taken port: the agent still learns, without the endpoint
+            print(f"edgelearn device: inference endpoint not started: {e}", file=sys.stderr)
     if a.bundle:
         agent.seed(a.bundle)
     agent.run(stop_on_signals())
@@ -104,6 +111,23 @@ def _number(kind: type, minimum: float, inclusive: bool = True):
         return n
 
     return parse
+
+
+def _serve_address(value: str) -> tuple[str, int] | None:
+    from edge_runtime.serve import parse_serve
+
+    try:
+        return parse_serve(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _add_serve_options(v: argparse.ArgumentParser) -> None:
+    g = v.add_argument_group("local inference endpoint (Open Inference Protocol / KServe v2 REST; docs/serving.md)")
+    g.add_argument("--serve", type=_serve_address, default="127.0.0.1:8000", metavar="HOST:PORT",
+                   help="where apps on this device reach the model (default 127.0.0.1:8000; off: none)")  # fmt: skip
+    g.add_argument("--serve-remote", action="store_true",
+                   help="allow a non-loopback --serve address (the endpoint has no authentication)")  # fmt: skip
 
 
 def _add_async_options(v: argparse.ArgumentParser) -> None:
@@ -247,6 +271,7 @@ def _add_device_parser(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--topic-root", default="edgelearn", help="first topic segment (default edgelearn)")
     v.add_argument("--bundle", type=Path, default=None, help="a local bundle to start from (e.g. the flashed one)")
     v.add_argument("--public-key", type=Path, default=None, help="signed fleet: refuse releases not signed by it")
+    _add_serve_options(v)
     v.add_argument("--min-release", type=int, default=0, metavar="V",
                    help="rollback floor: refuse any release older than V, even with no state (default 0)")  # fmt: skip
     _add_async_options(v)

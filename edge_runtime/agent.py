@@ -12,6 +12,7 @@ import queue
 import threading
 import time
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -38,6 +39,13 @@ from edgelearn.protocol import (
 from edgelearn.signing import verify_message
 
 log = logging.getLogger(__name__)
+
+
+class Endpoint(Protocol):
+    """What the agent asks of a local inference endpoint (edge_runtime.serve.Serving)."""
+
+    def busy(self) -> bool: ...  # requests in flight or just served: training waits
+    def summary(self) -> dict[str, float]: ...  # recent latency percentiles, for the status
 
 
 class DeviceAgent:
@@ -72,6 +80,9 @@ class DeviceAgent:
         self._source = open_source(cfg.samples)
         self._status_sent: tuple | None = None  # (state, budget decision) last published
         self.activation_s: float | None = None  # verify + load + smoke-test + activate of the last release
+        self.serving: Endpoint | None = None  # the local inference endpoint, when `start_serving` runs one
+        self.lock = threading.Lock()  # the store and learner: the agent's loop vs the endpoint's feedback
+        self.steps_total = self.pauses_total = 0
         self.events: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self.link = MqttLink(
             cfg.broker_url,
@@ -172,6 +183,7 @@ class DeviceAgent:
             },
             "outbox": len(self.outbox.pending),
             "outbox_full": self.outbox.full,
+            **({"serving": self.serving.summary()} if self.serving else {}),
             "ts": round(time.time(), 3),
         }
 
@@ -375,18 +387,31 @@ class DeviceAgent:
     # ------------------------------------------------------------ loop
 
     def work(self) -> bool:
-        """Ingest new samples and do at most one training step; True if a step ran (more may follow)."""
-        if self.ingest is not None:
-            self.ingest.poll()
-        self.start_next_job()  # a round that waited for room in the outbox, or the next asynchronous job
-        if self.learner is None or self.learner.job is None:
-            return False
-        outcome = self.learner.step()
+        """Ingest new samples and do at most one training step, unless inference requests are being served
+        (they come first); True if a step ran (more may follow)."""
+        with self.lock:
+            if self.ingest is not None:
+                self.ingest.poll()
+            self.start_next_job()  # a round that waited for room in the outbox, or the next asynchronous job
+            if self.learner is None or self.learner.job is None or (self.serving and self.serving.busy()):
+                return False
+            outcome = self.learner.step()
+        self.steps_total += outcome == "stepped"
+        self.pauses_total += outcome == "paused"
         if outcome == "done":
             self.finish_job()
         elif self._status_sent != (self._state(), self.governor.decision):
             self.publish_status(self._state())  # a budget decision changed: report it
         return outcome == "stepped"
+
+    def add_feedback(self, x: np.ndarray, y: np.ndarray) -> int:
+        """A validated sample from the inference endpoint's feedback, durable (flushed) on return; the store size."""
+        with self.lock:
+            if self.ingest is None:
+                raise RuntimeError("no release is active: samples have no format yet")
+            self.ingest.add(x, y, flush_when_full=False)
+            self.store.flush()
+            return len(self.store)
 
     def run(self, stop: threading.Event) -> None:
         """Serve until `stop` is set; then checkpoint, publish offline status and disconnect."""
