@@ -85,7 +85,8 @@ def cmd_device(a: argparse.Namespace) -> int:
         from edge_runtime.serve import start_serving
 
         try:
-            start_serving(agent, *a.serve, allow_remote=a.serve_remote)
+            host, port = a.serve
+            start_serving(agent, host, port, allow_remote=a.serve_remote)
         except (ValueError, OSError) as e:  # a taken port: the agent still learns, without the endpoint
             print(f"edgelearn device: inference endpoint not started: {e}", file=sys.stderr)
     if a.bundle:

@@ -106,8 +106,12 @@ def test_feedback_becomes_a_stored_sample_and_bad_feedback_never_does(served):
     good = json.dumps({"x": [1.0] * 64, "y": 3}).encode()
     code, out = request(port, "POST", f"/v2/models/{MODEL}/feedback", good)
     assert code == 200 and json.loads(out) == {"accepted": True, "stored": before + 1}
-    for bad in (b'{"x": [1.0], "y": 3}', b'{"x": [1.0] * 64, "y": 99}', b"\xff\xfe", json.dumps({"x": [1.0] * 64,
-                                                                                                  "y": 10}).encode()):
+    for bad in (
+        b'{"x": [1.0], "y": 3}',
+        b'{"x": [1.0] * 64, "y": 99}',
+        b"\xff\xfe",
+        json.dumps({"x": [1.0] * 64, "y": 10}).encode(),
+    ):
         code, out = request(port, "POST", f"/v2/models/{MODEL}/feedback", bad)
         assert code == 400 and json.loads(out)["error"].startswith("bad feedback")
     assert len(agent.store) == before + 1
