@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from cli.common import add_recipe_options, add_tls_options, broker_url, fleet_name, recipe, stop_on_signals, with_tls
+from edgelearn.broker import is_loopback as is_loopback_host
 from edgelearn.protocol import DEFAULT_LOCAL
 
 
@@ -116,6 +117,25 @@ def cmd_fleet(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dashboard(a: argparse.Namespace) -> int:
+    from coordinator.dashboard import serve_dashboard
+
+    if not is_loopback_host(a.bind) and not a.remote:
+        print(f"edgelearn dashboard: error: --bind {a.bind} is not loopback; the page has no login "
+              "(pass --remote to accept that, or put it behind your proxy)", file=sys.stderr)  # fmt: skip
+        return 2
+    try:
+        server = serve_dashboard(a.state, a.bind, a.port)
+    except (FileNotFoundError, OSError) as e:
+        print(f"edgelearn dashboard: error: {e}", file=sys.stderr)
+        return 2
+    port = server.server_address[1]
+    print(f"dashboard of {a.state} on http://{a.bind}:{port}/ (Ctrl-C stops)", flush=True)
+    stop_on_signals().wait()
+    server.shutdown()
+    return 0
+
+
 def cmd_broker(a: argparse.Namespace) -> int:
     from edgelearn.broker import MutualTls, fleet_acl, mosquitto_config, size_broker, write_accounts
 
@@ -220,6 +240,15 @@ def _add_ops_parsers(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--state", type=Path, required=True, help="the coordinator's state directory")
     f.add_argument("--limit", type=int, default=20, help="rounds: how many recent rounds (default 20)")
     f.set_defaults(func=cmd_fleet)
+
+    d = sub.add_parser("dashboard", help="serve the fleet page over a coordinator's state folder",
+                       description="One page: rounds, release metrics, devices, releases; refreshes itself. "
+                       "Read-only: run it beside a live coordinator.")  # fmt: skip
+    d.add_argument("--state", type=Path, required=True, help="the coordinator's state directory")
+    d.add_argument("--port", type=int, default=8080, help="port (default 8080; 0: any free one)")
+    d.add_argument("--bind", default="127.0.0.1", help="address (default 127.0.0.1)")
+    d.add_argument("--remote", action="store_true", help="allow a non-loopback --bind (the page has no login)")
+    d.set_defaults(func=cmd_dashboard)
 
     b = sub.add_parser("broker", help="write a mosquitto configuration sized for a fleet")
     b.add_argument("what", choices=("config",), help="config: print or write mosquitto.conf")

@@ -17,7 +17,6 @@ serializes calls into the ExecuTorch runtime.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import re
@@ -33,6 +32,7 @@ import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from edge_runtime.oip import OipError, decode_infer, encode_infer, model_metadata, split_body
+from edgelearn.broker import is_loopback
 
 if TYPE_CHECKING:
     from edge_runtime.agent import DeviceAgent
@@ -264,7 +264,7 @@ def start_serving(agent: DeviceAgent, host: str, port: int, allow_remote: bool =
     """Serve `agent` on host:port in a daemon thread; the agent's training then yields to requests. A
     non-loopback address needs `allow_remote` (the endpoint has no authentication: anyone who reaches it can
     query the model and add training samples). OSError if the port is taken."""
-    if not allow_remote and not _is_loopback(host):
+    if not allow_remote and not is_loopback(host):
         raise ValueError(f"--serve {host}: not a loopback address; the endpoint has no authentication "
                          "(pass --serve-remote to accept that)")  # fmt: skip
     serving = Serving(agent)
@@ -276,10 +276,3 @@ def start_serving(agent: DeviceAgent, host: str, port: int, allow_remote: bool =
     log.info("%s: serving the Open Inference Protocol on http://%s:%d/v2", agent.cfg.device_id, host,
              server.server_address[1])  # fmt: skip
     return server
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
