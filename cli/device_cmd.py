@@ -56,7 +56,8 @@ def _device_config(a: argparse.Namespace, profile: Profile) -> DeviceConfig:
                         budget=_budget(a, profile), engine=a.engine, samples=a.samples, mu=a.mu,
                         replay_size=a.replay_size, max_store_samples=a.max_store_samples,
                         public_key_path=a.public_key, min_release=a.min_release, async_interval_s=a.async_interval,
-                        async_local=LocalConfig(a.local_steps, a.local_batch_size, a.local_lr))  # fmt: skip
+                        async_local=LocalConfig(a.local_steps, a.local_batch_size, a.local_lr),
+                        personal_adapter=a.personal_adapter)  # fmt: skip
 
 
 def cmd_device(a: argparse.Namespace) -> int:
@@ -127,6 +128,8 @@ def _add_serve_options(v: argparse.ArgumentParser) -> None:
     g = v.add_argument_group("local inference endpoint (Open Inference Protocol / KServe v2 REST; docs/serving.md)")
     g.add_argument("--serve", type=_serve_address, default="127.0.0.1:8000", metavar="HOST:PORT",
                    help="where apps on this device reach the model (default 127.0.0.1:8000; off: none)")  # fmt: skip
+    g.add_argument("--personal-adapter", type=Path, default=None, metavar="FILE",
+                   help="serve global + this personal adapter (`edgelearn learn --lora-rank`; never sent)")  # fmt: skip
     g.add_argument("--serve-remote", action="store_true",
                    help="allow a non-loopback --serve address (the endpoint has no authentication)")  # fmt: skip
 

@@ -21,10 +21,17 @@ from edge_runtime.config import DeviceConfig
 from edge_runtime.ingest import Ingestor, open_source
 from edge_runtime.learner import Job, Learner
 from edge_runtime.outbox import Outbox
-from edge_runtime.release import Active, IncompleteReleaseError, ReleaseStore, load_release, public_key
+from edge_runtime.release import (
+    Active,
+    IncompleteReleaseError,
+    ReleaseStore,
+    load_release,
+    personalize,
+    public_key,
+)
 from edge_runtime.samples import SampleStore
 from edge_runtime.schedule import Scheduler, sized_steps
-from edgelearn.bundle import BundleError, pack_release
+from edgelearn.bundle import BundleError, Manifest, pack_release
 from edgelearn.mqtt import MqttLink
 from edgelearn.protocol import (
     OFFLINE,
@@ -99,7 +106,7 @@ class DeviceAgent:
             keepalive_s=cfg.keepalive_s,
             on_connected=lambda: self.events.put(("", b"connected")),
         )
-        self._restore_active()
+        self.releases.restore(self._load)  # the active release, or the previous one if it fails to load
 
     # ------------------------------------------------------------ state
 
@@ -115,33 +122,13 @@ class DeviceAgent:
             self.store.add(x[i], y[i], flush_when_full=False)
         self.store.flush({"shard": len(y)})
 
-    def _restore_active(self) -> None:
-        """Serve the active release; if it is damaged or fails to load, roll back to the previous one."""
-        v = self.releases.active_version()
-        found = self.releases.load_version(v) if v else None
-        if found:
-            try:
-                self._activate(load_release(found[1], found[0]))
-                log.info("%s: resumed release v%d", self.cfg.device_id, v)
-                return
-            except Exception as e:
-                log.error("%s: active release v%d fails to load: %s", self.cfg.device_id, v, e)
-        if v:
-            self._rollback(v)
-
-    def _rollback(self, failed: int) -> None:
-        """The active release fails: go back to the previous one if it is still installed and loads."""
-        previous = self.releases.previous_version()
-        found = self.releases.load_version(previous) if previous else None
-        if not found:
-            return
-        try:
-            self._activate(load_release(found[1], found[0]))
-        except Exception as e:
-            log.error("%s: previous release v%d fails too: %s", self.cfg.device_id, previous, e)
-            return
-        self.releases.activate(previous)
-        log.warning("%s: rolled back from v%d to v%d", self.cfg.device_id, failed, previous)
+    def _load(self, bundle_dir: Path, manifest: Manifest) -> Active:
+        """Load, smoke-test and activate an installed release, with the device's personal adapter if it has one."""
+        active = personalize(
+            load_release(bundle_dir, manifest), bundle_dir, self.cfg.personal_adapter, self.cfg.state_dir
+        )
+        self._activate(active)
+        return active
 
     def _activate(self, active: Active) -> None:
         """Serve `active` and give the learner an engine on its weights (resuming a checkpointed job)."""
@@ -240,8 +227,7 @@ class DeviceAgent:
         if manifest is None:
             return
         try:
-            active = load_release(self.releases.path(manifest.version), manifest)
-            self._activate(active)
+            self._load(self.releases.path(manifest.version), manifest)
         except Exception as e:
             log.error(
                 "%s: release v%d fails to load (%s); keeping v%d", self.cfg.device_id, manifest.version, e, self.version

@@ -33,3 +33,4 @@ class DeviceConfig:
     min_release: int = 0  # rollback floor: never install a release older than this, even with no state
     async_interval_s: float = 10.0  # asynchronous mode: least time between two queued updates
     async_local: LocalConfig = field(default_factory=LocalConfig)  # asynchronous mode: the local recipe
+    personal_adapter: Path | None = None  # `learn --lora-rank` output: inference runs global + personal

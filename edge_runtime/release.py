@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,10 +16,12 @@ from safetensors.numpy import load as st_load
 
 from edge_runtime.engines import TrainEngine, make_engine
 from edge_runtime.samples import SampleFormat
+from edgelearn import lora
 from edgelearn.atomic import write_bytes
 from edgelearn.bundle import (
     DELTA,
     INFER_PTD,
+    INFER_PTE,
     MANIFEST,
     TRAIN_PTE,
     WEIGHTS,
@@ -33,6 +36,7 @@ from edgelearn.bundle import (
 from edgelearn.datafile import DATA_LAYOUT, load_layout, patch_data
 from edgelearn.delta import DeltaError, apply_delta, delta_base
 from edgelearn.programs import InferenceProgram, bundle_program
+from edgelearn.protocol import ProtocolError, read_metadata
 from edgelearn.signing import load_public, read_signed_release
 
 log = logging.getLogger(__name__)
@@ -166,6 +170,25 @@ class ReleaseStore:
     def discard(self, version: int) -> None:
         shutil.rmtree(self.path(version), ignore_errors=True)
 
+    def restore(self, load: Callable[[Path, Manifest], Active]) -> Active | None:
+        """The active release loaded (and activated) by `load`; if it is damaged or fails, the previous one (made
+        active again); None if neither loads (logged)."""
+        v = self.active_version()
+        for candidate in (v, self.previous_version()):
+            found = self.load_version(candidate) if candidate else None
+            if not found:
+                continue
+            try:
+                active = load(found[1], found[0])
+            except Exception as e:
+                log.error("release v%d fails to load: %s", candidate, e)
+                continue
+            if candidate != v:
+                self.activate(candidate)
+                log.warning("rolled back from v%d to v%d", v, candidate)
+            return active
+        return None
+
     def load_version(self, v: int) -> tuple[Manifest, Path] | None:
         """The verified bundle of installed release `v`; None if absent or damaged (logged)."""
         if v == 0:
@@ -215,6 +238,49 @@ def load_release(bundle_dir: Path, manifest: Manifest) -> Active:
     train_pte = (bundle_dir / TRAIN_PTE).read_bytes() if TRAIN_PTE in manifest.files else None
     classes = int(out.shape[-1]) if manifest.task == "classify" else None
     return Active(manifest, infer, train_pte, weights, classes)
+
+
+def personal_program(bundle_dir: Path, active: Active, adapter_path: Path, work_dir: Path) -> InferenceProgram:
+    """`infer.pte` on the release's weights plus the device's personal adapter, W + B·A (`edgelearn learn
+    --lora-rank` writes one: B with the rank and version that define A), for a format 1.1 bundle (its data file
+    rebuilt in numpy, no lowering). ValueError names why it cannot be (another model, format 1, bad file)."""
+    m = active.manifest
+    try:
+        raw = adapter_path.read_bytes()
+        adapter, meta = st_load(raw), read_metadata(raw)
+        rank, version = int(meta["rank"]), int(meta["version"])
+    except (OSError, SafetensorError, ProtocolError, KeyError, ValueError) as e:
+        raise ValueError(f"personal adapter {adapter_path}: unreadable ({e})") from None
+    if meta.get("model_id") != m.model_id:
+        raise ValueError(f"personal adapter {adapter_path} is for {meta.get('model_id')!r}, not {m.model_id!r}")
+    if DATA_LAYOUT not in m.files:
+        raise ValueError(f"release v{m.version} keeps its weights inside infer.pte (format 1): no personal adapter")
+    shapes = {n: tuple(active.weights[n].shape) for n in m.trainable}
+    if {n: tuple(v.shape) for n, v in adapter.items()} != lora.adapter_shapes(shapes, rank):
+        raise ValueError(f"personal adapter {adapter_path} does not fit release v{m.version}'s tensors")
+    delta = lora.expand(adapter, shapes, rank, version)
+    merged = {**active.weights, **{n: active.weights[n] + delta[n] for n in lora.targets(shapes)}}
+    layout = load_layout((bundle_dir / DATA_LAYOUT).read_bytes())
+    data = work_dir / "personal-infer.ptd"
+    write_bytes(data, patch_data((bundle_dir / INFER_PTD).read_bytes(), layout, merged))
+    program = InferenceProgram((bundle_dir / INFER_PTE).read_bytes(), data)
+    if not np.isfinite(program.predict(example_batch(m)[0])).all():
+        raise ValueError("the personal program's smoke inference returned non-finite values")
+    return program
+
+
+def personalize(active: Active, bundle_dir: Path, adapter_path: Path | None, work_dir: Path) -> Active:
+    """`active` serving global + the personal adapter at `adapter_path` when there is one that fits (else as it is,
+    with a warning naming why)."""
+    if adapter_path is None or not adapter_path.exists():
+        return active
+    try:
+        active.infer = personal_program(bundle_dir, active, adapter_path, work_dir)
+    except ValueError as e:
+        log.warning("serving v%d without the personal adapter: %s", active.manifest.version, e)
+        return active
+    log.info("serving v%d with personal adapter %s", active.manifest.version, adapter_path)
+    return active
 
 
 def public_key(path: Path | None) -> Ed25519PublicKey | None:

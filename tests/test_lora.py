@@ -167,3 +167,41 @@ def test_learn_trains_a_personal_adapter_and_writes_what_inference_would_run(bun
     for n in merged:
         np.testing.assert_allclose(merged[n], w[n] + delta[n], atol=1e-5)
     assert main([*args[:-2], "--engine", "executorch", "--lora-rank", "4"]) == 2
+
+
+def test_the_device_serves_global_plus_its_personal_adapter(bundle_dir, tmp_path):
+    """A user who labels 3s as 8s and 8s as 3s: a personal adapter learned from that user's samples (never sent)
+    makes the served program answer that user's way; the release's own program does not."""
+    from cli import main
+    from edge_runtime.agent import DeviceAgent, DeviceConfig
+    from edge_runtime.budget import Budget
+    from edge_runtime.local import PERSONAL_ADAPTER
+    from edgelearn.programs import bundle_program
+    from models.digits import load_digits
+    from tests.test_device import release_with_version
+
+    d = load_digits()
+    swap = {3: 8, 8: 3}
+    theirs = np.array([swap.get(int(c), int(c)) for c in d.pool.y])
+    samples = tmp_path / "mine.jsonl"
+    samples.write_text("".join(f'{{"x": {x.tolist()}, "y": {y}}}\n' for x, y in zip(d.pool.x, theirs, strict=True)))
+    args = ["learn", "--bundle", str(bundle_dir), "--state", str(tmp_path / "learn"), "--samples", str(samples),
+            "--steps", "300", "--batch-size", "32", "--lr", "0.03", "--optimizer", "adamw",
+            "--lora-rank", "8"]  # fmt: skip
+    assert main(args) == 0
+    cfg = DeviceConfig("mqtt://127.0.0.1:1", "f", "dev1", tmp_path / "state", budget=Budget(max_rss_mb=None),
+                       personal_adapter=tmp_path / "learn" / PERSONAL_ADAPTER)  # fmt: skip
+    agent = DeviceAgent(cfg)
+    agent.on_release(release_with_version(bundle_dir, tmp_path, 1))
+    sel = np.isin(d.test.y, [3, 8])
+    x, want = d.test.x[sel], np.array([swap[int(c)] for c in d.test.y[sel]])
+
+    def acc(program) -> float:
+        return float(np.mean([int(program.predict(x[i : i + 1]).argmax()) == want[i] for i in range(len(want))]))
+
+    before, after = acc(bundle_program(bundle_dir)), acc(agent.active.infer)
+    print(f"their 3s and 8s: release {before:.3f}, release + personal adapter {after:.3f}")
+    assert before < 0.3 and after > 0.6, (before, after)  # measured here: 0.222 → 0.765
+    (tmp_path / "learn" / PERSONAL_ADAPTER).write_bytes(b"junk")  # a damaged adapter: the global model serves
+    agent.on_release(release_with_version(bundle_dir, tmp_path, 2))
+    assert agent.version == 2 and acc(agent.active.infer) == before
