@@ -116,12 +116,13 @@ def _number(kind: type, minimum: float, inclusive: bool = True):
 
 
 def _serve_address(value: str) -> tuple[str, int] | None:
-    from edge_runtime.serve import parse_serve
-
-    try:
-        return parse_serve(value)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+    """`--serve HOST:PORT` (or `off`) → (host, port) or None."""
+    if value == "off":
+        return None
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"--serve {value!r}: use HOST:PORT (e.g. 127.0.0.1:8000) or off")
+    return host.strip("[]"), int(port)
 
 
 def _add_serve_options(v: argparse.ArgumentParser) -> None:

@@ -250,16 +250,6 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("%s " + format, self.address_string(), *args)
 
 
-def parse_serve(value: str) -> tuple[str, int] | None:
-    """`--serve HOST:PORT` (or `off`) → (host, port) or None; ValueError for anything else."""
-    if value == "off":
-        return None
-    host, _, port = value.rpartition(":")
-    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"--serve {value!r}: use HOST:PORT (e.g. 127.0.0.1:8000) or off")
-    return host.strip("[]"), int(port)
-
-
 def start_serving(agent: DeviceAgent, host: str, port: int, allow_remote: bool = False) -> ThreadingHTTPServer:
     """Serve `agent` on host:port in a daemon thread; the agent's training then yields to requests. A
     non-loopback address needs `allow_remote` (the endpoint has no authentication: anyone who reaches it can
