@@ -76,7 +76,7 @@ def cmd_flash(a: argparse.Namespace) -> int:
         if tls is not None and not all(tls):
             raise FlashError("mutual TLS needs --cafile, --cert and --key together (edgelearn pki makes them)")
         settings = DeviceSettings(a.device_id, a.fleet, a.broker, a.data_path, a.public_key, tls)
-        pid = flash(a.bundle, profile, settings, a.to, a.wheels)
+        pid = flash(a.bundle, profile, settings, a.to, a.wheels, a.ssh_config, a.remote_root)
     except (FlashError, ProfileError) as e:
         print(f"edgelearn flash: error: {e}", file=sys.stderr)
         return 2
@@ -144,6 +144,9 @@ def _add_flash_parser(sub: argparse._SubParsersAction) -> None:
     )
     add_tls_options(f)
     f.add_argument("--to", required=True, help="TARGET: a folder (root file system) or user@host")
+    f.add_argument("--ssh-config", type=Path, default=None,
+                   help="user@host: an ssh_config file (port, key, known_hosts); host keys always checked")  # fmt: skip
+    f.add_argument("--remote-root", default="/", help="user@host: the root file system to install into (default /)")
     f.set_defaults(func=cmd_flash)
 
 

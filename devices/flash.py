@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -28,6 +29,7 @@ DEVICE_HOME = "/var/lib/edgelearn"
 PUBLIC_KEY = "release.pub"  # the fleet's release key inside a package; the agent reads it from current/
 SSH_TARGET = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*@[A-Za-z0-9_][A-Za-z0-9._-]*")
 REMOTE_DIR = re.compile(r"/tmp/edgelearn-package-[0-9a-f]+\.[A-Za-z0-9_]+")
+REMOTE_ROOT = re.compile(r"/[A-Za-z0-9._/-]*")
 
 
 class FlashError(ValueError):
@@ -54,17 +56,25 @@ class DeviceSettings:
 TLS_FILES = ("ca.crt", "device.crt", "device.key")  # in the package's tls/ folder
 
 
-def unit_text(s: DeviceSettings, min_release: int = 0) -> str:
-    """The systemd unit: runs the agent from /opt/edgelearn/current, restarts it on failure.
+SERVICE_USER = "edgelearn"  # the system user the agent runs as (install.sh makes it with systemd-sysusers)
 
-    The broker URL (it may hold a password) reaches the agent as EDGELEARN_BROKER from device.env, never on the
-    command line, which any local user can read in /proc/PID/cmdline. The sandbox options leave the agent what it
-    needs (its state under /var/lib/edgelearn, /sys and /proc readings for its budget) and nothing else to write.
-    """
+
+def unit_text(s: DeviceSettings, min_release: int = 0) -> str:
+    """The systemd unit: runs the agent as the unprivileged system user `edgelearn`, restarts it on failure.
+
+    The broker URL (it may hold a password) reaches the agent as EDGELEARN_BROKER from device.env (0600 root,
+    read by systemd before it drops privileges), never on the command line, which any local user can read in
+    /proc/PID/cmdline; the TLS key (0600 root) reaches it the same way, as a credential (`LoadCredential`,
+    `%d`). Sandbox: the agent may write only its state folder (`StateDirectory`, owned by its user); it keeps
+    /sys and /proc readable for its budget readings (temperature, battery, memory). Left out on purpose:
+    `MemoryDenyWriteExecute` (PyTorch and XNNPACK may generate code at run time), `PrivateNetwork` and
+    `IPAddressDeny` (it talks MQTT, and serves apps on loopback), `ProtectProc=invisible` (psutil reads
+    other processes' CPU for the budget)."""
     signed = f" \\\n  --public-key /opt/edgelearn/current/{PUBLIC_KEY}" if s.public_key else ""
     tls = "/opt/edgelearn/current/tls"
-    signed += f" \\\n  --cafile {tls}/ca.crt --cert {tls}/device.crt --key {tls}/device.key" if s.tls else ""
+    signed += f" \\\n  --cafile {tls}/ca.crt --cert {tls}/device.crt --key %d/device.key" if s.tls else ""
     signed += f" \\\n  --min-release {min_release}" if min_release else ""
+    credential = f"LoadCredential=device.key:{tls}/device.key\n" if s.tls else ""
     return f"""[Unit]
 Description=edgelearn device agent ({s.device_id})
 After=network-online.target
@@ -72,19 +82,37 @@ Wants=network-online.target
 
 [Service]
 Type=simple
+User={SERVICE_USER}
+Group={SERVICE_USER}
+StateDirectory=edgelearn
+StateDirectoryMode=0750
 EnvironmentFile=/opt/edgelearn/current/device.env
-ExecStart=/opt/edgelearn/venv/bin/edgelearn device --fleet ${{EDGELEARN_FLEET}} \\
+{credential}ExecStart=/opt/edgelearn/venv/bin/edgelearn device --fleet ${{EDGELEARN_FLEET}} \\
   --id ${{EDGELEARN_DEVICE_ID}} --state {DEVICE_HOME}/state --data ${{EDGELEARN_DATA}} \\
   --bundle /opt/edgelearn/current/bundle --profile-file /opt/edgelearn/current/profile.toml{signed}
 Restart=on-failure
 RestartSec=5
 Nice=10
 NoNewPrivileges=yes
-ProtectSystem=full
+CapabilityBoundingSet=
+AmbientCapabilities=
+ProtectSystem=strict
 ProtectHome=yes
 PrivateTmp=yes
+PrivateDevices=yes
 ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
 ProtectControlGroups=yes
+ProtectClock=yes
+ProtectHostname=yes
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
+RestrictNamespaces=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+LockPersonality=yes
+SystemCallArchitectures=native
+UMask=0077
 
 [Install]
 WantedBy=multi-user.target
@@ -257,45 +285,75 @@ def check_ssh_target(target: str) -> None:
         raise FlashError(f"--to {target!r}: expected an existing folder or user@host (letters, digits, . _ -)")
 
 
-def remote_mkdir_command(target: str, pid: str) -> list[str]:
+@dataclass(frozen=True)
+class SshTarget:
+    """`user@host`, reached with ssh's own settings (`config`: an ssh_config file, e.g. with a Host alias, port,
+    key and known_hosts). Host keys are always checked and nothing prompts: an unknown or changed host key
+    fails the flash (BatchMode, StrictHostKeyChecking=yes); add the device to known_hosts first."""
+
+    target: str
+    config: Path | None = None
+    root: str = "/"  # the root file system install.sh installs into on the device
+
+    def ssh_args(self) -> list[str]:
+        return ["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", *(["-F", str(self.config)] if self.config
+                                                                            else [])]  # fmt: skip
+
+    def ssh(self, command: str) -> list[str]:
+        return ["ssh", *self.ssh_args(), self.target, command]
+
+    def rsync(self, src: Path, remote: str) -> list[str]:
+        return ["rsync", "-a", "--delete", "-e", shlex.join(["ssh", *self.ssh_args()]), f"{src}/",
+                f"{self.target}:{remote}/"]  # fmt: skip
+
+
+def remote_mkdir_command(to: SshTarget, pid: str) -> list[str]:
     """A fresh private (0700) folder on the device for the package, named by mktemp (no guessable /tmp path)."""
-    return ["ssh", target, f"mktemp -d /tmp/edgelearn-package-{pid}.XXXXXXXX"]
+    return to.ssh(f"mktemp -d /tmp/edgelearn-package-{pid}.XXXXXXXX")
 
 
-def ssh_commands(package: Path, target: str, remote: str) -> list[list[str]]:
-    """rsync the package into `remote` on `user@host`, run its install.sh there with sudo, then delete `remote`
-    whatever install.sh returned (its exit status is kept)."""
+def ssh_commands(package: Path, to: SshTarget, remote: str) -> list[list[str]]:
+    """rsync the package into `remote` on the device, run its install.sh there (with sudo unless the login is
+    root) into `to.root`, then delete `remote` whatever install.sh returned (its exit status is kept)."""
     if not REMOTE_DIR.fullmatch(remote):
-        raise FlashError(f"unexpected remote folder {remote!r} from mktemp on {target}")
-    script = f"sudo sh {remote}/install.sh /; rc=$?; rm -rf {remote}; exit $rc"
-    return [
-        ["rsync", "-a", "--delete", f"{package}/", f"{target}:{remote}/"],
-        ["ssh", target, f"sh -c '{script}'"],
-    ]
+        raise FlashError(f"unexpected remote folder {remote!r} from mktemp on {to.target}")
+    run = f"sh {remote}/install.sh {to.root}"
+    script = f'if [ "$(id -u)" = 0 ]; then {run}; else sudo {run}; fi; rc=$?; rm -rf {remote}; exit $rc'
+    return [to.rsync(package, remote), to.ssh(f"sh -c '{script}'")]
 
 
-def flash_over_ssh(package: Path, target: str, pid: str) -> None:
-    """Install the package on `user@host`: private remote folder, rsync, install, remove the folder."""
-    check_ssh_target(target)
-    res = subprocess.run(remote_mkdir_command(target, pid), capture_output=True, text=True)
+def flash_over_ssh(package: Path, to: SshTarget, pid: str) -> None:
+    """Install the package on the device: private remote folder, rsync, install, remove the folder."""
+    check_ssh_target(to.target)
+    if not REMOTE_ROOT.fullmatch(to.root):
+        raise FlashError(f"--remote-root {to.root!r}: an absolute path of letters, digits and / . _ -")
+    res = subprocess.run(remote_mkdir_command(to, pid), capture_output=True, text=True)
     if res.returncode != 0:
-        raise FlashError(f"ssh to {target} failed; check ssh access (key, sudo): {res.stderr.strip()[-200:]!r}")
+        why = res.stderr.strip()[-300:]
+        hint = (
+            " (add the device's host key to known_hosts, after checking its fingerprint)"
+            if "host key" in why.lower()
+            else ""
+        )
+        raise FlashError(f"ssh to {to.target} failed{hint}: {why!r}")
     remote = res.stdout.strip()
-    copy, install = ssh_commands(package, target, remote)
-    if subprocess.run(copy).returncode != 0:
-        subprocess.run(["ssh", target, f"rm -rf {remote}"])
-        raise FlashError(f"rsync to {target} failed; is rsync installed on the device?")
-    if subprocess.run(install).returncode != 0:
-        raise FlashError(f"install.sh on {target} failed; check sudo rights there")
+    copy, install = ssh_commands(package, to, remote)
+    if subprocess.run(copy, capture_output=True).returncode != 0:
+        subprocess.run(to.ssh(f"rm -rf {remote}"), capture_output=True)
+        raise FlashError(f"rsync to {to.target} failed; is rsync installed on the device?")
+    if subprocess.run(install, capture_output=True).returncode != 0:
+        raise FlashError(f"install.sh on {to.target} failed; check sudo rights there")
 
 
-def flash(bundle_dir: Path, profile: Profile, settings: DeviceSettings, to: str, wheels_dir: Path | None = None) -> str:
-    """Build the package and install it into a folder, or over ssh when `to` is `user@host`; returns its id."""
+def flash(bundle_dir: Path, profile: Profile, settings: DeviceSettings, to: str, wheels_dir: Path | None = None,
+          ssh_config: Path | None = None, remote_root: str = "/") -> str:  # fmt: skip
+    """Build the package and install it into a folder, or over ssh when `to` is `user@host` (into `remote_root`
+    there); returns its id."""
     with tempfile.TemporaryDirectory(prefix="edgelearn-flash-") as tmp:
         pkg = Path(tmp) / "package"
         pid = build_package(pkg, bundle_dir, profile, settings, wheels_dir)
         if "@" in to and not Path(to).exists():
-            flash_over_ssh(pkg, to, pid)
+            flash_over_ssh(pkg, SshTarget(to, ssh_config, remote_root), pid)
         else:
             install_to_dir(pkg, Path(to))
     return pid

@@ -18,9 +18,20 @@ if [ ! -d "$BASE/packages/$ID" ]; then
   sync
   mv "$BASE/packages/.$ID.tmp" "$BASE/packages/$ID"
 fi
-# device.env holds the broker password: owner only, also in the packages that older flashes left behind
+# The agent runs as the system user edgelearn: it reads the package (world-readable), while device.env (the broker
+# password) and tls/device.key stay root's, 0600: systemd reads them for it (EnvironmentFile, LoadCredential).
+chmod -R go+rX "$BASE/packages/$ID"
 find "$BASE/packages" -mindepth 2 -maxdepth 2 -name device.env -exec chmod 600 {} +
 find "$BASE/packages" -mindepth 3 -maxdepth 3 -path '*/tls/device.key' -exec chmod 600 {} +
+# The service user, declared for systemd-sysusers (which also makes it in a mounted root, --root); else useradd.
+mkdir -p "$ROOT/usr/lib/sysusers.d" "$ROOT/etc"
+printf 'u edgelearn - "edgelearn device agent" /var/lib/edgelearn /usr/sbin/nologin\n' \
+  > "$ROOT/usr/lib/sysusers.d/edgelearn.conf"
+if command -v systemd-sysusers >/dev/null 2>&1; then
+  systemd-sysusers --root="$ROOT" edgelearn.conf
+elif [ "$ROOT" = "/" ] && ! id edgelearn >/dev/null 2>&1; then
+  useradd --system --home-dir /var/lib/edgelearn --shell /usr/sbin/nologin edgelearn
+fi
 ln -sfn "packages/$ID" "$BASE/.current.tmp"
 mv -T "$BASE/.current.tmp" "$BASE/current"
 cp "$BASE/packages/$ID/edgelearn-device.service" "$UNITS/.edgelearn-device.service.tmp"

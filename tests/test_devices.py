@@ -2,11 +2,12 @@
 
 import json
 import os
+import shutil
 
 import pytest
 
 from cli import main
-from devices.flash import DeviceSettings, FlashError, build_package, flash, ssh_commands
+from devices.flash import DeviceSettings, FlashError, SshTarget, build_package, flash, ssh_commands
 from devices.profiles import ProfileError, builtin_names, list_profiles, load_profile
 
 SETTINGS = DeviceSettings("pi-kitchen", "home", "mqtt://broker.local:1883")
@@ -68,7 +69,10 @@ def test_flash_to_a_root_folder(bundle_dir, tmp_path):
     assert load_profile(str(current / "profile.toml")) == load_profile("rpi4")
     unit = (root / "etc/systemd/system/edgelearn-device.service").read_text()
     assert "Restart=on-failure" in unit and "/opt/edgelearn/current/bundle" in unit
-    assert "NoNewPrivileges=yes" in unit and "ProtectSystem=full" in unit  # sandboxed: nothing to write outside state
+    assert "User=edgelearn" in unit and "StateDirectory=edgelearn" in unit  # least privilege: its own system user
+    assert "NoNewPrivileges=yes" in unit and "ProtectSystem=strict" in unit  # sandboxed: nothing to write outside state
+    if shutil.which("systemd-sysusers"):  # install.sh declared the user and made it in the image's /etc/passwd
+        assert "edgelearn:x:" in (root / "etc/passwd").read_text()
     wants = root / "etc/systemd/system/multi-user.target.wants/edgelearn-device.service"
     assert os.readlink(wants) == "../edgelearn-device.service"
 
@@ -120,10 +124,10 @@ def test_flash_refuses_a_tampered_bundle(bundle_dir, tmp_path):
 
 def test_ssh_target_uses_rsync_then_install(tmp_path):
     remote = "/tmp/edgelearn-package-abc.Xy12Zw9q"
-    cmds = ssh_commands(tmp_path / "pkg", "pi@raspberrypi.local", remote)
+    cmds = ssh_commands(tmp_path / "pkg", SshTarget("pi@raspberrypi.local"), remote)
     assert cmds[0][:3] == ["rsync", "-a", "--delete"] and cmds[0][-1] == f"pi@raspberrypi.local:{remote}/"
-    assert cmds[1][:2] == ["ssh", "pi@raspberrypi.local"]
-    assert cmds[1][2].startswith(f"sh -c 'sudo sh {remote}/install.sh /;")
+    assert cmds[1][0] == "ssh" and cmds[1][-2] == "pi@raspberrypi.local" and "StrictHostKeyChecking=yes" in cmds[1]
+    assert f"sudo sh {remote}/install.sh /;" in cmds[1][-1]
 
 
 def test_aarch64_lock_pins_every_distribution_the_device_agent_imports():
@@ -149,3 +153,31 @@ def test_aarch64_lock_pins_every_distribution_the_device_agent_imports():
     pinned = {norm(line.split("==")[0]) for line in lock if "==" in line and not line.startswith("#")}
     # Assert
     assert needed - pinned == set()
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_the_generated_unit_passes_systemd_analyze_verify(bundle_dir, tmp_path, tls):
+    """The unit as flashed (its /opt paths moved under the flashed root, where a stand-in executable waits) is
+    clean for `systemd-analyze verify`: no unknown key, no bad value."""
+    import subprocess
+
+    from edgelearn.pki import init_ca, issue
+
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed (Debian package systemd)")
+    settings = SETTINGS
+    if tls:
+        ca = init_ca(tmp_path / "pki", "home")
+        settings = DeviceSettings("pi-kitchen", "home", "mqtts://broker.local:8883",
+                                  tls=(ca, *issue(tmp_path / "pki", "pi-kitchen")))  # fmt: skip
+    root = tmp_path / "root"
+    flash(bundle_dir, load_profile("rpi4"), settings, str(root))
+    exe = root / "opt/edgelearn/venv/bin/edgelearn"
+    exe.parent.mkdir(parents=True)
+    exe.write_text("#!/bin/sh\n")
+    exe.chmod(0o755)
+    unit = (root / "etc/systemd/system/edgelearn-device.service").read_text()
+    moved = tmp_path / "edgelearn-device.service"
+    moved.write_text(unit.replace("/opt/edgelearn/", f"{root}/opt/edgelearn/"))
+    out = subprocess.run(["systemd-analyze", "verify", str(moved)], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout + out.stderr == "", out.stdout + out.stderr

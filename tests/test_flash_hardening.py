@@ -14,6 +14,7 @@ from cli import build_parser, main
 from devices.flash import (
     DeviceSettings,
     FlashError,
+    SshTarget,
     build_package,
     env_text,
     flash,
@@ -196,9 +197,9 @@ def test_remote_package_is_removed_after_install_whatever_install_returns(tmp_pa
     # Prepare: the remote folder as mktemp makes it, holding a package whose install.sh exits `install_rc`
     remote = Path(tempfile.mkdtemp(prefix="edgelearn-package-abc.", dir="/tmp"))
     (remote / "install.sh").write_text(f'touch "{tmp_path}/ran"; exit {install_rc}\n')
-    _, install = ssh_commands(tmp_path / "pkg", "pi@raspberrypi.local", str(remote))
+    _, install = ssh_commands(tmp_path / "pkg", SshTarget("pi@raspberrypi.local"), str(remote))
     # Execute: what ssh runs on the device (the login shell gets the command string)
-    res = subprocess.run(["sh", "-c", install[2]], env=fake_sudo(tmp_path))
+    res = subprocess.run(["sh", "-c", install[-1]], env=fake_sudo(tmp_path))
     # Assert
     assert (tmp_path / "ran").exists() and res.returncode == install_rc
     assert not remote.exists()
@@ -206,13 +207,13 @@ def test_remote_package_is_removed_after_install_whatever_install_returns(tmp_pa
 
 def test_remote_folder_is_private_and_targets_cannot_be_options(bundle_dir, tmp_path):
     # Prepare / Execute
-    mkdir = remote_mkdir_command("pi@raspberrypi.local", "abc")
+    mkdir = remote_mkdir_command(SshTarget("pi@raspberrypi.local"), "abc")
     # Assert: mktemp -d (0700, unguessable), no fixed /tmp name; option-like targets and odd folders refused
-    assert mkdir == ["ssh", "pi@raspberrypi.local", "mktemp -d /tmp/edgelearn-package-abc.XXXXXXXX"]
+    assert mkdir[-2:] == ["pi@raspberrypi.local", "mktemp -d /tmp/edgelearn-package-abc.XXXXXXXX"]
     with pytest.raises(FlashError, match="expected an existing folder or user@host"):
         flash(bundle_dir, load_profile("rpi4"), SETTINGS, f"-oProxyCommand=touch {tmp_path}/pwned@x")
     with pytest.raises(FlashError, match="unexpected remote folder"):
-        ssh_commands(tmp_path / "pkg", "pi@host", "/tmp/x; rm -rf /")
+        ssh_commands(tmp_path / "pkg", SshTarget("pi@host"), "/tmp/x; rm -rf /")
     assert not (tmp_path / "pwned").exists()
 
 
@@ -327,7 +328,9 @@ def test_flash_installs_the_devices_certificate_and_the_agent_is_started_with_it
     assert (tls / "device.crt").read_bytes() == cert.read_bytes() and stat.S_IMODE(
         (tls / "device.key").stat().st_mode
     ) == 0o600
-    assert args.cert == Path(f"/{CURRENT}/tls/device.crt") and args.key == Path(f"/{CURRENT}/tls/device.key")
+    assert args.cert == Path(f"/{CURRENT}/tls/device.crt") and args.key == Path("%d/device.key")  # a credential:
+    unit = (root / "etc/systemd/system/edgelearn-device.service").read_text()  # systemd reads the 0600 key for
+    assert f"LoadCredential=device.key:/{CURRENT}/tls/device.key" in unit  # the agent's unprivileged user
     assert args.min_release == verify_bundle(bundle_dir).version
     with pytest.raises(FlashError, match="is for 'pi-2', not device 'pi-1'"):
         build_package(tmp_path / "p2", bundle_dir, load_profile("rpi4"),
