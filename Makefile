@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast check lint typecheck venv mosquitto chromium clean qemu-deps qemu-test
+.PHONY: demo test test-fast check lint typecheck venv mosquitto test-tools clean qemu-deps qemu-test
 
 $(STAMP): pyproject.toml
 	@command -v $(PY) >/dev/null || { echo "error: $(PY) not found (Python 3.11 is required)"; exit 1; }
@@ -25,17 +25,21 @@ mosquitto:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; \
 	else echo "error: mosquitto is missing; install it (e.g. sudo apt-get install mosquitto)"; exit 1; fi
 
-# The dashboard test renders the page in a real headless Chromium; without one (not root, no apt) it is skipped.
-chromium:
-	@if command -v chromium >/dev/null; then :; \
+# Third-party parts some tests drive (Debian packages): chromium (the dashboard, headless), openssh-server and rsync
+# (flash over a real ssh). Installed when running as root with apt; elsewhere those tests are skipped, saying why.
+TEST_TOOLS := chromium:chromium sshd:openssh-server rsync:rsync
+test-tools:
+	@missing=""; for t in $(TEST_TOOLS); do cmd=$${t%%:*}; pkg=$${t#*:}; \
+		command -v $$cmd >/dev/null || test -x /usr/sbin/$$cmd || missing="$$missing $$pkg"; done; \
+	if [ -z "$$missing" ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		echo "installing chromium (Debian package)"; \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 || \
-		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
-		echo "warning: chromium could not be installed; the dashboard's browser test will be skipped"; \
-	else echo "note: no chromium and no root to install it; the dashboard's browser test will be skipped"; fi
+		echo "installing$$missing (Debian packages)"; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null 2>&1 || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; } || \
+		echo "warning: could not install$$missing; their tests will be skipped"; \
+	else echo "note: missing$$missing and no root to install them; their tests will be skipped"; fi
 
-test: $(STAMP) mosquitto chromium
+test: $(STAMP) mosquitto test-tools
 	$(BIN)/python -m pytest -q
 
 # The inner loop: everything but the tests marked slow (exports, fleets, crash and broker restarts).
