@@ -18,6 +18,7 @@ def _coordinator_config(a: argparse.Namespace, model_id: str = ""):
     from coordinator.aggregate import DpConfig
     from coordinator.config import CoordinatorConfig
     from coordinator.optim import default_server_opt
+    from coordinator.rollout import CanaryConfig
     from coordinator.selection import Eligibility
 
     return CoordinatorConfig(
@@ -47,6 +48,7 @@ def _coordinator_config(a: argparse.Namespace, model_id: str = ""):
         target_participants=a.participants,
         over_selection=a.over_selection,
         eligibility=tuple(Eligibility.parse(r) for r in a.eligible),
+        canary=CanaryConfig(a.canary, a.canary_hold, a.canary_max_loss_rise, a.canary_timeout) if a.canary else None,
     )
 
 
@@ -106,10 +108,13 @@ def cmd_coordinator(a: argparse.Namespace) -> int:
 
 
 def cmd_fleet(a: argparse.Namespace) -> int:
-    from coordinator.ops import OpsError, fleet_rounds_lines, fleet_status_lines
+    from coordinator.ops import OpsError, fleet_rollout_lines, fleet_rounds_lines, fleet_status_lines
 
     try:
-        lines = fleet_status_lines(a.state) if a.what == "status" else fleet_rounds_lines(a.state, a.limit)
+        if a.what == "rollout":
+            lines = fleet_rollout_lines(a.state, "promote" if a.promote else "abort" if a.abort else None)
+        else:
+            lines = fleet_status_lines(a.state) if a.what == "status" else fleet_rounds_lines(a.state, a.limit)
     except OpsError as e:
         print(f"edgelearn fleet: error: {e}", file=sys.stderr)
         return 2
@@ -217,6 +222,14 @@ def _add_coordinator_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--clip-norm", type=float, default=None, help="clip each update to this L2 norm")
     c.add_argument("--clip-to-median", type=float, default=3.0, metavar="K",
                    help="clip each update to K × the last round's median update norm (default 3; 0: off)")  # fmt: skip
+    g = c.add_argument_group("canary rollouts (protocol v1.3; docs/coordinator.md)")
+    g.add_argument("--canary", type=int, default=0, metavar="K",
+                   help="try each new release on K online devices first (default 0: off)")  # fmt: skip
+    g.add_argument("--canary-hold", type=float, default=30.0, help="seconds a healthy trial lasts (default 30)")
+    g.add_argument("--canary-max-loss-rise", type=float, default=0.05,
+                   help="relative rise of the canaries' loss that aborts a trial (default 0.05)")  # fmt: skip
+    g.add_argument("--canary-timeout", type=float, default=300.0,
+                   help="seconds for every canary to run the release, else abort (default 300)")  # fmt: skip
     c.add_argument("--dp-clip", type=float, default=None, help="central DP: clip norm C (enables DP)")
     c.add_argument("--dp-noise", type=float, default=1.0, help="central DP: noise multiplier σ (default 1)")
     c.add_argument("--server-opt", choices=("fedavg", "fedavgm", "fedadam"), default=None,
@@ -236,7 +249,10 @@ def _add_coordinator_parser(sub: argparse._SubParsersAction) -> None:
 
 def _add_ops_parsers(sub: argparse._SubParsersAction) -> None:
     f = sub.add_parser("fleet", help="show devices or rounds from a coordinator's state directory")
-    f.add_argument("what", choices=("status", "rounds"), help="status: devices; rounds: per-round outcomes")
+    f.add_argument("what", choices=("status", "rounds", "rollout"),
+                   help="status: devices; rounds: per-round outcomes; rollout: the release on trial")  # fmt: skip
+    f.add_argument("--promote", action="store_true", help="rollout: promote the release on trial now")
+    f.add_argument("--abort", action="store_true", help="rollout: abort the trial now (the canaries roll back)")
     f.add_argument("--state", type=Path, required=True, help="the coordinator's state directory")
     f.add_argument("--limit", type=int, default=20, help="rounds: how many recent rounds (default 20)")
     f.set_defaults(func=cmd_fleet)

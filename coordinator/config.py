@@ -7,6 +7,7 @@ from pathlib import Path
 
 from coordinator.aggregate import DpConfig
 from coordinator.optim import ServerOptConfig
+from coordinator.rollout import CanaryConfig
 from coordinator.selection import Eligibility
 from edgelearn.protocol import LocalConfig
 
@@ -38,6 +39,7 @@ class CoordinatorConfig:
     clip_to_median: float | None = 3.0  # k: clip each update to k × the previous round's median norm (None: off)
     dp: DpConfig | None = None  # central DP: clip to C, add N(0, (σC)²) to the sum
     server_opt: ServerOptConfig = field(default_factory=ServerOptConfig)
+    canary: CanaryConfig | None = None  # sync mode: each new release is tried on a few devices first
     keep_releases: int = 5
     metrics_port: int | None = None  # Prometheus text format on this port
     metrics_addr: str = "127.0.0.1"

@@ -7,6 +7,7 @@ import logging
 import time
 from pathlib import Path
 
+from coordinator.rollout import COMMAND_KEY, HISTORY_KEY, ROLLOUT_KEY, Trial
 from coordinator.rounds import Rebuild, Rounds
 from coordinator.state import StateLayout
 from coordinator.store import Store
@@ -83,4 +84,34 @@ def fleet_rounds_lines(state_dir: Path, limit: int = 20) -> list[str]:
             f"{'any' if invited is None else len(invited):>7} {r['n_updates']:>8} {r['duplicates']:>4} "
             f"{r['seconds'] if r['seconds'] is None else round(r['seconds'], 1)!s:>8}  {r['rejected']}  {r['metrics']}"
         )
+    return lines
+
+
+def fleet_rollout_lines(state_dir: Path, command: str | None = None) -> list[str]:
+    """Where the last canary trial stands (and its canaries' health); `command` (promote | abort) is left for the
+    running coordinator, which acts on it at its next tick."""
+    store = open_store(state_dir)
+    try:
+        saved = store.get(ROLLOUT_KEY)
+        if not saved:
+            return ["no canary trial yet (edgelearn coordinator --canary K)"]
+        trial = Trial.from_json(saved)
+        if command and trial.state != "canary":
+            raise OpsError(f"no trial is open (release v{trial.version} was {trial.state}): nothing to {command}")
+        if command:
+            store.set_meta({COMMAND_KEY: command})
+        devices = {d["device_id"]: d["status"] for d in store.devices()}
+        history = [Trial.from_json(json.dumps(t)) for t in json.loads(store.get(HISTORY_KEY) or "[]")]
+    finally:
+        store.close()
+    lines = [f"release v{trial.version} {trial.state} (stable v{trial.stable}), started {_age(trial.started_unix_s)}"
+             + (f": {trial.reason}" if trial.reason else "")]  # fmt: skip
+    for d in trial.canary:
+        lines.append(f"  canary {d:<20} {json.dumps((devices.get(d) or {}).get('health'), sort_keys=True)}")
+    if command:
+        lines.append(f"{command}: the running coordinator acts on it within a tick")
+    lines += ["earlier trials:"] * bool(history)
+    for t in reversed(history):
+        fleet = f"; on every online device {t.fleet_s:.1f} s after its trial began" if t.fleet_s is not None else ""
+        lines.append(f"  v{t.version} {t.state}: {t.reason}{fleet}")
     return lines

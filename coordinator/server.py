@@ -11,15 +11,37 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 from coordinator.config import CoordinatorConfig
 from coordinator.metrics import Metrics
+from coordinator.rollout import (
+    COMMAND_KEY,
+    HISTORY_KEY,
+    ROLLOUT_KEY,
+    CanaryConfig,
+    Trial,
+    choose_canaries,
+    fleet_caught_up,
+    judge,
+    with_history,
+)
 from coordinator.rounds import Rebuild, Rounds, RoundSummary
 from coordinator.selection import eligible, may_open, over_selected, select, top_up
 from coordinator.state import StateLayout, StateLockedError
 from edgelearn.bundle import release_archives
 from edgelearn.mqtt import MqttLink
-from edgelearn.protocol import NAME_RE, OFFLINE, Ack, ProtocolError, RoundMsg, Topics, decode_status, encode_status
+from edgelearn.protocol import (
+    NAME_RE,
+    OFFLINE,
+    Ack,
+    ProtocolError,
+    RolloutMsg,
+    RoundMsg,
+    Topics,
+    decode_status,
+    encode_status,
+)
 
 __all__ = ["Coordinator", "CoordinatorConfig", "RoundSummary", "StateLockedError"]
 
@@ -55,6 +77,10 @@ class Coordinator:
         self.waiting: int | None = None  # eligible devices online when the wait was last reported
         self.connected_at: float | None = None
         self.rounds_done = 0
+        saved = self.rounds.store.get(ROLLOUT_KEY)
+        self.trial = Trial.from_json(saved) if saved else None  # an open canary trial (protocol v1.3)
+        self.trial = self.trial if self.trial and self.trial.state == "canary" else None
+        self.promoted: Trial | None = None  # promoted, until every online device runs it
         self.events: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self.link = MqttLink(
             cfg.broker_url,
@@ -74,18 +100,24 @@ class Coordinator:
         return RoundMsg(e.round, e.version, e.deadline, self.cfg.min_updates, invited, self.cfg.local)
 
     def publish_all(self) -> None:
-        """(Re)publish coordinator status, the current release and (sync mode) the current round, retained."""
+        """(Re)publish coordinator status, the current release and (sync mode) the current round, retained; while
+        a release is on trial, the fleet's release stays the stable one and no round opens."""
         e = self.rounds
         self.publish_status()
-        release = e.release_dir(e.version)  # v1's full archive first, so a v1.2 device sent there finds it
-        full, lean = release_archives(release)
+        stable = self.trial.stable if self.trial else e.version
+        full, lean = release_archives(e.release_dir(stable))  # v1's full archive first, for a v1.2 device sent there
         self.link.publish(self.topics.model_latest, full, retain=True)
         self.link.publish(self.topics.model_lean, lean, retain=True)
+        if self.trial is not None:
+            self.publish_trial(self.trial)
+            return
         self.publish_round()
 
     def publish_status(self, **extra: object) -> None:
-        """The retained coordinator status; `waiting` says why no round is open yet."""
+        """The retained coordinator status; `waiting` says why no round is open yet, `trial` what is on trial."""
         e = self.rounds
+        if self.trial is not None:
+            extra["trial"] = {"version": self.trial.version, "stable": self.trial.stable, "canary": self.trial.canary}
         status = encode_status("online", version=e.version, round=e.round, mode=self.cfg.mode, **extra)
         self.link.publish(self.topics.coordinator_status, status, retain=True)
 
@@ -161,6 +193,7 @@ class Coordinator:
         if seen:
             self.rounds.store.see_devices(seen)
             self.top_up_round()
+            self.note_fleet_caught_up()
         self.metrics.devices_online.set(sum(s.get("state") != "offline" for s in self.statuses.values()))
 
     def on_messages(self, messages: list[tuple[str, bytes]]) -> None:
@@ -201,6 +234,7 @@ class Coordinator:
 
     def close_round(self) -> None:
         t0 = time.perf_counter()
+        stable = self.rounds.version
         summary = self.rounds.close()
         self.metrics.aggregation_seconds.observe(time.perf_counter() - t0)
         self.metrics.rounds.inc()
@@ -209,13 +243,75 @@ class Coordinator:
         self.rounds_done += 1
         if self.cfg.target_participants is not None:  # the next round opens once its quorum is online (tick)
             self.selected, self.participants, self.select_from = False, None, time.monotonic()
+        self.start_trial(stable)
         self.publish_all()
         if self.on_round:
             self.on_round(summary)
 
+    # ------------------------------------------------------------ canary trials (protocol v1.3, coordinator/rollout.py)
+
+    def start_trial(self, stable: int) -> None:
+        """After a close: the new release goes to a few online devices first, if canaries are configured."""
+        c, v = self.cfg.canary, self.rounds.version
+        if c is None or self.cfg.mode != "sync":
+            return
+        canary = choose_canaries(self.statuses, v, c.devices)
+        if not canary:
+            log.warning("release v%d: no device online to try it on: released to the fleet", v)
+            return
+        self.save_trial(Trial(v, stable, canary, time.time()))
+        log.info("release v%d on trial on %s; the fleet keeps v%d", v, ", ".join(canary), stable)
+
+    def save_trial(self, trial: Trial) -> None:
+        store = self.rounds.store
+        self.trial = trial if trial.state == "canary" else None
+        self.promoted = trial if trial.state == "promoted" and trial.fleet_s is None else None
+        history = with_history(store.get(HISTORY_KEY), trial) if trial.state != "canary" else store.get(HISTORY_KEY)
+        store.set_meta({ROLLOUT_KEY: trial.to_json(), COMMAND_KEY: "", HISTORY_KEY: history or "[]"})
+
+    def note_fleet_caught_up(self) -> None:
+        """Once every online device runs the promoted release: how long after its trial began (logged, kept)."""
+        p = self.promoted
+        if p is None or not fleet_caught_up(self.statuses, p.version):
+            return
+        done = replace(p, fleet_s=round(time.time() - p.started_unix_s, 2))
+        log.info("release v%d runs on every online device %.1f s after its trial began", p.version, done.fleet_s)
+        self.save_trial(done)
+
+    def publish_trial(self, trial: Trial) -> None:
+        """The signed trial message, and the release on trial (cleared once the trial ended), both retained."""
+        topic = self.topics.rollout_current
+        msg = RolloutMsg(trial.version, trial.stable, trial.canary, trial.state).encode()
+        self.link.publish(topic, self.sign(msg, topic), retain=True)
+        on_trial = release_archives(self.rounds.release_dir(trial.version), (False,))[0] if self.trial else b""
+        self.link.publish(self.topics.model_canary, on_trial, retain=True)  # b"": deletes the retained one
+
+    def tick_trial(self, trial: Trial, canary: CanaryConfig) -> None:
+        """Promote or abort the trial when `rollout.judge` (or an operator's command) says so."""
+        command = self.rounds.store.get(COMMAND_KEY) or ""
+        if command in ("promote", "abort"):
+            verdict, reason = command, "by hand (edgelearn fleet rollout)"
+        else:
+            verdict, reason = judge(trial, self.statuses, time.time(), canary)
+        if verdict == "wait":
+            return
+        if verdict == "abort":
+            self.rounds.roll_back(trial.stable)  # v+1 carries the stable weights: the canaries are back on them
+            self.metrics.version.set(self.rounds.version)
+        ended = replace(trial, state="promoted" if verdict == "promote" else "aborted", reason=reason,
+                        ended_unix_s=time.time())  # fmt: skip
+        self.save_trial(ended)
+        (log.info if verdict == "promote" else log.warning)("release v%d %s: %s", trial.version, ended.state, reason)
+        self.publish_trial(ended)
+        self.publish_all()
+
     def tick(self) -> None:
-        """Deadline handling (sync): close with ≥ min_updates, else re-select and re-announce."""
+        """Deadline handling (sync): close with ≥ min_updates, else re-select and re-announce; while a release
+        is on trial, only the trial's verdict."""
         e = self.rounds
+        if self.trial is not None and self.cfg.canary is not None:
+            self.tick_trial(self.trial, self.cfg.canary)
+            return
         if self.connected_at is not None and self.ready():  # enough updates (also when restarted mid-close)
             self.close_round()
             return

@@ -95,6 +95,11 @@ class Store:
         row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
         return row[0] if row else default
 
+    def set_meta(self, values: dict[str, object]) -> None:
+        """Write meta keys in one transaction (e.g. the rollout, or an operator's command for it)."""
+        with self.db:
+            self._set(values)
+
     def _set(self, values: dict[str, object]) -> None:
         self.db.executemany(
             "INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",

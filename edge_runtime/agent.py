@@ -17,6 +17,7 @@ from typing import Protocol
 import numpy as np
 
 from edge_runtime.budget import PAUSE, Governor, PsutilSource, ReadingSource
+from edge_runtime.canary import HELD_OUT, CanaryWatch, Health, compare_losses
 from edge_runtime.config import DeviceConfig
 from edge_runtime.ingest import Ingestor, open_source
 from edge_runtime.learner import Job, Learner
@@ -37,6 +38,7 @@ from edgelearn.protocol import (
     OFFLINE,
     Ack,
     ProtocolError,
+    RolloutMsg,
     RoundMsg,
     Topics,
     decode_status,
@@ -90,12 +92,15 @@ class DeviceAgent:
         self.serving: Endpoint | None = None  # the local inference endpoint, when `start_serving` runs one
         self.lock = threading.Lock()  # the store and learner: the agent's loop vs the endpoint's feedback
         self.steps_total = self.pauses_total = 0
+        self.canary, self.health = CanaryWatch(cfg.device_id), Health()  # releases on trial (protocol v1.3)
         self.events: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self.link = MqttLink(
             cfg.broker_url,
             self.topics.client_id(cfg.device_id),
             [
                 self.topics.model_lean,
+                self.topics.model_canary,
+                self.topics.rollout_current,
                 self.topics.rounds_current,
                 self.topics.coordinator_status,
                 self.topics.device(cfg.device_id, "ack"),
@@ -127,7 +132,12 @@ class DeviceAgent:
         active = personalize(
             load_release(bundle_dir, manifest), bundle_dir, self.cfg.personal_adapter, self.cfg.state_dir
         )
+        recent = self.store.read(max(0, self.store.next_seq - HELD_OUT), HELD_OUT)
+        old = self.active.infer if self.active else None
+        x, y = (recent[0], recent[1]) if recent else (np.zeros((0,)), np.zeros((0,)))
+        loss = compare_losses(old, self.version, active.infer, manifest.version, x, y, manifest.task)
         self._activate(active)
+        self.health.activated(manifest.version, loss)
         return active
 
     def _activate(self, active: Active) -> None:
@@ -171,6 +181,7 @@ class DeviceAgent:
             "outbox": len(self.outbox.pending),
             "outbox_full": self.outbox.full,
             **({"serving": self.serving.summary()} if self.serving else {}),
+            "health": self.health.fields(),
             "ts": round(time.time(), 3),
         }
 
@@ -195,6 +206,11 @@ class DeviceAgent:
         elif topic == self.topics.model_latest:  # the full archive, asked for after a lean one it could not complete
             self.link.unsubscribe(self.topics.model_latest)
             self.on_release(payload)
+        elif topic == self.topics.model_canary:
+            self.canary.archive = payload or None
+            self._try_canary()
+        elif topic == self.topics.rollout_current:
+            self.on_rollout(payload)
         elif topic == self.topics.rounds_current:
             self.on_round(payload)
         elif topic == self.topics.device(self.cfg.device_id, "ack"):
@@ -233,12 +249,35 @@ class DeviceAgent:
                 "%s: release v%d fails to load (%s); keeping v%d", self.cfg.device_id, manifest.version, e, self.version
             )
             self.releases.discard(manifest.version)
+            self.health.failed_to_load(manifest.version, e)
+            self.publish_status(self._state())
             return
         self.releases.activate(manifest.version)
         self.activation_s = time.monotonic() - t0
         log.info("%s: activated release v%d in %.3fs", self.cfg.device_id, manifest.version, self.activation_s)
         self.publish_status(self._state())
         self.start_next_job()
+
+    def on_rollout(self, payload: bytes) -> None:
+        """A (signed) trial: install the release on trial if this device is one of its canaries."""
+        if payload and not self.signed_by_coordinator(payload, self.topics.rollout_current, "rollout"):
+            return
+        try:
+            self.canary.rollout = RolloutMsg.decode(payload) if payload else None
+        except ProtocolError as e:
+            log.warning("%s: rollout ignored: %s", self.cfg.device_id, e)
+            return
+        self._try_canary()
+
+    def _try_canary(self) -> None:
+        archive, trial = self.canary.due(self.version), self.canary.rollout
+        if archive is None or trial is None:
+            return
+        log.info("%s: canary of release v%d", self.cfg.device_id, trial.version)
+        self.on_release(archive)
+        if self.version != trial.version and self.health.failed.get("release") != trial.version:
+            self.health.failed_to_load(trial.version, "refused (see the device's log)")
+            self.publish_status(self._state())
 
     def seed(self, bundle_dir: Path) -> None:
         """Install a local bundle (e.g. the one flashed with the device) as if it came from the broker."""

@@ -80,6 +80,16 @@ class Topics:
         return f"{self.prefix}/model/lean"
 
     @property
+    def model_canary(self) -> str:
+        """v1.3: the full archive of a release on trial, installed only by the devices `rollout_current` names."""
+        return f"{self.prefix}/model/canary"
+
+    @property
+    def rollout_current(self) -> str:
+        """v1.3: which devices try which release before the fleet gets it (`RolloutMsg`; signed in signed fleets)."""
+        return f"{self.prefix}/rollout/current"
+
+    @property
     def rounds_current(self) -> str:
         return f"{self.prefix}/rounds/current"
 
@@ -251,6 +261,36 @@ class LocalConfig:
 
 
 DEFAULT_LOCAL = LocalConfig()  # the one place for the default local recipe
+
+
+@dataclass(frozen=True)
+class RolloutMsg:
+    """v1.3, retained on `P/rollout/current`: release `version` is on trial on the `canary` devices (the others
+    keep `stable`); `state` canary | promoted | aborted."""
+
+    version: int
+    stable: int
+    canary: tuple[str, ...]
+    state: str = "canary"
+
+    def encode(self) -> bytes:
+        return json.dumps({"version": self.version, "stable": self.stable, "canary": list(self.canary),
+                           "state": self.state}).encode()  # fmt: skip
+
+    @classmethod
+    def decode(cls, payload: bytes) -> RolloutMsg:
+        """ProtocolError("bad_rollout") names what is wrong."""
+        d = _parse_json(payload, "rollout")
+        canary = d.get("canary")
+        if not isinstance(canary, list) or not all(isinstance(c, str) and NAME_RE.match(c) for c in canary):
+            raise ProtocolError("bad_rollout", "canary is not a list of device ids")
+        if d.get("state") not in ("canary", "promoted", "aborted"):
+            raise ProtocolError("bad_rollout", f"state {str(d.get('state'))[:16]!r}")
+        try:
+            return cls(_json_int(d, "version", 1), _json_int(d, "stable", 0), tuple(canary), d["state"])
+        except (KeyError, ValueError) as e:
+            raise ProtocolError("bad_rollout", str(e)) from None
+
 
 _NO_DEFAULT = object()
 

@@ -1,0 +1,87 @@
+"""Canary rollouts on the device (protocol v1.3): which release on trial to install, and the health it reports.
+
+The coordinator publishes a release on trial on `P/model/canary` and, signed, `P/rollout/current` naming the
+devices that try it. `CanaryWatch` keeps the latest of each (both retained, in any order) and says when this
+device should install the archive: it is named, the trial is open and the archive is that version. The others
+keep the stable release from `P/model/lean`; an old (v1.2) device never subscribes and behaves the same.
+
+`Health` is what the device's status carries for the coordinator's verdict, bounded in size: the active
+release, the last release that failed to load (and why), and the loss of the new and the previous release on
+the same recent samples of the device's own store, measured when the new one is activated.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edgelearn.bundle import BundleError, read_lean_release
+from edgelearn.programs import InferenceProgram
+from edgelearn.protocol import RolloutMsg
+
+log = logging.getLogger(__name__)
+HELD_OUT = 64  # recent samples scored by both releases at an activation
+MAX_ERROR_CHARS = 200
+
+
+class CanaryWatch:
+    def __init__(self, device_id: str) -> None:
+        self.device_id = device_id
+        self.archive: bytes | None = None
+        self.rollout: RolloutMsg | None = None
+
+    def due(self, active_version: int) -> bytes | None:
+        """The archive to install now, if this device is a canary of an open trial newer than what it runs."""
+        r, archive = self.rollout, self.archive
+        if r is None or archive is None or r.state != "canary" or self.device_id not in r.canary:
+            return None
+        if r.version <= active_version:
+            return None
+        try:
+            version = read_lean_release(archive)[0].version
+        except BundleError as e:
+            log.warning("canary archive unreadable: %s", e)
+            return None
+        return archive if version == r.version else None
+
+
+def mean_loss(program: InferenceProgram, x: np.ndarray, y: np.ndarray, task: str) -> float:
+    """Mean cross-entropy −log softmax(f(x))[y] over the rows (a language model: the label of the last position)."""
+    losses = []
+    for i in range(len(x)):
+        logits = program.predict(x[i : i + 1])[0].astype(np.float64)
+        label = int(y[i][-1]) if task == "lm" else int(y[i])
+        z = logits - logits.max()
+        losses.append(float(np.log(np.exp(z).sum()) - z[label]))
+    return round(float(np.mean(losses)), 5) if losses else float("nan")
+
+
+@dataclass
+class Health:
+    release: int = 0
+    failed: dict = field(default_factory=dict)  # {"release": v, "error": "..."} of the last one that failed
+    loss: dict = field(default_factory=dict)  # {"release": v, "value": L, "previous": v0, "previous_value": L0, "n": k}
+
+    def fields(self) -> dict:
+        return {"release": self.release, "failed": self.failed or None, "loss": self.loss or None}
+
+    def activated(self, version: int, loss: dict | None) -> None:
+        self.release = version
+        if loss:
+            self.loss = loss
+
+    def failed_to_load(self, version: int, error: object) -> None:
+        self.failed = {"release": version, "error": str(error)[:MAX_ERROR_CHARS]}
+
+
+def compare_losses(
+    old: InferenceProgram | None, old_version: int, new: InferenceProgram, new_version: int,
+    x: np.ndarray, y: np.ndarray, task: str,
+) -> dict | None:  # fmt: skip
+    """The health's loss entry: both releases on the same recent samples (None without samples or an old one)."""
+    if old is None or len(x) == 0:
+        return None
+    return {"release": new_version, "value": mean_loss(new, x, y, task), "previous": old_version,
+            "previous_value": mean_loss(old, x, y, task), "n": len(x)}  # fmt: skip
