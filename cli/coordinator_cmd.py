@@ -48,7 +48,16 @@ def _coordinator_config(a: argparse.Namespace, model_id: str = ""):
         target_participants=a.participants,
         over_selection=a.over_selection,
         eligibility=tuple(Eligibility.parse(r) for r in a.eligible),
-        canary=CanaryConfig(a.canary, a.canary_hold, a.canary_max_loss_rise, a.canary_timeout) if a.canary else None,
+        canary=CanaryConfig(
+            max(1, a.canary),
+            a.canary_hold,
+            a.canary_max_loss_rise,
+            a.canary_timeout,
+            a.canary_share,
+            tuple(a.canary_devices),
+        )
+        if a.canary or a.canary_share or a.canary_devices
+        else None,
     )
 
 
@@ -225,6 +234,10 @@ def _add_coordinator_parser(sub: argparse._SubParsersAction) -> None:
     g = c.add_argument_group("canary rollouts (protocol v1.3; docs/coordinator.md)")
     g.add_argument("--canary", type=int, default=0, metavar="K",
                    help="try each new release on K online devices first (default 0: off)")  # fmt: skip
+    g.add_argument("--canary-share", type=float, default=0.0, metavar="F",
+                   help="or this share of the online devices, if more (e.g. 0.1)")  # fmt: skip
+    g.add_argument("--canary-device", dest="canary_devices", action="append", default=[], metavar="ID",
+                   help="a device to try releases on first (repeatable: e.g. each board type)")  # fmt: skip
     g.add_argument("--canary-hold", type=float, default=30.0, help="seconds a healthy trial lasts (default 30)")
     g.add_argument("--canary-max-loss-rise", type=float, default=0.05,
                    help="relative rise of the canaries' loss that aborts a trial (default 0.05)")  # fmt: skip

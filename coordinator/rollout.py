@@ -2,7 +2,8 @@
 stay healthy; otherwise the coordinator rolls them back. The rules are pure functions of the devices' statuses.
 
 A trial of release v (the stable release being v0) ends:
-- **abort** as soon as a canary reports that v failed to load (its smoke test, a bad program), or when the mean
+- **abort** as soon as a canary reports that v failed to load (its smoke test, a bad program), that its agent
+  started `max_restarts` times since the trial began (a crash loop), or when the mean
   relative rise of the canaries' loss on their own recent samples, (L_v − L_v0) / L_v0, exceeds
   `max_loss_rise`, or when not every canary runs v after `timeout_s`;
 - **promote** once every canary runs v and `hold_s` passed.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass
 
 ROLLOUT_KEY = "rollout"  # store meta: the current trial as JSON
@@ -28,10 +30,15 @@ class CanaryConfig:
     hold_s: float = 30.0  # a healthy trial lasts this long before promotion
     max_loss_rise: float = 0.05  # relative rise of the canaries' mean loss that aborts
     timeout_s: float = 300.0  # canaries that do not all run the release by then abort it
+    share: float = 0.0  # or this share of the online devices (the larger of the two counts)
+    ids: tuple[str, ...] = ()  # these devices first, when online (then others up to the count)
+    max_restarts: int = 3  # a canary's agent starting this often during a trial is a crash loop: abort
 
     def __post_init__(self) -> None:
         if self.devices < 1 or self.hold_s < 0 or self.max_loss_rise < 0 or self.timeout_s <= self.hold_s:
             raise ValueError("canary: devices ≥ 1, hold_s ≥ 0, max_loss_rise ≥ 0 and timeout_s > hold_s")
+        if not 0 <= self.share <= 1 or self.max_restarts < 1:
+            raise ValueError("canary: share in [0, 1] and max_restarts ≥ 1")
 
 
 @dataclass(frozen=True)
@@ -66,10 +73,13 @@ def fleet_caught_up(statuses: dict[str, dict], version: int) -> bool:
     return bool(online) and all(isinstance(s.get("version"), int) and s["version"] >= version for s in online)
 
 
-def choose_canaries(statuses: dict[str, dict], version: int, k: int) -> tuple[str, ...]:
-    """k online devices, spread by a hash of (device, version) so that trials do not always burden the same ones."""
+def choose_canaries(statuses: dict[str, dict], version: int, cfg: CanaryConfig) -> tuple[str, ...]:
+    """max(devices, ⌈share · online⌉) online devices: the named ones first, then others spread by a hash of
+    (device, version) so that trials do not always burden the same ones."""
     online = [d for d, s in statuses.items() if s.get("state") not in (None, "offline")]
-    return tuple(sorted(online, key=lambda d: hashlib.sha256(f"{d}|{version}".encode()).hexdigest())[:k])
+    k = max(cfg.devices, math.ceil(cfg.share * len(online)), sum(d in cfg.ids for d in online))
+    spread = sorted(online, key=lambda d: (d not in cfg.ids, hashlib.sha256(f"{d}|{version}".encode()).hexdigest()))
+    return tuple(spread[:k])
 
 
 def loss_rise(health: dict, version: int) -> float | None:
@@ -87,6 +97,10 @@ def judge(trial: Trial, statuses: dict[str, dict], now_unix_s: float, cfg: Canar
         failed = h.get("failed") or {}
         if failed.get("release") == trial.version:
             return "abort", f"{d}: release v{trial.version} failed to load: {failed.get('error', '')}"[:300]
+    for d, h in healths.items():
+        starts = [t for t in h.get("starts") or [] if isinstance(t, int | float) and t >= trial.started_unix_s]
+        if len(starts) >= cfg.max_restarts:
+            return "abort", f"{d}: the agent started {len(starts)} times during the trial (a crash loop)"
     running = [d for d, h in healths.items() if h.get("release") == trial.version]
     rises = [r for d in running if (r := loss_rise(healths[d], trial.version)) is not None]
     if rises and sum(rises) / len(rises) > cfg.max_loss_rise:

@@ -255,7 +255,7 @@ class Coordinator:
         c, v = self.cfg.canary, self.rounds.version
         if c is None or self.cfg.mode != "sync":
             return
-        canary = choose_canaries(self.statuses, v, c.devices)
+        canary = choose_canaries(self.statuses, v, c)
         if not canary:
             log.warning("release v%d: no device online to try it on: released to the fleet", v)
             return

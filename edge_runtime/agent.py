@@ -17,7 +17,7 @@ from typing import Protocol
 import numpy as np
 
 from edge_runtime.budget import PAUSE, Governor, PsutilSource, ReadingSource
-from edge_runtime.canary import HELD_OUT, CanaryWatch, Health, compare_losses
+from edge_runtime.canary import HELD_OUT, CanaryWatch, Health, compare_losses, record_start
 from edge_runtime.config import DeviceConfig
 from edge_runtime.ingest import Ingestor, open_source
 from edge_runtime.learner import Job, Learner
@@ -92,7 +92,8 @@ class DeviceAgent:
         self.serving: Endpoint | None = None  # the local inference endpoint, when `start_serving` runs one
         self.lock = threading.Lock()  # the store and learner: the agent's loop vs the endpoint's feedback
         self.steps_total = self.pauses_total = 0
-        self.canary, self.health = CanaryWatch(cfg.device_id), Health()  # releases on trial (protocol v1.3)
+        self.canary = CanaryWatch(cfg.device_id)  # releases on trial (protocol v1.3)
+        self.health = Health(record_start(cfg.state_dir, time.time()))
         self.events: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self.link = MqttLink(
             cfg.broker_url,

@@ -5,18 +5,22 @@ devices that try it. `CanaryWatch` keeps the latest of each (both retained, in a
 device should install the archive: it is named, the trial is open and the archive is that version. The others
 keep the stable release from `P/model/lean`; an old (v1.2) device never subscribes and behaves the same.
 
-`Health` is what the device's status carries for the coordinator's verdict, bounded in size: the active
-release, the last release that failed to load (and why), and the loss of the new and the previous release on
-the same recent samples of the device's own store, measured when the new one is activated.
+`Health` is what the device's status carries for the coordinator's verdict, bounded in size: the agent's last
+few start times (a crash loop shows as several within a trial), the active release, the last release that failed
+to load (and why), and the loss of the new and the previous release on the same recent samples of the device's
+own store, measured when the new one is activated.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
+from edgelearn.atomic import write_bytes
 from edgelearn.bundle import BundleError, read_lean_release
 from edgelearn.programs import InferenceProgram
 from edgelearn.protocol import RolloutMsg
@@ -58,14 +62,32 @@ def mean_loss(program: InferenceProgram, x: np.ndarray, y: np.ndarray, task: str
     return round(float(np.mean(losses)), 5) if losses else float("nan")
 
 
+STARTS_FILE, STARTS_KEPT = "starts.json", 5
+
+
+def record_start(state_dir: Path, now_unix_s: float) -> list[float]:
+    """This start appended to the last STARTS_KEPT starts of the agent (a file in its state folder; a crash loop
+    shows as several within a canary trial)."""
+    path = state_dir / STARTS_FILE
+    try:
+        starts = [float(t) for t in json.loads(path.read_bytes())][-(STARTS_KEPT - 1) :]
+    except (FileNotFoundError, ValueError, TypeError):
+        starts = []
+    starts.append(round(now_unix_s, 3))
+    write_bytes(path, json.dumps(starts).encode())
+    return starts
+
+
 @dataclass
 class Health:
+    starts: list[float] = field(default_factory=list)  # the agent's recent starts (unix s)
     release: int = 0
     failed: dict = field(default_factory=dict)  # {"release": v, "error": "..."} of the last one that failed
     loss: dict = field(default_factory=dict)  # {"release": v, "value": L, "previous": v0, "previous_value": L0, "n": k}
 
     def fields(self) -> dict:
-        return {"release": self.release, "failed": self.failed or None, "loss": self.loss or None}
+        return {"release": self.release, "failed": self.failed or None, "loss": self.loss or None,
+                "starts": self.starts}  # fmt: skip
 
     def activated(self, version: int, loss: dict | None) -> None:
         self.release = version

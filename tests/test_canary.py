@@ -15,7 +15,7 @@ import pytest
 from coordinator.config import CoordinatorConfig
 from coordinator.ops import fleet_rollout_lines
 from coordinator.release import release_builder
-from coordinator.rollout import CanaryConfig, Trial, judge
+from coordinator.rollout import CanaryConfig, Trial, choose_canaries, judge
 from coordinator.server import Coordinator
 from edge_runtime.agent import DeviceAgent, DeviceConfig
 from edge_runtime.budget import Budget
@@ -119,3 +119,13 @@ def test_the_verdict_rules():
     verdict, why = judge(t, {"a": {"health": {"release": 4, "failed": {"release": 5, "error": "boom"}}}}, 100.5, CANARY)
     assert verdict == "abort" and "a: release v5 failed to load: boom" in why
     assert judge(t, {"a": {"health": healthy}}, 161.0, CANARY) == ("abort", "1 of 2 canaries run v5 after 61 s")
+    looping = {**healthy, "starts": [90.0, 101.0, 102.0, 103.0]}  # three starts since the trial began
+    assert judge(t, {"a": {"health": looping}, "b": {"health": healthy}}, 104.0, CANARY)[1].startswith("a: the agent")
+
+
+def test_canaries_are_the_named_devices_first_then_a_share_of_the_online_ones():
+    online = {f"d{k}": {"state": "idle"} for k in range(20)} | {"off": {"state": "offline"}}
+    assert choose_canaries(online, 3, CanaryConfig(devices=2, ids=("d7", "off")))[:1] == ("d7",)
+    assert len(choose_canaries(online, 3, CanaryConfig(devices=1, share=0.25))) == 5
+    assert choose_canaries(online, 3, CANARY) != choose_canaries(online, 4, CANARY)  # trials spread the load
+    assert "off" not in choose_canaries(online, 3, CanaryConfig(devices=30))
