@@ -31,15 +31,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results"
 
+from lm_learning import local_job  # noqa: E402  (the same device arithmetic as the char-lm bench)
+
 from coordinator.optim import ServerOptConfig, make_server_opt  # noqa: E402
 from coordinator.strategies import WeightedMean  # noqa: E402
 from devices.simulate.data import device_shards  # noqa: E402
 from devices.simulate.run import LOCAL_DEFAULTS  # noqa: E402
 from edge_runtime.engines import EagerEngine  # noqa: E402
-from edge_runtime.optim import LocalOptimizer, clip_grads_  # noqa: E402
+from edge_runtime.optim import LocalOptimizer  # noqa: E402
 from edgelearn.bundle import load_weights  # noqa: E402
 from edgelearn.protocol import LocalConfig, Update  # noqa: E402
-from edgelearn.schedule import lr_at  # noqa: E402
 from models.digits import load_digits  # noqa: E402
 
 RECIPES = {  # name: (local recipe, server optimizer)
@@ -61,20 +62,6 @@ def accuracy(w: dict, x: np.ndarray, y: np.ndarray) -> float:
     with torch.no_grad():
         logits = engine.step_module.net(torch.from_numpy(x))
     return round(float((logits.argmax(1).numpy() == y).mean()), 4)
-
-
-def local_job(engine: EagerEngine, x: np.ndarray, y: np.ndarray, recipe: LocalConfig, rng: np.random.Generator,
-              opt: LocalOptimizer | None = None) -> int:  # fmt: skip
-    """`recipe.steps` steps of Learner.step's arithmetic on random rows; returns the distinct rows used."""
-    opt, drawn = opt or LocalOptimizer(recipe.optimizer, engine.params), []
-    for t in range(recipe.steps):
-        idx = rng.integers(0, len(y), min(recipe.batch_size, len(y)))
-        drawn.append(idx)
-        _, grads = engine.loss_and_grads(x[idx], y[idx])
-        clip_grads_(grads, recipe.clip_norm)
-        opt.step(engine.params, grads, engine.anchor, lr_at(t, recipe.steps, recipe.lr, recipe.warmup_steps,
-                                                            recipe.schedule))  # fmt: skip
-    return len(np.unique(np.concatenate(drawn)))
 
 
 def run(w1: dict, shards: list, test: tuple, rounds: int, recipe: LocalConfig, server: ServerOptConfig) -> dict:

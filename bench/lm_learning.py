@@ -127,7 +127,7 @@ def local_job(engine: TrainEngine, x: np.ndarray, y: np.ndarray, recipe: LocalCo
     opt = opt or LocalOptimizer(recipe.optimizer, engine.params)
     drawn = []
     for t in range(recipe.steps):
-        idx = rng.integers(0, len(y), recipe.batch_size)
+        idx = rng.integers(0, len(y), min(recipe.batch_size, len(y)))
         drawn.append(idx)
         _, grads = engine.loss_and_grads(x[idx], y[idx])
         clip_grads_(grads, recipe.clip_norm)
