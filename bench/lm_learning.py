@@ -147,7 +147,7 @@ def device_update(engine: EagerEngine, w: dict, data: tuple, recipe: LocalConfig
     seconds, theta = time.perf_counter() - t0, trained.state()
     sent = 4 * sum(v.size for v in theta.values())
     if recipe.lora_rank:
-        return n, lora.expand(theta, {m: v.shape for m, v in w.items()}, recipe.lora_rank, version), sent, seconds
+        return n, lora.expand(theta, {m: v.shape for m, v in w.items()}, version), sent, seconds
     return n, {m: theta[m] - w[m] for m in theta}, sent, seconds
 
 

@@ -30,7 +30,7 @@ from coordinator.spool import Spool
 from coordinator.state import StateLayout
 from coordinator.store import AcceptedRow, Store
 from coordinator.strategies import make_strategy
-from coordinator.validate import Rules, Verdict, check_update
+from coordinator.validate import Rules, Verdict, check_update, full_update
 from coordinator.views import fp32_data_view
 from edgelearn.atomic import write_bytes
 from edgelearn.bundle import Manifest, dump_weights, load_weights, utc_now, verify_bundle
@@ -133,7 +133,7 @@ class Rounds:
         rows = self.store.accepted(self.round)
         for row in rows:
             payload = self.spool.read(self.round, row.spool_offset, row.spool_bytes)
-            self._fold(decode_update(payload), row, payload)
+            self._fold(full_update(decode_update(payload), self.shapes), row, payload)
         self.spool.truncate(self.round, max((r.spool_offset + r.spool_bytes for r in rows), default=0))
         if rows:
             log.info("round %d: recovered %d accepted updates from the spool", self.round, len(rows))

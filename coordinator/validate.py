@@ -104,6 +104,14 @@ def max_payload_bytes(shapes: dict[str, tuple[int, ...]]) -> int:
     return sum(4 * int(np.prod(s, dtype=np.int64)) for s in shapes.values()) + HEADER_SLACK_BYTES
 
 
+def full_update(u: Update, shapes: dict[str, tuple[int, ...]]) -> Update:
+    """The full update an accepted update means: an adapter update (v1.3) expanded to ΔW = B·A, any other as
+    it is. Acceptance and the re-fold after a restart (which reads the payloads as they were sent) both use it."""
+    if not lora.is_adapter_update(list(u.deltas)):
+        return u
+    return replace(u, deltas=lora.expand(u.deltas, shapes, u.base_version))
+
+
 def check_update(
     topic_device_id: str, payload: bytes, rules: Rules, accepted_ids: Container[tuple[str, str]]
 ) -> Verdict:
@@ -138,7 +146,7 @@ def check_update(
         reason = check_names(u, adapter_rules) or check_shapes(u, adapter_rules)
         if reason:
             return Verdict("rejected", u.update_id, reason)
-        u = replace(u, deltas=lora.expand(u.deltas, rules.shapes, rules.lora_rank, u.base_version))
+        u = full_update(u, rules.shapes)
     for check in (check_names, check_shapes):
         reason = check(u, rules)
         if reason:

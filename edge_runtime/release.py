@@ -258,7 +258,7 @@ def personal_program(bundle_dir: Path, active: Active, adapter_path: Path, work_
     shapes = {n: tuple(active.weights[n].shape) for n in m.trainable}
     if {n: tuple(v.shape) for n, v in adapter.items()} != lora.adapter_shapes(shapes, rank):
         raise ValueError(f"personal adapter {adapter_path} does not fit release v{m.version}'s tensors")
-    delta = lora.expand(adapter, shapes, rank, version)
+    delta = lora.expand(adapter, shapes, version)
     merged = {**active.weights, **{n: active.weights[n] + delta[n] for n in lora.targets(shapes)}}
     layout = load_layout((bundle_dir / DATA_LAYOUT).read_bytes())
     data = work_dir / "personal-infer.ptd"

@@ -50,16 +50,15 @@ def projection(name: str, in_features: int, rank: int, version: int) -> np.ndarr
     return ((2.0 * u - 1.0) * bound).astype(np.float32).reshape(rank, in_features)
 
 
-def expand(
-    adapters: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]], rank: int, version: int
-) -> dict[str, np.ndarray]:
-    """The full update an adapter update means: ΔW_t = B_t · A_t for each target, 0 for every other tensor.
+def expand(adapters: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]], version: int) -> dict[str, np.ndarray]:
+    """The full update an adapter update means: ΔW_t = B_t · A_t for each target, 0 for every other tensor; the
+    rank r is the adapters' own (B_t is rows × r).
 
-    `adapters` must hold exactly `adapter_shapes(shapes, rank)` (the caller validated names and shapes)."""
+    `adapters` must hold exactly `adapter_shapes(shapes, r)` (the caller validated names and shapes)."""
     out = {n: np.zeros(s, np.float32) for n, s in shapes.items() if len(s) != 2}
     for t in targets(shapes):
-        a = projection(t, shapes[t][1], rank, version)
-        out[t] = np.asarray(adapters[t + SUFFIX], np.float32) @ a
+        b = np.asarray(adapters[t + SUFFIX], np.float32)
+        out[t] = b @ projection(t, shapes[t][1], b.shape[1], version)
     return out
 
 

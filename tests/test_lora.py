@@ -38,7 +38,7 @@ def test_projection_is_deterministic_and_scaled_to_variance_one_over_r():
 def test_adapters_cover_the_2d_tensors_and_expand_to_b_times_a():
     assert lora.adapter_shapes(SHAPES, 2) == {"emb.weight.lora_b": (7, 2), "fc.weight.lora_b": (6, 2)}
     b = _adapters(2)
-    full = lora.expand(b, SHAPES, 2, version=5)
+    full = lora.expand(b, SHAPES, version=5)
     np.testing.assert_allclose(full["fc.weight"], b["fc.weight.lora_b"] @ lora.projection("fc.weight", 5, 2, 5))
     assert not full["fc.bias"].any() and full["emb.weight"].shape == (7, 3)
     with pytest.raises(ValueError, match="LoRA rank"):
@@ -49,10 +49,10 @@ def test_fedavg_over_adapters_is_exact():
     """Σ (n_k/n) B_k·A = (Σ (n_k/n) B_k)·A: the release is the FedAvg of the full updates the adapters mean."""
     ns = [3, 10, 7]
     bs = [_adapters(3, seed=k) for k in range(len(ns))]
-    ups = [Update(f"u{k}", f"d{k}", "m", 1, ns[k], lora.expand(b, SHAPES, 3, 1), 1) for k, b in enumerate(bs)]
+    ups = [Update(f"u{k}", f"d{k}", "m", 1, ns[k], lora.expand(b, SHAPES, 1), 1) for k, b in enumerate(bs)]
     folded = WeightedMean().aggregate(ups, version=1, rnd=1)
     mean_b = {n: sum(k * b[n] for k, b in zip(ns, bs, strict=True)) / sum(ns) for n in bs[0]}
-    for name, want in lora.expand(mean_b, SHAPES, 3, 1).items():
+    for name, want in lora.expand(mean_b, SHAPES, 1).items():
         np.testing.assert_allclose(folded[name], want, rtol=1e-5, atol=1e-6)
 
 
@@ -68,10 +68,10 @@ def test_coordinator_accepts_adapters_of_the_rounds_rank_and_folds_their_expansi
     b = _adapters(2, fill=0.1)
     v = check_update("d1", _payload(b), _rules(2), set())
     assert v.status == "accepted" and v.update is not None
-    np.testing.assert_allclose(v.update.deltas["fc.weight"], lora.expand(b, SHAPES, 2, 4)["fc.weight"])
+    np.testing.assert_allclose(v.update.deltas["fc.weight"], lora.expand(b, SHAPES, 4)["fc.weight"])
     late = check_update("d1", _payload(b, base_version=3, round=1), _rules(2), set())  # a late update: its own A
     assert late.update is not None
-    np.testing.assert_allclose(late.update.deltas["fc.weight"], lora.expand(b, SHAPES, 2, 3)["fc.weight"])
+    np.testing.assert_allclose(late.update.deltas["fc.weight"], lora.expand(b, SHAPES, 3)["fc.weight"])
     full = {n: np.zeros(s, np.float32) for n, s in SHAPES.items()}
     assert check_update("d1", _payload(full), _rules(2), set()).status == "accepted"  # a v1.2 device's update
     assert check_update("d1", _payload(b), _rules(3), set()).reason == "bad_shape:emb.weight.lora_b"
@@ -111,7 +111,7 @@ def test_adapter_training_lowers_the_loss_and_leaves_the_release_weights_alone()
     assert set(state) == {t + ".lora_b" for t in lora.targets({n: v.shape for n, v in w.items()})}
     np.testing.assert_array_equal(inner.state()["head.weight"], w["head.weight"])  # frozen
     merged = eng.merged()  # the adapters' meaning, as the coordinator computes it
-    want = lora.expand(state, {n: v.shape for n, v in w.items()}, 4, 2)
+    want = lora.expand(state, {n: v.shape for n, v in w.items()}, 2)
     np.testing.assert_allclose(merged["head.weight"] - w["head.weight"], want["head.weight"], atol=1e-5)
 
 
@@ -163,7 +163,7 @@ def test_learn_trains_a_personal_adapter_and_writes_what_inference_would_run(bun
     meta = read_metadata((state / PERSONAL_ADAPTER).read_bytes())
     assert meta["rank"] == "4" and meta["version"] == str(m.version) and all(n.endswith(".lora_b") for n in adapter)
     shapes = {n: w[n].shape for n in m.trainable}
-    merged, delta = load_file(state / LOCAL_WEIGHTS), lora.expand(adapter, shapes, 4, m.version)
+    merged, delta = load_file(state / LOCAL_WEIGHTS), lora.expand(adapter, shapes, m.version)
     assert set(merged) == set(lora.targets(shapes)) and any(np.abs(delta[n]).max() > 0 for n in merged)
     for n in merged:
         np.testing.assert_allclose(merged[n], w[n] + delta[n], atol=1e-5)
@@ -206,3 +206,32 @@ def test_the_device_serves_global_plus_its_personal_adapter(bundle_dir, tmp_path
     (tmp_path / "learn" / PERSONAL_ADAPTER).write_bytes(b"junk")  # a damaged adapter: the global model serves
     agent.on_release(release_with_version(bundle_dir, tmp_path, 2))
     assert agent.version == 2 and acc(agent.active.infer) == before
+
+
+def test_a_restart_mid_round_refolds_adapter_updates_to_the_same_release(bundle_dir, tmp_path):
+    """The spool keeps the adapter payloads as sent: a restarted coordinator expands them again on re-fold."""
+    from coordinator.rounds import Rounds
+    from edgelearn.bundle import load_weights
+    from tests.test_coordinator_rounds import make_cfg, weights_only_rebuild
+
+    def adapter_payloads(e: Rounds) -> list[bytes]:
+        shapes = lora.adapter_shapes(e.shapes, 4)
+        rng = np.random.default_rng(0)
+        return [encode_update(Update(f"u{k}", f"d{k}", e.manifest.model_id, e.version, 10 * (k + 1),
+                                     {n: rng.normal(0, 0.01, s).astype(np.float32) for n, s in shapes.items()},
+                                     e.round)) for k in range(3)]  # fmt: skip
+
+    cfg = {"local": LocalConfig(lora_rank=4)}
+    whole = Rounds(make_cfg(bundle_dir, tmp_path / "a", **cfg), weights_only_rebuild)
+    payloads = adapter_payloads(whole)
+    assert [whole.handle(f"d{k}", p).status for k, p in enumerate(payloads)] == ["accepted"] * 3
+    whole.close()
+    cut = Rounds(make_cfg(bundle_dir, tmp_path / "b", **cfg), weights_only_rebuild)
+    for k, p in enumerate(payloads[:2]):
+        cut.handle(f"d{k}", p)
+    cut.store.close()  # "kill -9" after two accepted updates
+    again = Rounds(make_cfg(bundle_dir, tmp_path / "b", **cfg), weights_only_rebuild)
+    assert again.count == 2 and again.handle("d2", payloads[2]).status == "accepted"
+    again.close()
+    for name, w in load_weights(whole.release_dir(2)).items():
+        np.testing.assert_array_equal(load_weights(again.release_dir(2))[name], w)
