@@ -76,9 +76,8 @@ class EagerEngine:
             p.requires_grad_(n in names)
         self.step_module = TrainStep(net)
         self._all = dict(net.named_parameters())
-        self.trainable = {n: p for n, p in self._all.items() if n in names}
-        self._params = self.trainable
-        self.params: list[torch.Tensor] = list(self._params.values())
+        self.trainable = {n: p for n, p in self._all.items() if n in names}  # by name (LoraEngine reads them)
+        self.params: list[torch.Tensor] = list(self.trainable.values())
         self.anchor: list[torch.Tensor] = []
         self.load(weights)
 
@@ -88,18 +87,18 @@ class EagerEngine:
             for n, p in self._all.items():
                 if n in weights:
                     p.copy_(torch.from_numpy(np.asarray(weights[n], dtype=np.float32)))
-                elif n in self._params:
+                elif n in self.trainable:
                     raise ValueError(f"weights lack trainable parameter {n!r}")
         self.anchor = [p.detach().clone() for p in self.params]
 
     def load_trainable(self, weights: dict[str, np.ndarray]) -> None:
         """θ ← weights for the trainable parameters only; the anchor θ_global stays."""
         with torch.no_grad():
-            for n, p in self._params.items():
+            for n, p in self.trainable.items():
                 p.copy_(torch.from_numpy(np.asarray(weights[n], dtype=np.float32)))
 
     def state(self) -> dict[str, np.ndarray]:
-        return {n: p.detach().numpy().copy() for n, p in self._params.items()}
+        return {n: p.detach().numpy().copy() for n, p in self.trainable.items()}
 
     def loss_and_grads(self, x: np.ndarray, y: np.ndarray) -> tuple[float, list[torch.Tensor]]:
         """ℓ(θ; x, y) and ∇ℓ for the trainable parameters, in `params` order."""

@@ -6,8 +6,7 @@ import numpy as np
 import torch
 
 from edgelearn.et_import import runtime_modules
-
-WRAPPER_PREFIX = "net."  # models.registry.TrainStep holds the model as `net`
+from models.registry import WRAPPED  # the training program's parameter names: TrainStep holds the model as `net`
 
 
 class TrainProgram:
@@ -56,7 +55,7 @@ class TrainProgram:
 
 
 def _strip(name: str) -> str:
-    return name[len(WRAPPER_PREFIX) :] if name.startswith(WRAPPER_PREFIX) else name
+    return name[len(WRAPPED) :] if name.startswith(WRAPPED) else name
 
 
 def _tensors(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
