@@ -136,7 +136,7 @@ class DeviceAgent:
         recent = self.store.read(max(0, self.store.next_seq - HELD_OUT), HELD_OUT)
         old = self.active.infer if self.active else None
         x, y = (recent[0], recent[1]) if recent else (np.zeros((0,)), np.zeros((0,)))
-        loss = compare_losses(old, self.version, active.infer, manifest.version, x, y, manifest.task)
+        loss = compare_losses(old, self.version, active.infer, manifest.version, x, y)
         self._activate(active)
         self.health.activated(manifest.version, loss)
         return active

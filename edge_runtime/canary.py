@@ -24,6 +24,7 @@ from edgelearn.atomic import write_bytes
 from edgelearn.bundle import BundleError, read_lean_release
 from edgelearn.programs import InferenceProgram
 from edgelearn.protocol import RolloutMsg
+from models.quality import cross_entropy, program_logits
 
 log = logging.getLogger(__name__)
 HELD_OUT = 64  # recent samples scored by both releases at an activation
@@ -51,15 +52,9 @@ class CanaryWatch:
         return archive if version == r.version else None
 
 
-def mean_loss(program: InferenceProgram, x: np.ndarray, y: np.ndarray, task: str) -> float:
-    """Mean cross-entropy −log softmax(f(x))[y] over the rows (a language model: the label of the last position)."""
-    losses = []
-    for i in range(len(x)):
-        logits = program.predict(x[i : i + 1])[0].astype(np.float64)
-        label = int(y[i][-1]) if task == "lm" else int(y[i])
-        z = logits - logits.max()
-        losses.append(float(np.log(np.exp(z).sum()) - z[label]))
-    return round(float(np.mean(losses)), 5) if losses else float("nan")
+def mean_loss(program: InferenceProgram, x: np.ndarray, y: np.ndarray) -> float:
+    """The program's mean cross-entropy on the rows (a language model: on the label of the last position)."""
+    return round(cross_entropy(program_logits(program, x).astype(np.float64), y), 5)
 
 
 STARTS_FILE, STARTS_KEPT = "starts.json", 5
@@ -100,10 +95,10 @@ class Health:
 
 def compare_losses(
     old: InferenceProgram | None, old_version: int, new: InferenceProgram, new_version: int,
-    x: np.ndarray, y: np.ndarray, task: str,
+    x: np.ndarray, y: np.ndarray,
 ) -> dict | None:  # fmt: skip
     """The health's loss entry: both releases on the same recent samples (None without samples or an old one)."""
     if old is None or len(x) == 0:
         return None
-    return {"release": new_version, "value": mean_loss(new, x, y, task), "previous": old_version,
-            "previous_value": mean_loss(old, x, y, task), "n": len(x)}  # fmt: skip
+    return {"release": new_version, "value": mean_loss(new, x, y), "previous": old_version,
+            "previous_value": mean_loss(old, x, y), "n": len(x)}  # fmt: skip

@@ -33,6 +33,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 from edge_runtime.oip import OipError, decode_infer, encode_infer, model_metadata, split_body
 from edgelearn.broker import is_loopback
+from models.quality import program_logits
 
 if TYPE_CHECKING:
     from edge_runtime.agent import DeviceAgent
@@ -149,11 +150,8 @@ class Serving:
 
     def _run(self, active: Active, x: np.ndarray) -> np.ndarray:
         """Logits of each row, one program call per row (the program's batch is its exported one)."""
-        rows = []
         with self._run_lock:
-            for i in range(len(x)):
-                rows.append(active.infer.predict(x[i : i + 1])[0])
-        return np.stack(rows)
+            return program_logits(active.infer, x)
 
     def _infer(self, active: Active, headers: dict[str, str], body: bytes) -> Response:
         obj, tail = split_body(body, headers.get("inference-header-content-length"))

@@ -24,12 +24,17 @@ def top1(logits: np.ndarray, y: np.ndarray) -> float:
     return float((logits.argmax(axis=1) == y).mean()) if len(y) else 0.0
 
 
-def perplexity(logits: np.ndarray, y: np.ndarray) -> float:
-    """exp(mean_i −log softmax(logits_i)[y_i]): the exponential of the mean next-token cross-entropy."""
+def cross_entropy(logits: np.ndarray, y: np.ndarray) -> float:
+    """mean_i −log softmax(logits_i)[y_i] (nats), in the logits' dtype."""
     y = last_target(y)
     z = logits - logits.max(axis=1, keepdims=True)
     log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-    return float(np.exp(-log_p[np.arange(len(y)), y].mean()))
+    return float(-log_p[np.arange(len(y)), y].mean())
+
+
+def perplexity(logits: np.ndarray, y: np.ndarray) -> float:
+    """exp(cross_entropy): the exponential of the mean next-token cross-entropy."""
+    return float(np.exp(cross_entropy(logits, y)))
 
 
 def quality(logits: np.ndarray, y: np.ndarray, task: str) -> dict[str, float]:
