@@ -21,6 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from coordinator.state import StateLayout
+from coordinator.store import Store
 
 log = logging.getLogger(__name__)
 REFRESH_S = 3
@@ -29,36 +30,30 @@ STALE_S = 120  # a device not heard from for this long is shown as silent
 
 
 def read_snapshot(state_dir: Path) -> dict:
-    """What the page shows, from a read-only connection: FileNotFoundError if there is no coordinator state."""
+    """What the page shows, through a read-only `Store`: FileNotFoundError if there is no coordinator state."""
     db_path = StateLayout(state_dir).sqlite
     if not db_path.exists():
         raise FileNotFoundError(f"{state_dir}: no state.sqlite (not a coordinator state folder)")
-    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    store = Store(db_path, read_only=True)
     try:
-        meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
-        cur = db.execute("SELECT round, base_version, opened, closed, version_out, accepted, rejected, duplicates, "
-                         "metrics, seconds FROM rounds ORDER BY round DESC LIMIT ?", (ROUNDS_SHOWN,))  # fmt: skip
-        cols = [c[0] for c in cur.description]
-        rounds = [dict(zip(cols, r, strict=True)) for r in cur.fetchall()][::-1]
-        devices = db.execute("SELECT device_id, state, version, last_seen, status FROM devices ORDER BY device_id")
-        device_rows = [_device(*row) for row in devices.fetchall()]
-        releases = db.execute("SELECT version, created, note FROM releases ORDER BY version DESC LIMIT 20").fetchall()
+        version, rnd = store.get("version"), store.get("round")
+        rounds, devices, releases = store.rounds(ROUNDS_SHOWN), store.devices(), store.releases()[-20:][::-1]
     finally:
-        db.close()
+        store.close()
     for r in rounds:
         r["rejected"], r["metrics"] = json.loads(r["rejected"] or "{}"), json.loads(r["metrics"] or "{}")
     return {
-        "state_dir": str(state_dir), "version": int(meta.get("version") or 0), "round": int(meta.get("round") or 0),
-        "rounds": rounds, "devices": device_rows, "now": time.time(),
+        "state_dir": str(state_dir), "version": int(version or 0), "round": int(rnd or 0), "rounds": rounds,
+        "devices": [_device(d) for d in devices], "now": time.time(),
         "releases": [{"version": v, "created": c, "note": n} for v, c, n in releases],
     }  # fmt: skip
 
 
-def _device(device_id: str, state: str, version: int | None, last_seen: float, status_json: str) -> dict:
-    status = json.loads(status_json or "{}")
+def _device(d: dict) -> dict:
+    status = d["status"]
     decision = (status.get("budget") or {}).get("decision") or {}
     job = status.get("job") or {}
-    return {"device_id": device_id, "state": state, "version": version, "last_seen": last_seen,
+    return {"device_id": d["device_id"], "state": d["state"], "version": d["version"], "last_seen": d["last_seen"],
             "budget": decision.get("action", "-"), "reasons": decision.get("reasons", []),
             "last_round": status.get("round"), "job": f"{job.get('steps_done')}/{job.get('steps')}" if job else "-",
             "outbox": status.get("outbox", 0)}  # fmt: skip

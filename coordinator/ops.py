@@ -101,7 +101,7 @@ def fleet_rollout_lines(state_dir: Path, command: str | None = None) -> list[str
         if command:
             store.set_meta({COMMAND_KEY: command})
         devices = {d["device_id"]: d["status"] for d in store.devices()}
-        history = [Trial.from_json(json.dumps(t)) for t in json.loads(store.get(HISTORY_KEY) or "[]")]
+        history = [Trial.from_dict(t) for t in json.loads(store.get(HISTORY_KEY) or "[]")]
     finally:
         store.close()
     lines = [f"release v{trial.version} {trial.state} (stable v{trial.stable}), started {_age(trial.started_unix_s)}"

@@ -57,7 +57,10 @@ class Trial:
 
     @classmethod
     def from_json(cls, text: str) -> Trial:
-        d = json.loads(text)
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Trial:
         return cls(**{**d, "canary": tuple(d["canary"])})
 
 

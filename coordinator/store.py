@@ -77,13 +77,17 @@ def _migrate(db: sqlite3.Connection) -> None:
 class Store:
     """One SQLite file; every method is one transaction."""
 
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.executescript(SCHEMA)
-        _migrate(self.db)
+    def __init__(self, path: Path, read_only: bool = False) -> None:
+        """`read_only`: a reader beside the running coordinator (the dashboard): no schema, no writes."""
+        if read_only:
+            self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.executescript(SCHEMA)
+            _migrate(self.db)
         self.accepted_ids = _AcceptedIds(self.db)
 
     def close(self) -> None:
