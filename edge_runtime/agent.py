@@ -133,13 +133,17 @@ class DeviceAgent:
         active = personalize(
             load_release(bundle_dir, manifest), bundle_dir, self.cfg.personal_adapter, self.cfg.state_dir
         )
-        recent = self.store.read(max(0, self.store.next_seq - HELD_OUT), HELD_OUT)
-        old = self.active.infer if self.active else None
-        x, y = (recent[0], recent[1]) if recent else (np.zeros((0,)), np.zeros((0,)))
-        loss = compare_losses(old, self.version, active.infer, manifest.version, x, y)
+        loss = self._trial_loss(active) if self.canary.trying(manifest.version) else None
         self._activate(active)
         self.health.activated(manifest.version, loss)
         return active
+
+    def _trial_loss(self, new: Active) -> dict | None:
+        """A canary's loss entry: the release on trial and the one it replaces on the device's recent samples."""
+        recent = self.store.read(max(0, self.store.next_seq - HELD_OUT), HELD_OUT)
+        if recent is None or self.active is None:
+            return None
+        return compare_losses(self.active.infer, self.version, new.infer, new.manifest.version, recent[0], recent[1])
 
     def _activate(self, active: Active) -> None:
         """Serve `active` and give the learner an engine on its weights (resuming a checkpointed job)."""

@@ -8,7 +8,7 @@ keep the stable release from `P/model/lean`; an old (v1.2) device never subscrib
 `Health` is what the device's status carries for the coordinator's verdict, bounded in size: the agent's last
 few start times (a crash loop shows as several within a trial), the active release, the last release that failed
 to load (and why), and the loss of the new and the previous release on the same recent samples of the device's
-own store, measured when the new one is activated.
+own store, measured when a canary activates the release on trial (others skip it: activation stays cheap).
 """
 
 from __future__ import annotations
@@ -37,12 +37,15 @@ class CanaryWatch:
         self.archive: bytes | None = None
         self.rollout: RolloutMsg | None = None
 
+    def trying(self, version: int) -> bool:
+        """Whether this device is a canary of an open trial of `version` (then it scores it at activation)."""
+        r = self.rollout
+        return r is not None and r.state == "canary" and r.version == version and self.device_id in r.canary
+
     def due(self, active_version: int) -> bytes | None:
         """The archive to install now, if this device is a canary of an open trial newer than what it runs."""
         r, archive = self.rollout, self.archive
-        if r is None or archive is None or r.state != "canary" or self.device_id not in r.canary:
-            return None
-        if r.version <= active_version:
+        if r is None or archive is None or not self.trying(r.version) or r.version <= active_version:
             return None
         try:
             version = read_lean_release(archive)[0].version
@@ -94,11 +97,9 @@ class Health:
 
 
 def compare_losses(
-    old: InferenceProgram | None, old_version: int, new: InferenceProgram, new_version: int,
+    old: InferenceProgram, old_version: int, new: InferenceProgram, new_version: int,
     x: np.ndarray, y: np.ndarray,
-) -> dict | None:  # fmt: skip
-    """The health's loss entry: both releases on the same recent samples (None without samples or an old one)."""
-    if old is None or len(x) == 0:
-        return None
+) -> dict:  # fmt: skip
+    """The health's loss entry: both releases on the same recent samples."""
     return {"release": new_version, "value": mean_loss(new, x, y), "previous": old_version,
             "previous_value": mean_loss(old, x, y), "n": len(x)}  # fmt: skip
