@@ -83,7 +83,8 @@ COORDINATOR_USER = "coordinator"  # the broker account of a fleet's coordinator 
 def fleet_acl(fleet: str, root: str = "edgelearn", coordinator_user: str = COORDINATOR_USER) -> str:
     """A mosquitto ACL for one fleet, from the protocol's topic table (edgelearn/protocol.py: Topics): the
     coordinator's account reads and writes `P/#`; a device's account, named by its device id, writes only its
-    own update and status and reads the releases, the round, the coordinator's status and its own acks."""
+    own update and status and reads the releases (with a release on trial and its trial message, v1.3), the round,
+    the coordinator's status and its own acks."""
     t = Topics(fleet, root)
     own = t.device("ACCOUNT", "update").rsplit("/", 1)[0].replace("ACCOUNT", "%u")
     return "\n".join([
@@ -94,7 +95,8 @@ def fleet_acl(fleet: str, root: str = "edgelearn", coordinator_user: str = COORD
         f"pattern write {own}/update",
         f"pattern write {own}/status",
         f"pattern read {own}/ack",
-        *[f"pattern read {topic}" for topic in (t.model_latest, t.model_lean, t.rounds_current, t.coordinator_status)],
+        *[f"pattern read {topic}" for topic in (t.model_latest, t.model_lean, t.model_canary, t.rollout_current,
+                                                t.rounds_current, t.coordinator_status)],
         "",
     ])  # fmt: skip
 

@@ -73,8 +73,9 @@ def test_a_device_cannot_take_the_coordinators_session_or_write_where_it_may_not
     t = Topics("f")
     coord, to_coord = link(guarded, "coordinator", t.client_id(), [t.all_devices("update")])
     dev2, to_dev2 = link(
-        guarded, "dev2", t.client_id("dev2"), [t.model_latest, t.rounds_current, t.device("dev2", "ack")]
-    )
+        guarded, "dev2", t.client_id("dev2"),
+        [t.model_latest, t.model_canary, t.rollout_current, t.rounds_current, t.device("dev2", "ack")],
+    )  # fmt: skip
     wrong = MqttLink(f"mqtt://dev1:{ACCOUNTS['dev2']}@127.0.0.1:{guarded.port}", "dev1", [], lambda t, p: None)
     assert not wrong.start(wait_s=3)  # the generated passwd file: another account's password does not open dev1
     wrong.stop()
@@ -89,9 +90,16 @@ def test_a_device_cannot_take_the_coordinators_session_or_write_where_it_may_not
         evil.publish(t.model_latest, b"forged release", retain=True)
         evil.publish(t.device("dev2", "ack"), b"forged ack")
         evil.publish(t.rounds_current, b"forged round 10^9", retain=True)
+        evil.publish(t.rollout_current, b"forged trial", retain=True)
+        evil.publish(t.model_canary, b"forged release on trial", retain=True)
         assert received(to_coord) == [(t.device("dev1", "update"), b"own")]
         assert received(to_dev2, 0.5) == []
         assert coord.connected.is_set()
+        # Reads: a device gets what the coordinator publishes for it, the canary trial's topics included (v1.3)
+        for topic in (t.rollout_current, t.model_canary):
+            coord.publish(topic, b"from the coordinator")
+        assert sorted(received(to_dev2)) == [(t.model_canary, b"from the coordinator"),
+                                             (t.rollout_current, b"from the coordinator")]  # fmt: skip
     finally:
         for c in (coord, dev2):
             c.stop()
