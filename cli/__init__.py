@@ -1,6 +1,6 @@
 """`edgelearn` command line. One module per side of the data flow adds its subcommands:
 
-export_cmd (export, data) → device_cmd (device, learn) → coordinator_cmd (coordinator, fleet, broker),
+export_cmd (export, data) → device_cmd (device, learn) → coordinator_cmd (coordinator, fleet, broker), relay_cmd,
 tools_cmd (keys, profiles, flash, demo) and simulate_cmd (simulate).
 
 The command modules import the stages (and so torch and ExecuTorch) inside the command that needs them:
@@ -16,7 +16,7 @@ import logging
 import sys
 import warnings
 
-from cli import coordinator_cmd, device_cmd, export_cmd, simulate_cmd, tools_cmd
+from cli import coordinator_cmd, device_cmd, export_cmd, relay_cmd, simulate_cmd, tools_cmd
 from cli.device_cmd import _budget  # noqa: F401  (tests build budgets the way the CLI does)
 
 
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for m in (export_cmd, coordinator_cmd, device_cmd, tools_cmd, simulate_cmd):
+    for m in (export_cmd, coordinator_cmd, relay_cmd, device_cmd, tools_cmd, simulate_cmd):
         m.add_parsers(sub)
     return p
 

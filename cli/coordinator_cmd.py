@@ -8,7 +8,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cli.common import add_recipe_options, add_tls_options, broker_url, fleet_name, recipe, stop_on_signals, with_tls
+from cli.common import (
+    add_recipe_options,
+    add_tls_options,
+    broker_url,
+    device_id,
+    fleet_name,
+    recipe,
+    stop_on_signals,
+    with_tls,
+)
 from edgelearn.broker import is_loopback as is_loopback_host
 from edgelearn.protocol import DEFAULT_LOCAL
 
@@ -151,7 +160,7 @@ def cmd_dashboard(a: argparse.Namespace) -> int:
 
 
 def cmd_broker(a: argparse.Namespace) -> int:
-    from edgelearn.broker import MutualTls, fleet_acl, mosquitto_config, size_broker, write_accounts
+    from edgelearn.broker import MutualTls, bridge_config, fleet_acl, mosquitto_config, size_broker, write_accounts
 
     try:
         tls_files = (a.tls_cert, a.tls_key, a.cafile)
@@ -167,13 +176,18 @@ def cmd_broker(a: argparse.Namespace) -> int:
             if not a.device_ids or a.password_file:
                 raise ValueError("--accounts-out needs --device-ids FILE (one id per line) and no --password-file")
             ids = [d.strip() for d in a.device_ids.read_text().splitlines() if d.strip()]
-            password_file = write_accounts(a.accounts_out, ids)
+            password_file = write_accounts(a.accounts_out, [*ids, *a.relays])
             print(f"wrote {password_file} and {a.accounts_out / 'accounts.txt'} (0600): 'coordinator' and "
-                  f"{len(ids)} device accounts with random passwords")  # fmt: skip
+                  f"{len(ids)} device and {len(a.relays)} relay accounts with random passwords")  # fmt: skip
         text = mosquitto_config(a.port, a.data_dir, sizing, a.bind, password_file, acl, tls)
+        if a.bridge_to:
+            if not (a.fleet and a.site):
+                raise ValueError("--bridge-to needs --fleet and --site (the relay whose topics cross the bridge)")
+            text += bridge_config(a.bridge_to, a.fleet, a.site, a.topic_root, sizing)
         if a.acl_out:
-            a.acl_out.write_text(fleet_acl(a.fleet, a.topic_root))
-            print(f"wrote {a.acl_out}: the coordinator account 'coordinator', one account per device id")
+            a.acl_out.write_text(fleet_acl(a.fleet, a.topic_root, relays=tuple(a.relays)))
+            print(f"wrote {a.acl_out}: the coordinator account 'coordinator', one account per device id"
+                  + "".join(f", relay {r}" for r in a.relays))  # fmt: skip
     except (ValueError, OSError, subprocess.CalledProcessError) as e:
         print(f"edgelearn broker config: error: {e}", file=sys.stderr)
         return 2
@@ -298,6 +312,12 @@ def _add_ops_parsers(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--tls-cert", type=Path, default=None, help="mutual TLS: the broker's certificate (edgelearn pki)")
     b.add_argument("--tls-key", type=Path, default=None, help="mutual TLS: the broker's private key")
     b.add_argument("--cafile", type=Path, default=None, help="mutual TLS: the fleet CA clients must be signed by")
+    b.add_argument("--relay", dest="relays", action="append", default=[], metavar="SITE",
+                   help="core broker: a site relay's account in --acl-out / --accounts-out (repeatable)")  # fmt: skip
+    b.add_argument("--bridge-to", type=broker_url, default=None, metavar="URL",
+                   help="site broker: bridge to the core broker at mqtts://SITE:PASSWORD@host?cafile=…&cert=…&key=… "
+                   "(needs --fleet and --site; docs/scale.md)")  # fmt: skip
+    b.add_argument("--site", type=device_id, default=None, help="--bridge-to: the relay id of this site")
     b.add_argument("--data-dir", type=Path, default=Path("/var/lib/mosquitto"), help="persistence folder")
     b.add_argument("--out", type=Path, default=None, help="file to write (default: print)")
     b.set_defaults(func=cmd_broker)

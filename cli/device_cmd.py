@@ -55,7 +55,8 @@ def _device_config(a: argparse.Namespace, profile: Profile) -> DeviceConfig:
                         max_outbox=profile.outbox.max_items, keepalive_s=profile.mqtt.keepalive_s,
                         budget=_budget(a, profile), engine=a.engine, samples=a.samples, mu=a.mu,
                         replay_size=a.replay_size, max_store_samples=a.max_store_samples,
-                        public_key_path=a.public_key, min_release=a.min_release, async_interval_s=a.async_interval,
+                        public_key_path=a.public_key, relay_key_path=a.relay_key, min_release=a.min_release,
+                        async_interval_s=a.async_interval,
                         async_local=LocalConfig(a.local_steps, a.local_batch_size, a.local_lr),
                         personal_adapter=a.personal_adapter)  # fmt: skip
 
@@ -76,8 +77,9 @@ def cmd_device(a: argparse.Namespace) -> int:
         cfg = _device_config(a, _profile(a))
         if a.bundle:
             verify_bundle(a.bundle)
-        if a.public_key:
-            load_public(a.public_key)
+        for key in (a.public_key, a.relay_key):
+            if key:
+                load_public(key)
     except (OSError, ValueError, ProfileError, BundleError) as e:
         print(f"edgelearn device: error: {e}", file=sys.stderr)
         return 2
@@ -276,6 +278,8 @@ def _add_device_parser(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--topic-root", default="edgelearn", help="first topic segment (default edgelearn)")
     v.add_argument("--bundle", type=Path, default=None, help="a local bundle to start from (e.g. the flashed one)")
     v.add_argument("--public-key", type=Path, default=None, help="signed fleet: refuse releases not signed by it")
+    v.add_argument("--relay-key", type=Path, default=None,
+                   help="signed fleet behind a site relay: acks signed by this key count too")  # fmt: skip
     _add_serve_options(v)
     v.add_argument("--min-release", type=int, default=0, metavar="V",
                    help="rollback floor: refuse any release older than V, even with no state (default 0)")  # fmt: skip

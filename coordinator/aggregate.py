@@ -86,17 +86,18 @@ class StreamingMean:
         self.total_weight = 0.0
         self.count = 0
 
-    def add(self, delta: Tensors, weight: float) -> None:
+    def add(self, delta: Tensors, weight: float, count: int = 1) -> None:
+        """S ← S + w·Δ; `count`: the updates Δ stands for (a site relay's combined update: its devices)."""
         fold(self.sum, delta, weight)
         self.total_weight += weight
-        self.count += 1
+        self.count += count
 
-    def add_flat(self, flat_delta: np.ndarray, weight: float, scale: float = 1.0) -> None:
+    def add_flat(self, flat_delta: np.ndarray, weight: float, scale: float = 1.0, count: int = 1) -> None:
         """Same as `add` for f·Δ, Δ given as one float32 array in sorted-name order: S ← S + w·f·Δ in one pass
         (f: a clipping factor; it scales the update, not its weight w in Σ w)."""
         self._flat_t.add_(torch.from_numpy(flat_delta), alpha=weight * scale)
         self.total_weight += weight
-        self.count += 1
+        self.count += count
 
     def result(self, denominator: float | None = None) -> Tensors:
         """Σ_k w_k Δ_k / D with D = Σ_k w_k unless given (FedBuff divides by Σ n_k, DP by K)."""
@@ -104,6 +105,20 @@ class StreamingMean:
         if self.count == 0 or d <= 0:
             raise ValueError("no updates to aggregate")
         return {n: s / np.float32(d) for n, s in self.sum.items()}
+
+
+def partial_mean(deltas: list[Tensors], weights: list[float], clip_norm: float | None) -> tuple[Tensors, list[float]]:
+    """A site's share of FedAvg, and each ‖Δ_k‖₂: Δ_S = Σ_k w_k·f_k·Δ_k / Σ_k w_k with f_k = min(1, C/‖Δ_k‖₂)
+    (f_k = 1 without C). Folding W_S·Δ_S with W_S = Σ_k w_k adds Σ_k w_k·f_k·Δ_k: what folding each Δ_k would
+    add (up to float32 rounding, ~1e-7 relative)."""
+    if not deltas:
+        raise ValueError("no updates to combine")
+    acc = StreamingMean({n: tuple(d.shape) for n, d in deltas[0].items()})
+    norms = [l2_norm(d) for d in deltas]
+    for delta, w, norm in zip(deltas, weights, norms, strict=True):
+        acc.add(delta, w * (clip_factor(norm, clip_norm) if clip_norm else 1.0))
+    acc.total_weight = float(sum(weights))
+    return acc.result(), norms
 
 
 class _Buffered:
@@ -114,7 +129,7 @@ class _Buffered:
         self.deltas: list[Tensors] = []
         self.count = 0
 
-    def add(self, delta: Tensors, weight: float) -> None:  # weights are ignored: robust rules are unweighted
+    def add(self, delta: Tensors, weight: float, count: int = 1) -> None:  # unweighted: robust rules
         self.deltas.append({n: np.array(delta[n], np.float32) for n in self.shapes})
         self.count += 1
 

@@ -15,6 +15,12 @@ class Metrics:
         self.updates = Counter(
             "edgelearn_updates", "Updates received, by outcome and rejection reason", ["status", "reason"], registry=r
         )
+        self.update_bytes = Counter(
+            "edgelearn_update_bytes",
+            "Update payload bytes received, by sender: device, or relay (a site's combined updates)",
+            ["via"],
+            registry=r,
+        )
         self.aggregation_seconds = Histogram(
             "edgelearn_aggregation_seconds", "Seconds to aggregate and rebuild a release", registry=r
         )

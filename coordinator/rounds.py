@@ -17,7 +17,7 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Container
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,9 +32,10 @@ from coordinator.store import AcceptedRow, Store
 from coordinator.strategies import make_strategy
 from coordinator.validate import Rules, Verdict, check_update, full_update
 from coordinator.views import fp32_data_view
+from edgelearn import relaying
 from edgelearn.atomic import write_bytes
 from edgelearn.bundle import Manifest, dump_weights, load_weights, utc_now, verify_bundle
-from edgelearn.protocol import Update, decode_update, reason_kind
+from edgelearn.protocol import ProtocolError, RelayTerms, Update, decode_update, read_metadata, reason_kind
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +57,19 @@ class RoundSummary:
 
 
 class _Pending:
-    """Committed (device id, update id) pairs plus those accepted earlier in the same batch."""
+    """Committed (sender, update id) pairs plus those accepted earlier in the same batch; `prefix` keys a relay's
+    ids apart from a device's (`relaying.sender_key`)."""
 
-    def __init__(self, committed: Container[tuple[str, str]]) -> None:
-        self.committed, self.batch = committed, set[tuple[str, str]]()
+    def __init__(self, committed: Container[tuple[str, str]], batch: set[tuple[str, str]], prefix: str = "") -> None:
+        self.committed, self.batch, self.prefix = committed, batch, prefix
 
     def add(self, key: tuple[str, str]) -> None:
-        self.batch.add(key)
+        self.batch.add((self.prefix + key[0], key[1]))
 
     def __contains__(self, key: object) -> bool:
+        if not (isinstance(key, tuple) and len(key) == 2):
+            return False
+        key = (self.prefix + key[0], key[1])
         return key in self.batch or key in self.committed
 
 
@@ -124,6 +129,7 @@ class Rounds:
         self.agg = self.strategy.accumulator(self.shapes)
         self.n_total = 0.0
         self.devices: list[str] = []
+        self.counted: set[tuple[str, int]] = set()  # (device, base version) of every folded update, relayed too
         self.norms: list[float] = []  # ‖Δ_k‖ of the round's folded updates, before clipping
         rejected, self.duplicates = self.store.counts(self.round)
         self.rejected: Counter[str] = Counter(rejected)
@@ -133,7 +139,7 @@ class Rounds:
         rows = self.store.accepted(self.round)
         for row in rows:
             payload = self.spool.read(self.round, row.spool_offset, row.spool_bytes)
-            self._fold(full_update(decode_update(payload), self.shapes), row, payload)
+            self._fold(full_update(decode_update(payload), self.shapes), row, payload, self._relay_info(row, payload))
         self.spool.truncate(self.round, max((r.spool_offset + r.spool_bytes for r in rows), default=0))
         if rows:
             log.info("round %d: recovered %d accepted updates from the spool", self.round, len(rows))
@@ -154,39 +160,79 @@ class Rounds:
             limits.append(self.cfg.clip_to_median * self.norm_ref)
         return min(limits) if limits else None
 
-    def _fold(self, u: Update, row: AcceptedRow, payload: bytes) -> None:
+    def relay_terms(self) -> RelayTerms | None:
+        """How a site relay combines its devices' updates for this round so that folding the combination equals
+        folding them (protocol v1.4): the clip limit, n_max and the weighting. None where the rule does not
+        decompose into partial sums (median, trimmed mean) and in asynchronous mode: relays then take nothing."""
+        if self.cfg.mode != "sync" or self.cfg.aggregator != "mean":
+            return None
+        return RelayTerms(self.clip_limit(), self.cfg.samples_bound(), "uniform" if self.cfg.dp else "samples")
+
+    def _relay_info(self, row: AcceptedRow, payload: bytes) -> relaying.RelayInfo | None:
+        if relaying.relay_of(row.device_id) is None:
+            return None
+        return relaying.read_relay_info(read_metadata(payload, relaying.RELAY_HEADER_BYTES))
+
+    def _fold(self, u: Update, row: AcceptedRow, payload: bytes, relayed: relaying.RelayInfo | None = None) -> None:
         """Fold w·clip(Δ) (= w·f·Δ with f = min(1, C/‖Δ‖), C = clip_limit()); one pass over the payload bytes when
-        they are flat. The weight w was set by the strategy when the update was accepted (row.weight)."""
-        clip_norm, norm = self.clip_limit(), agg.l2_norm(u.deltas)
-        self.norms.append(norm)
-        factor = agg.clip_factor(norm, clip_norm) if clip_norm else 1.0
+        they are flat. The weight w was set by the strategy when the update was accepted (row.weight). A relay's
+        combined update (`relayed`) was clipped per device by its relay: folded as it is, for its K devices."""
+        devices: tuple[str, ...]
+        if relayed is None:
+            clip_norm, norm = self.clip_limit(), agg.l2_norm(u.deltas)
+            norms, devices, factor = [norm], (u.device_id,), agg.clip_factor(norm, clip_norm) if clip_norm else 1.0
+        else:
+            clip_norm, norms, devices, factor = None, list(relayed.norms), relayed.devices, 1.0
+        self.norms.extend(norms)
         flat = fp32_data_view(payload, self.shapes) if isinstance(self.agg, agg.StreamingMean) else None
         if flat is not None and isinstance(self.agg, agg.StreamingMean):
-            self.agg.add_flat(flat, row.weight, factor)
+            self.agg.add_flat(flat, row.weight, factor, len(devices))
         else:
-            self.agg.add(agg.clip(u.deltas, clip_norm) if clip_norm else u.deltas, row.weight)
-        self.n_total += agg.sample_weight(u.num_samples, self.strategy.max_samples)
-        self.devices.append(u.device_id)
+            self.agg.add(agg.clip(u.deltas, clip_norm) if clip_norm else u.deltas, row.weight, len(devices))
+        self.n_total += agg.sample_weight(u.num_samples, self.strategy.samples_cap(len(devices)))
+        self.devices.extend(devices)
+        self.counted.update((d, u.base_version) for d in devices)
 
     def handle(self, device_id: str, payload: bytes) -> Verdict:
         return self.handle_batch([(device_id, payload)])[0]
 
-    def handle_batch(self, items: list[tuple[str, bytes]]) -> list[Verdict]:
+    def _check_relayed(self, v: Verdict, payload: bytes, claimed: set[tuple[str, int]]) -> Verdict:
+        """A relay's combined update (v1.4), after the rules every update meets: its devices must be new to the
+        round, its weighting the one the round asked for, and the rule must decompose at all."""
+        terms, u = self.relay_terms(), v.update
+        if v.status != "accepted" or u is None:
+            return v
+        try:
+            info = relaying.read_relay_info(read_metadata(payload, relaying.RELAY_HEADER_BYTES))
+        except ProtocolError as e:
+            return Verdict("rejected", v.update_id, e.reason)
+        if terms is None:
+            return Verdict("rejected", v.update_id, f"relay_not_supported:{self.cfg.aggregator}")
+        if info.weighting != terms.weighting:
+            return Verdict("rejected", v.update_id, "relay_weighting_mismatch")
+        if any((d, u.base_version) in claimed for d in info.devices):
+            return Verdict("rejected", v.update_id, "device_counted_twice")
+        return v
+
+    def handle_batch(self, items: list[tuple[str, bytes]], relayed: bool = False) -> list[Verdict]:
         """Validate each; the accepted ones are spooled with one fsync, committed in one SQLite transaction,
-        then folded in arrival order (group commit). The caller acks after this returns."""
+        then folded in arrival order (group commit). The caller acks after this returns. `relayed`: the items
+        are site relays' combined updates (protocol v1.4), keyed by relay id."""
         verdicts: list[Verdict] = []
         pending: list[tuple[Update, bytes]] = []
-        ids = _Pending(self.store.accepted_ids)
+        ids = _Pending(self.store.accepted_ids, set(), relaying.SENDER_PREFIX if relayed else "")
+        claimed = set(self.counted)  # (device, base) already counted this round, growing with the batch
+        rules = replace(self.rules(), header_bytes=relaying.RELAY_HEADER_BYTES) if relayed else self.rules()
         for device_id, payload in items:
-            v = check_update(device_id, payload, self.rules(), ids)
+            v = check_update(device_id, payload, rules, ids)
+            v = self._check_relayed(v, payload, claimed) if relayed else self._check_device(v, claimed)
             verdicts.append(v)
-            if v.status == "accepted" and self.counted_already(v, pending):
-                v = Verdict("rejected", v.update_id, "second_update_for_base")
-                verdicts[-1] = v
             if v.status == "accepted":
                 assert v.update is not None and v.update_id is not None  # an accepted verdict carries both
                 ids.add((device_id, v.update_id))
                 pending.append((v.update, payload))
+                devices = self._relay_devices(payload) if relayed else (device_id,)
+                claimed.update((d, v.update.base_version) for d in devices)
             elif v.status == "duplicate":
                 self.duplicates += 1
             else:
@@ -196,24 +242,31 @@ class Rounds:
         if pending:
             spans = self.spool.append(self.round, [p for _, p in pending])
             seq = self.store.next_seq()
-            rows = [
-                AcceptedRow(u.update_id, self.round, seq + i, u.device_id, u.num_samples, u.base_version,
-                            self.strategy.weight(u, self.version), off, n)
-                for i, ((u, _), (off, n)) in enumerate(zip(pending, spans, strict=True))
-            ]  # fmt: skip
+            rows = []
+            for i, ((u, payload), (off, n)) in enumerate(zip(pending, spans, strict=True)):
+                k = len(self._relay_devices(payload)) if relayed else 1
+                sender = relaying.sender_key(u.device_id) if relayed else u.device_id
+                rows.append(AcceptedRow(u.update_id, self.round, seq + i, sender, u.num_samples, u.base_version,
+                                        self.strategy.weight(u, self.version, k), off, n))  # fmt: skip
             self.store.accept(rows)
             for (u, payload), row in zip(pending, rows, strict=True):
-                self._fold(u, row, payload)
+                self._fold(u, row, payload, self._relay_info(row, payload))
         return verdicts
 
-    def counted_already(self, v: Verdict, pending: list[tuple[Update, bytes]]) -> bool:
+    @staticmethod
+    def _relay_devices(payload: bytes) -> tuple[str, ...]:
+        return relaying.read_relay_info(read_metadata(payload, relaying.RELAY_HEADER_BYTES)).devices
+
+    def _check_device(self, v: Verdict, claimed: set[tuple[str, int]]) -> Verdict:
         """Rounds: a device counts once per round per base version (its fresh update, and at most one late one
-        from each earlier release), so one device cannot fill a round's quorum or outweigh the rest."""
+        from each earlier release), also through a relay, so one device cannot fill a round's quorum or
+        outweigh the rest."""
         u = v.update
-        if self.cfg.mode != "sync" or u is None:
-            return False
-        same = any(p.device_id == u.device_id and p.base_version == u.base_version for p, _ in pending)
-        return same or self.store.has_update(self.round, u.device_id, u.base_version)
+        if v.status != "accepted" or self.cfg.mode != "sync" or u is None:
+            return v
+        if (u.device_id, u.base_version) in claimed:
+            return Verdict("rejected", v.update_id, "second_update_for_base")
+        return v
 
     @property
     def devices_counted(self) -> int:

@@ -85,7 +85,7 @@ class Coordinator:
         self.link = MqttLink(
             cfg.broker_url,
             self.topics.client_id(),
-            [self.topics.all_devices("update"), self.topics.all_devices("status")],
+            [self.topics.all_devices("update"), self.topics.all_devices("status"), self.topics.all_relays("update")],
             on_message=lambda t, p: self.events.put((t, p)),
             will=(self.topics.coordinator_status, OFFLINE),
             mqtt_v311=cfg.mqtt_v311,
@@ -97,7 +97,7 @@ class Coordinator:
     def round_msg(self) -> RoundMsg:
         e = self.rounds
         invited = None if self.participants is None else tuple(self.participants)
-        return RoundMsg(e.round, e.version, e.deadline, self.cfg.min_updates, invited, self.cfg.local)
+        return RoundMsg(e.round, e.version, e.deadline, self.cfg.min_updates, invited, self.cfg.local, e.relay_terms())
 
     def publish_all(self) -> None:
         """(Re)publish coordinator status, the current release and (sync mode) the current round, retained; while
@@ -197,32 +197,42 @@ class Coordinator:
         self.metrics.devices_online.set(sum(s.get("state") != "offline" for s in self.statuses.values()))
 
     def on_messages(self, messages: list[tuple[str, bytes]]) -> None:
-        """Statuses are recorded; updates are handled as one group-committed batch, then acked."""
+        """Statuses are recorded; updates (a device's, or a site relay's combined one) are handled as
+        group-committed batches, then acked."""
         statuses: list[tuple[str, bytes]] = []
         updates: list[tuple[str, bytes]] = []
+        relayed: list[tuple[str, bytes]] = []
         for topic, payload in messages:
             parsed = self.topics.parse_device_topic(topic)
-            if parsed is None or parsed[1] not in ("status", "update"):
-                continue
+            if parsed is not None and parsed[1] in ("status", "update"):
+                group = statuses if parsed[1] == "status" else updates
+            else:
+                parsed = self.topics.parse_device_topic(topic, "relays")
+                if parsed is None or parsed[1] != "update":
+                    continue
+                group = relayed
             if not NAME_RE.match(parsed[0]):  # no valid ack topic exists for it: drop, count, log
-                log.warning("%s on %r dropped: the device id is not [A-Za-z0-9_-]{1,64}", parsed[1], topic[:200])
+                log.warning("%s on %r dropped: the sender id is not [A-Za-z0-9_-]{1,64}", parsed[1], topic[:200])
                 self.metrics.dropped.labels("bad_device_id").inc()
                 continue
-            (statuses if parsed[1] == "status" else updates).append((parsed[0], payload))
+            group.append((parsed[0], payload))
         self.on_statuses(statuses)
-        if updates:
-            self.on_updates(updates)
+        for batch, via in ((updates, "device"), (relayed, "relay")):
+            if batch:
+                self.metrics.update_bytes.labels(via).inc(sum(len(p) for _, p in batch))
+                self.on_updates(batch, via == "relay")
 
-    def on_updates(self, updates: list[tuple[str, bytes]]) -> None:
+    def on_updates(self, updates: list[tuple[str, bytes]], relayed: bool = False) -> None:
         e = self.rounds
-        verdicts = e.handle_batch(updates)  # accepted ones are fsynced and committed when this returns
-        for (device_id, _), verdict in zip(updates, verdicts, strict=True):
+        verdicts = e.handle_batch(updates, relayed)  # accepted ones are fsynced and committed when this returns
+        what = "combined update" if relayed else "update"
+        for (sender, _), verdict in zip(updates, verdicts, strict=True):
             self.metrics.update(verdict.status, verdict.reason)
             if verdict.status == "rejected":
-                log.warning("rejected update %s from %s: %s", verdict.update_id, device_id, verdict.reason)
+                log.warning("rejected %s %s from %s: %s", what, verdict.update_id, sender, verdict.reason)
             else:
-                log.info("%s update %s from %s", verdict.status, verdict.update_id, device_id)
-            topic = self.topics.device(device_id, "ack")
+                log.info("%s %s %s from %s", verdict.status, what, verdict.update_id, sender)
+            topic = self.topics.relay(sender, "ack") if relayed else self.topics.device(sender, "ack")
             self.link.publish(topic, self.sign(Ack(*_ack_fields(verdict, e.version)).encode(), topic))
         log.info("round %d: %d accepted so far", e.round, e.count)
         self.metrics.round_accepted.set(e.count)  # `tick` closes the round once it is ready

@@ -46,6 +46,9 @@ class AcceptedRow:
     spool_bytes: int
 
 
+ROW_COLUMNS = ", ".join(AcceptedRow.__dataclass_fields__)
+
+
 class _AcceptedIds:
     """`(device_id, update_id) in store.accepted_ids`: a set-like view of the committed updates. An update id
     belongs to its sender: another device sending the same id sends an update of its own."""
@@ -124,12 +127,12 @@ class Store:
 
     def accepted(self, rnd: int) -> list[AcceptedRow]:
         """The accepted updates of a round in arrival order (the order they were folded in)."""
-        rows = self.db.execute(
-            "SELECT update_id, round, seq, device_id, num_samples, base_version, weight, spool_offset, spool_bytes "
-            "FROM updates "
-            "WHERE round=? ORDER BY seq",
-            (rnd,),
-        ).fetchall()
+        rows = self.db.execute(f"SELECT {ROW_COLUMNS} FROM updates WHERE round=? ORDER BY seq", (rnd,)).fetchall()
+        return [AcceptedRow(*r) for r in rows]
+
+    def accepted_after(self, seq: int) -> list[AcceptedRow]:
+        """Every accepted update with a sequence number above `seq`, in arrival order (a relay's unsent ones)."""
+        rows = self.db.execute(f"SELECT {ROW_COLUMNS} FROM updates WHERE seq>? ORDER BY seq", (seq,)).fetchall()
         return [AcceptedRow(*r) for r in rows]
 
     def has_update(self, rnd: int, device_id: str, base_version: int) -> bool:

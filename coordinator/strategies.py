@@ -27,9 +27,13 @@ class Strategy:
     max_samples: int | None = None  # n_max: a device claims at most this many samples (None: uncapped)
     clip_norm: float | None = None  # C: each Δ_k is scaled to ‖Δ_k‖ ≤ C before it is folded (None: no clip)
 
-    def weight(self, u: Update, version: int) -> float:
-        """w_k = min(n_k, n_max)."""
-        return agg.sample_weight(u.num_samples, self.max_samples)
+    def weight(self, u: Update, version: int, devices: int = 1) -> float:
+        """w_k = min(n_k, n_max); a relay's combined update of K devices: min(Σ n, K·n_max) (protocol v1.4)."""
+        return agg.sample_weight(u.num_samples, self.samples_cap(devices))
+
+    def samples_cap(self, devices: int = 1) -> int | None:
+        """The most samples an update standing for `devices` devices may claim: K·n_max (None: uncapped)."""
+        return self.max_samples * devices if self.max_samples else None
 
     def accumulator(self, shapes: dict[str, tuple[int, ...]]) -> Accumulator:
         return agg.StreamingMean(shapes)
@@ -56,9 +60,9 @@ class WeightedMean(Strategy):
     n_k = min(samples_k, n_max), α(s) = 1/√(1+s), s_k = version − base_k (0 for the round's own updates,
     so a round without late updates is plain FedAvg)."""
 
-    def weight(self, u: Update, version: int) -> float:
+    def weight(self, u: Update, version: int, devices: int = 1) -> float:
         """w_k = min(n_k, n_max) · α(version − base_k)."""
-        return agg.sample_weight(u.num_samples, self.max_samples) * agg.staleness_weight(version - u.base_version)
+        return super().weight(u, version, devices) * agg.staleness_weight(version - u.base_version)
 
 
 @dataclass(frozen=True)
@@ -66,9 +70,9 @@ class FedBuff(Strategy):
     """Asynchronous FedBuff (Nguyen et al. 2022): Δ̄ = Σ_k α(s_k) n_k Δ_k / Σ_k n_k with α(s) = 1/√(1+s),
     s_k = version − base_k (how many releases old the update's base is)."""
 
-    def weight(self, u: Update, version: int) -> float:
+    def weight(self, u: Update, version: int, devices: int = 1) -> float:
         """w_k = min(n_k, n_max) · α(version − base_k)."""
-        return agg.sample_weight(u.num_samples, self.max_samples) * agg.staleness_weight(version - u.base_version)
+        return super().weight(u, version, devices) * agg.staleness_weight(version - u.base_version)
 
     def result(self, acc: Accumulator, n_total: float, rnd: int) -> Tensors:
         """Σ_k w_k Δ_k / Σ_k n_k (stale updates count fully in the denominator: they are damped, not renormalised)."""
@@ -102,9 +106,9 @@ class DpMean(Strategy):
     dp: agg.DpConfig = field(default_factory=lambda: agg.DpConfig(1.0, 0.0))
     secret: int = 0
 
-    def weight(self, u: Update, version: int) -> float:
-        """w_k = 1: the sensitivity bound C holds for a plain sum."""
-        return 1.0
+    def weight(self, u: Update, version: int, devices: int = 1) -> float:
+        """w_k = 1 (K for a relay's combined update of K devices): the sensitivity bound C holds for a plain sum."""
+        return float(devices)
 
     def result(self, acc: Accumulator, n_total: float, rnd: int) -> Tensors:
         assert isinstance(acc, agg.StreamingMean)

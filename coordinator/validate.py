@@ -28,6 +28,7 @@ class Rules:
     # updates of earlier rounds, folded with a staleness weight; see coordinator.strategies)
     min_base_version: int = 1  # after a rollback to v: nothing computed on a release older than the rollback's
     lora_rank: int = 0  # ≥ 1: adapter updates of this rank are accepted too (protocol v1.3), expanded on arrival
+    header_bytes: int = HEADER_SLACK_BYTES  # the largest safetensors header (a relay's lists its devices, v1.4)
 
 
 @dataclass(frozen=True)
@@ -99,9 +100,9 @@ def check_values(deltas: dict[str, np.ndarray], max_norm: float) -> str | None:
     return "norm_too_large" if sq > max_norm * max_norm else None
 
 
-def max_payload_bytes(shapes: dict[str, tuple[int, ...]]) -> int:
-    """The largest valid update: fp32 data Σ_t 4·numel(t) plus a safetensors header of at most 64 KiB."""
-    return sum(4 * int(np.prod(s, dtype=np.int64)) for s in shapes.values()) + HEADER_SLACK_BYTES
+def max_payload_bytes(shapes: dict[str, tuple[int, ...]], header_bytes: int = HEADER_SLACK_BYTES) -> int:
+    """The largest valid update: fp32 data Σ_t 4·numel(t) plus a safetensors header (64 KiB for a device's)."""
+    return sum(4 * int(np.prod(s, dtype=np.int64)) for s in shapes.values()) + header_bytes
 
 
 def full_update(u: Update, shapes: dict[str, tuple[int, ...]]) -> Update:
@@ -123,7 +124,7 @@ def check_update(
     cannot have the release's names, shapes and dtypes); its ack still carries the update_id if the header
     holds one. Nothing a payload contains makes this raise: every failure is a rejection with a reason.
     """
-    if len(payload) > max_payload_bytes(rules.shapes):
+    if len(payload) > max_payload_bytes(rules.shapes, rules.header_bytes):
         return Verdict("rejected", update_id_of(payload), "payload_too_large")
     try:
         u = decode_update(payload)

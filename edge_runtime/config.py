@@ -30,6 +30,7 @@ class DeviceConfig:
     mu: float = 0.0  # proximal term μ/2‖θ − θ_global‖²
     checkpoint_every_s: float = 5.0
     public_key_path: Path | None = None  # signed fleet: refuse releases not signed by this ed25519 key
+    relay_key_path: Path | None = None  # behind a site relay (v1.4): acks signed by this key count too
     min_release: int = 0  # rollback floor: never install a release older than this, even with no state
     async_interval_s: float = 10.0  # asynchronous mode: least time between two queued updates
     async_local: LocalConfig = field(default_factory=LocalConfig)  # asynchronous mode: the local recipe

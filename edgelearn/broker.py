@@ -80,23 +80,75 @@ def is_loopback(host: str) -> bool:
 COORDINATOR_USER = "coordinator"  # the broker account of a fleet's coordinator in the generated ACL
 
 
-def fleet_acl(fleet: str, root: str = "edgelearn", coordinator_user: str = COORDINATOR_USER) -> str:
+def downstream_topics(t: Topics) -> tuple[str, ...]:
+    """What the coordinator publishes for the whole fleet: every device (and every site relay) reads these."""
+    return t.model_latest, t.model_lean, t.model_canary, t.rollout_current, t.rounds_current, t.coordinator_status
+
+
+def fleet_acl(fleet: str, root: str = "edgelearn", coordinator_user: str = COORDINATOR_USER,
+              relays: tuple[str, ...] = ()) -> str:  # fmt: skip
     """A mosquitto ACL for one fleet, from the protocol's topic table (edgelearn/protocol.py: Topics): the
     coordinator's account reads and writes `P/#`; a device's account, named by its device id, writes only its
     own update and status and reads the releases (with a release on trial and its trial message, v1.3), the round,
-    the coordinator's status and its own acks."""
+    the coordinator's status and its own acks. A site relay's account (v1.4, on the core broker: its site broker's
+    bridge), named by its relay id, writes only its combined updates and status and reads its acks."""
     t = Topics(fleet, root)
     own = t.device("ACCOUNT", "update").rsplit("/", 1)[0].replace("ACCOUNT", "%u")
+    relay_blocks = []
+    for r in relays:
+        relay_blocks += [f"user {check_name('relay id', r)}", f"topic write {t.relay(r, 'update')}",
+                         f"topic write {t.relay(r, 'status')}", f"topic read {t.relay(r, 'ack')}",
+                         *[f"topic read {topic}" for topic in downstream_topics(t)], ""]  # fmt: skip
     return "\n".join([
         f"# edgelearn fleet {fleet} (generated): one account per device, named by its device id",
         f"user {coordinator_user}",
         f"topic readwrite {t.prefix}/#",
         "",
+        *relay_blocks,
         f"pattern write {own}/update",
         f"pattern write {own}/status",
         f"pattern read {own}/ack",
-        *[f"pattern read {topic}" for topic in (t.model_latest, t.model_lean, t.model_canary, t.rollout_current,
-                                                t.rounds_current, t.coordinator_status)],
+        *[f"pattern read {topic}" for topic in downstream_topics(t)],
+        "",
+    ])  # fmt: skip
+
+
+def bridge_config(core_url: str, fleet: str, relay_id: str, root: str = "edgelearn",
+                  sizing: BrokerSizing = DEFAULT_SIZING) -> str:  # fmt: skip
+    """The bridge section of a site broker's mosquitto.conf (protocol v1.4): one connection to the core broker at
+    `core_url` as the relay's account (`mqtts://relay:password@host?cafile=…&cert=…&key=…`; MQTT 5, persistent
+    on both sides so a site works offline and catches up). Down (in): the coordinator's releases, rounds, trials
+    and status, and this relay's acks. Up (out): this relay's combined updates and status; the devices' own
+    updates and statuses stay on the site broker. While the uplink is down, the site broker queues what goes up
+    within its `max_queued_messages` / `max_queued_bytes`, and the relay re-sends until acked anyway."""
+    b, t = parse_broker_url(core_url), Topics(fleet, root)
+    if not is_loopback(b.host) and not b.tls:
+        raise ValueError(f"bridge to {b.host} without TLS: use mqtts://… (credentials and updates cross the network)")
+    auth = [f"remote_username {b.username}"] if b.username else []
+    auth += [f"remote_password {b.password}"] if b.password else []
+    tls = [f"bridge_{k} {v}" for k, v in (("cafile", b.cafile), ("certfile", b.certfile), ("keyfile", b.keyfile)) if v]
+    if b.tls and not b.cafile:
+        tls.append("bridge_capath /etc/ssl/certs")
+    return "\n".join([
+        f"# edgelearn site bridge (generated): relay {relay_id} of fleet {fleet} to the core broker",
+        f"connection {root}-{fleet}-{check_name('relay id', relay_id)}",
+        f"address {b.host}:{b.port}",
+        "bridge_protocol_version mqttv50",
+        f"remote_clientid {root}:{fleet}:bridge:{relay_id}",
+        *auth, *tls,
+        *(["bridge_insecure false"] if b.tls else []),
+        "cleansession false",
+        "local_cleansession false",
+        "try_private true",
+        "restart_timeout 2 30",
+        "keepalive_interval 30",
+        f"bridge_max_packet_size {sizing.max_packet_bytes}",
+        "notifications true",
+        "notifications_local_only true",
+        f"notification_topic {t.prefix}/relays/{relay_id}/bridge",
+        *[f"topic {topic} in 1" for topic in (*downstream_topics(t), t.relay(relay_id, "ack"))],
+        f"topic {t.relay(relay_id, 'update')} out 1",
+        f"topic {t.relay(relay_id, 'status')} out 1",
         "",
     ])  # fmt: skip
 
@@ -204,7 +256,9 @@ class Mosquitto:
             raise FileNotFoundError("mosquitto not found: install it (Debian: apt-get install mosquitto)")
         return exe
 
-    def __init__(self, data_dir: Path, port: int | None = None, sizing: BrokerSizing = DEFAULT_SIZING) -> None:
+    def __init__(self, data_dir: Path, port: int | None = None, sizing: BrokerSizing = DEFAULT_SIZING,
+                 extra: str = "") -> None:  # fmt: skip
+        """`extra`: more configuration after the generated one (a site broker's `bridge_config`)."""
         self.exe = self.find_exe()
         self.data_dir = data_dir
         self.port = port or free_port()
@@ -212,7 +266,7 @@ class Mosquitto:
         data_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(data_dir, 0o777)  # mosquitto drops privileges to user `mosquitto` when started as root
         self.conf = data_dir / "mosquitto.conf"
-        self.conf.write_text(mosquitto_config(self.port, data_dir, sizing))
+        self.conf.write_text(mosquitto_config(self.port, data_dir, sizing) + extra)
 
     @property
     def url(self) -> str:

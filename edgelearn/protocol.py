@@ -115,11 +115,23 @@ class Topics:
     def all_devices(self, kind: str) -> str:
         return f"{self.prefix}/devices/+/{kind}"
 
-    def parse_device_topic(self, topic: str) -> tuple[str, str] | None:
-        """`P/devices/{id}/{kind}` -> (id, kind), or None for any other topic."""
+    def relay(self, relay_id: str, kind: str) -> str:
+        """v1.4: `P/relays/{relay_id}/{kind}` for kind in update (a site's combined update, relay → coordinator),
+        ack (coordinator → relay) and status (the relay's, retained)."""
+        check_name("relay id", relay_id)
+        if kind not in ("status", "update", "ack"):
+            raise ValueError(f"unknown relay topic kind {kind!r}")
+        return f"{self.prefix}/relays/{relay_id}/{kind}"
+
+    def all_relays(self, kind: str) -> str:
+        return f"{self.prefix}/relays/+/{kind}"
+
+    def parse_device_topic(self, topic: str, group: str = "devices") -> tuple[str, str] | None:
+        """`P/devices/{id}/{kind}` (or `P/relays/{id}/{kind}` with group="relays") -> (id, kind), or None for any
+        other topic."""
         parts = topic.split("/")
         head = self.prefix.split("/")
-        if len(parts) != len(head) + 3 or parts[: len(head)] != head or parts[len(head)] != "devices":
+        if len(parts) != len(head) + 3 or parts[: len(head)] != head or parts[len(head)] != group:
             return None
         return parts[-2], parts[-1]
 
@@ -319,6 +331,40 @@ def _json_float(d: dict, key: str, minimum: float, default: object = _NO_DEFAULT
     return number
 
 
+RELAY_WEIGHTINGS = ("samples", "uniform")
+
+
+@dataclass(frozen=True)
+class RelayTerms:
+    """v1.4, the round's `relay` object: how a site relay combines its devices' updates so that the coordinator's
+    fold of the combination equals its fold of those updates. Each Δ_k is clipped to `clip_norm` (null: not
+    clipped) and weighed w_k = min(n_k, `max_samples`) ("samples") or 1 ("uniform", central DP). A round
+    without it (a median or trimmed mean does not decompose into partial sums) is one relays do not take."""
+
+    clip_norm: float | None
+    max_samples: int
+    weighting: str = "samples"
+
+    def __post_init__(self) -> None:
+        if self.weighting not in RELAY_WEIGHTINGS:
+            raise ValueError(f"relay weighting {self.weighting!r}: use one of {RELAY_WEIGHTINGS}")
+        if self.max_samples < 1 or (self.clip_norm is not None and not self.clip_norm > 0):
+            raise ValueError("relay max_samples must be >= 1 and clip_norm > 0 or null")
+
+    def as_json(self) -> dict[str, object]:
+        return {"clip_norm": self.clip_norm, "max_samples": self.max_samples, "weighting": self.weighting}
+
+    @classmethod
+    def from_json(cls, d: object) -> RelayTerms | None:
+        """None for an absent (null) `relay`; ValueError names a bad field."""
+        if d is None:
+            return None
+        if not isinstance(d, dict):
+            raise ValueError("relay is neither null nor an object")
+        clip = None if d.get("clip_norm") is None else _json_float(d, "clip_norm", 0.0)
+        return cls(clip, _json_int(d, "max_samples", 1), str(d.get("weighting", "samples"))[:16])
+
+
 @dataclass(frozen=True)
 class RoundMsg:
     """`P/rounds/current`: the open synchronous round."""
@@ -329,18 +375,20 @@ class RoundMsg:
     min_updates: int
     participants: tuple[str, ...] | None = None
     local: LocalConfig = field(default_factory=LocalConfig)
+    relay: RelayTerms | None = None  # v1.4: how site relays combine updates (None: relays take no updates)
 
     def encode(self) -> bytes:
-        return _json(
-            {
-                "round": self.round,
-                "base_version": self.base_version,
-                "deadline": self.deadline_unix_s,
-                "min_updates": self.min_updates,
-                "participants": list(self.participants) if self.participants is not None else None,
-                "local": self.local.as_json(),
-            }
-        )
+        d = {
+            "round": self.round,
+            "base_version": self.base_version,
+            "deadline": self.deadline_unix_s,
+            "min_updates": self.min_updates,
+            "participants": list(self.participants) if self.participants is not None else None,
+            "local": self.local.as_json(),
+        }
+        if self.relay is not None:
+            d["relay"] = self.relay.as_json()
+        return _json(d)
 
     @classmethod
     def decode(cls, payload: bytes) -> RoundMsg:
@@ -361,6 +409,7 @@ class RoundMsg:
                 min_updates=_json_int(d, "min_updates", 0),
                 participants=tuple(parts) if parts is not None else None,
                 local=LocalConfig.from_json(loc),
+                relay=RelayTerms.from_json(d.get("relay")),
             )
         except KeyError as e:
             raise ProtocolError("bad_round", f"missing {e}") from None
@@ -443,8 +492,9 @@ def quantize_int8(delta: np.ndarray) -> tuple[np.ndarray, np.float32]:
     return q, scale
 
 
-def encode_update(u: Update) -> bytes:
-    """Serialize an update as safetensors bytes with the protocol's `__metadata__`."""
+def encode_update(u: Update, extra: dict[str, str] | None = None) -> bytes:
+    """Serialize an update as safetensors bytes with the protocol's `__metadata__` (plus `extra` keys: a relay's
+    combined update, v1.4)."""
     if u.encoding not in ENCODINGS:
         raise ValueError(f"unknown encoding {u.encoding!r}: use one of {ENCODINGS}")
     tensors: dict[str, np.ndarray] = {}
@@ -471,7 +521,7 @@ def encode_update(u: Update) -> bytes:
         meta["loss"] = repr(float(u.loss))
     if u.train_seconds is not None:
         meta["train_seconds"] = repr(float(u.train_seconds))
-    return st_save(tensors, metadata=meta)
+    return st_save(tensors, metadata={**(extra or {}), **meta})
 
 
 def read_metadata(payload: bytes, max_header_bytes: int | None = None) -> dict[str, str]:
