@@ -72,7 +72,7 @@ def cmd_simulate(a: argparse.Namespace) -> int:
             eligibility=tuple(a.eligible), min_updates=a.min_updates, alpha=a.alpha, local=_local(a),
             server_opt=_server_opt(a), clip_to_median=a.clip_to_median or None,
             round_timeout_s=a.round_timeout,
-            outages=tuple(a.outage), outage_rate=a.outage_rate, hot=tuple(a.hot), seed=a.seed,
+            outages=tuple(a.outage), outage_rate=a.outage_rate, hot=tuple(a.hot), seed=a.seed, sites=a.sites,
         )  # fmt: skip
     except (ValueError, OSError) as e:  # OSError: e.g. --broker mosquitto without mosquitto installed
         print(f"edgelearn simulate: error: {e}", file=sys.stderr)
@@ -131,6 +131,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--broker", default="embedded",
                    help="embedded | mosquitto | mqtt[s]://host:port (default embedded)")  # fmt: skip
     add_tls_options(s)
+    s.add_argument("--sites", type=int, default=0, metavar="K",
+                   help="K site brokers bridged to the core one, a relay each, devices spread over them "
+                   "(needs --broker mosquitto; docs/scale.md)")  # fmt: skip
     s.add_argument("--out", type=Path, default=Path("sim-out"), help="report folder (default sim-out)")
     s.add_argument("--bundle", type=Path, default=None, help="exported bundle to start from (default: export one)")
     _add_round_options(s)

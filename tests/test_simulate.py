@@ -174,3 +174,23 @@ def test_adapter_rounds_send_only_adapters_and_release_their_expansion(mosquitto
     per_update = totals["bytes"]["up_update"] / totals["accepted"]
     assert adapter_bytes <= per_update < adapter_bytes + 4096 < full_bytes
     assert rounds[-1]["accuracy"] > 0.5
+
+
+def test_sites_run_the_hierarchy_every_device_counted_through_its_relay(bundle_dir, fleet, tmp_path) -> None:
+    # Prepare: 9 real agents at 3 site brokers bridged to the core one, a relay each; every device must count
+    cfg = SimConfig(
+        devices=9, profiles=(("x86-dev", 1.0),), rounds=2, broker="mosquitto", sites=3, out=tmp_path / "out",
+        bundle=bundle_dir, min_updates=9, local=LocalConfig(steps=4, batch_size=16, lr=0.2), round_timeout_s=60,
+        outage_rate=0.0, battery_fraction=0.0, ambient_spread_c=0.0, fleet=fleet + "-sites",
+    )  # fmt: skip
+    # Execute
+    report = simulate(cfg, say=lambda s: None)
+    # Assert: both rounds took all nine devices, and the coordinator received three combined updates per round
+    rounds = report["rounds"]
+    assert [(r["version"], r["accepted"]) for r in rounds] == [(2, 9), (3, 9)] and report["totals"]["rejected"] == {}
+    assert all(sorted(r["participants"]) == [f"sim{k:04d}" for k in range(9)] for r in rounds)
+    for r in rounds:
+        one_update = r["bytes"]["up_update"] / 9
+        assert 0 < r["core_in_bytes"] <= 3 * (one_update + 4096) < r["bytes"]["up_update"], r
+    with pytest.raises(ValueError, match="--broker mosquitto"):
+        SimConfig(devices=4, sites=2, broker="embedded", bundle=bundle_dir)

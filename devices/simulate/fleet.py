@@ -112,6 +112,7 @@ class Fleet:
     def __init__(self, devices: list[Device], broker_url: str, fleet: str, state_dir: Path, v311: bool) -> None:
         self.devices = {d.device_id: d for d in devices}
         self.broker_url, self.fleet, self.state_dir, self.v311 = broker_url, fleet, state_dir, v311
+        self.urls: dict[str, str] = {}  # a device's own broker (simulate --sites), else broker_url
         self.meter = Meter()
         self.live: dict[str, Live] = {}
         self.lock = threading.Lock()
@@ -126,7 +127,8 @@ class Fleet:
         little CPU)."""
         p = d.profile
         return DeviceConfig(
-            self.broker_url, self.fleet, d.device_id, self.state_dir / d.device_id, mqtt_v311=self.v311,
+            self.urls.get(d.device_id, self.broker_url), self.fleet, d.device_id, self.state_dir / d.device_id,
+            mqtt_v311=self.v311,
             budget=p.budget, keepalive_s=p.mqtt.keepalive_s, max_outbox=p.outbox.max_items, ack_timeout_s=5.0,
             checkpoint_every_s=60.0, tick_s=0.5,
         )  # fmt: skip

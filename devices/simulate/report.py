@@ -27,14 +27,16 @@ class RoundRecord:
     bytes: dict[str, int]  # up_update, up_status, down_release, down_current, down_ack …
     seconds: float
     perplexity: float | None = None  # language models: held-out next-token perplexity of the release (.pte)
+    core_in_bytes: int = 0  # update bytes the coordinator received (behind relays: their combined updates)
 
     @staticmethod
-    def of(summary: Any, online: int, paused: dict[str, int], counts: dict[str, int], seconds: float) -> RoundRecord:
+    def of(summary: Any, online: int, paused: dict[str, int], counts: dict[str, int], seconds: float,
+           core_in_bytes: int = 0) -> RoundRecord:  # fmt: skip
         acc, ppl = summary.metrics.get("accuracy_pte"), summary.metrics.get("perplexity_pte")
         return RoundRecord(
             summary.round, summary.version, None if acc is None else float(acc), online, summary.accepted,
             tuple(summary.participants), dict(summary.rejected), summary.duplicates, paused, dict(counts),
-            round(seconds, 2), None if ppl is None else float(ppl),
+            round(seconds, 2), None if ppl is None else float(ppl), core_in_bytes,
         )  # fmt: skip
 
     @property
@@ -48,10 +50,12 @@ class RoundRecord:
         acc = "n/a" if self.accuracy is None else f"{self.accuracy:.3f}"
         acc += "" if self.perplexity is None else f", perplexity {self.perplexity:.2f}"
         up = self.bytes.get("up_update", 0) / 1e6
+        core = self.core_in_bytes / 1e6
         who = f" ({', '.join(self.participants)})" if len(self.participants) <= 8 else ""
         return (
             f"[sim] round {self.round}: online {self.online} · accepted {self.accepted}{who} · rejected {rej} · "
-            f"paused {paused} · updates {up:.2f} MB · release v{self.version} held-out {self.metric} {acc} "
+            f"paused {paused} · updates {up:.2f} MB ({core:.2f} MB into the coordinator) · release v{self.version} "
+            f"held-out {self.metric} {acc} "
             f"({self.seconds:.1f}s)"
         )
 

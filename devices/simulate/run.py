@@ -21,6 +21,7 @@ from coordinator.server import Coordinator, CoordinatorConfig, RoundSummary
 from devices.simulate.data import device_shards
 from devices.simulate.fleet import Fleet, Outage, make_devices
 from devices.simulate.report import RoundRecord, write_report
+from devices.simulate.sites import start_sites
 from devices.simulate.speakers import check_text, lm_shards
 from edgelearn.broker import check_broker, start_broker
 from edgelearn.bundle import verify_bundle
@@ -73,6 +74,7 @@ class SimConfig:
     server_fraction: float = 0.05  # digits-mlp only (char-lm: see devices/simulate/speakers.py)
     fleet: str = "sim"
     seed: int = 0
+    sites: int = 0  # ≥ 1: devices behind this many site brokers bridged to the core one, a relay each (v1.4)
 
     def __post_init__(self) -> None:
         if self.model not in LOCAL_DEFAULTS:
@@ -91,6 +93,9 @@ class SimConfig:
             raise ValueError("alpha: char-lm devices hold one speaker each, there is no class mix to draw")
         self._check_devices_named()
         check_broker(self.broker)
+        if self.sites and (self.broker != "mosquitto" or self.participants is not None or self.sites > self.devices):
+            raise ValueError("sites: needs --broker mosquitto (bridges), no --participants (the coordinator sees "
+                             "no device behind a relay to select) and at most one site per device")  # fmt: skip
         if self.bundle is not None:
             self._check_bundle()
         if self.model == "char-lm":
@@ -172,14 +177,20 @@ def simulate(cfg: SimConfig, say: Callable[[str], None] = print) -> dict:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     records: list[RoundRecord] = []
-    brk = fleet = None
+    brk = fleet = sites = None
     try:
         brk, url, v311 = start_broker(cfg.broker, work)
         fleet = Fleet(devices, url, cfg.fleet, work / "devices", v311)
+        if cfg.sites:
+            sites = start_sites(cfg.sites, url, cfg.fleet, work)
+            fleet.urls = {d.device_id: sites.url_of(k) for k, d in enumerate(devices)}
+            say(f"[sim] {cfg.sites} site brokers bridged to the core broker {url}, a relay each")
         _serve(cfg, bundle, fleet, (url, v311), work, records, say)
     finally:
         if fleet is not None:
             fleet.close()
+        if sites is not None:
+            sites.stop()
         if brk is not None:
             brk.stop()
         if fleet is not None:
@@ -208,7 +219,9 @@ def _serve(cfg: SimConfig, bundle: Path, fleet: Fleet, broker: tuple[str, bool],
     say(f"[sim] {cfg.devices} devices ({', '.join(f'{p}:{w:g}' for p, w in cfg.profiles)}), {cfg.cohort} online "
         f"per round{invited}, quorum {cfg.quorum}, broker {url}")  # fmt: skip
     stop = threading.Event()
-    progress = (lambda: coord.rounds.count, say)  # accepted so far (an int read from the driver thread)
+    received = coord.metrics.registry.get_sample_value  # updates' bytes into the coordinator (relayed or not)
+    core_in = lambda: sum(received("edgelearn_update_bytes_total", {"via": v}) or 0.0 for v in ("device", "relay"))  # noqa: E731
+    progress = (lambda: coord.rounds.count, say, core_in)  # accepted so far (an int read from the driver thread)
     driver = threading.Thread(target=_drive, args=(cfg, fleet, closed, records, stop, progress), daemon=True)
     try:
         if cfg.online is None:  # all online before the coordinator's first selection
@@ -221,8 +234,11 @@ def _serve(cfg: SimConfig, bundle: Path, fleet: Fleet, broker: tuple[str, bool],
             driver.join(timeout=60)  # it appends the last record: the report must not race it
 
 
+Progress = tuple[Callable[[], int], Callable[[str], None], Callable[[], float]]  # accepted, say, core bytes in
+
+
 def _drive(cfg: SimConfig, fleet: Fleet, closed: queue.Queue, records: list, stop: threading.Event,
-           progress: tuple[Callable[[], int], Callable[[str], None]]) -> None:  # fmt: skip
+           progress: Progress) -> None:  # fmt: skip
     """Per round: bring the cohort online (or keep everyone online), wait for the coordinator to close the
     round, take the cohort offline. Whatever ends it (the last round, a failure) stops the coordinator too."""
     try:
@@ -232,8 +248,9 @@ def _drive(cfg: SimConfig, fleet: Fleet, closed: queue.Queue, records: list, sto
 
 
 def _drive_rounds(cfg: SimConfig, fleet: Fleet, closed: queue.Queue, records: list, stop: threading.Event,
-                  progress: tuple[Callable[[], int], Callable[[str], None]]) -> None:  # fmt: skip
-    ids, (accepted, say) = sorted(fleet.devices), progress
+                  progress: Progress) -> None:  # fmt: skip
+    ids, (accepted, say, core_in) = sorted(fleet.devices), progress
+    core_seen = 0.0
     always_on = cfg.online is None  # every device was started before the coordinator (simulate)
     for rnd in range(1, cfg.rounds + 1):
         fleet.meter.round = rnd
@@ -256,7 +273,8 @@ def _drive_rounds(cfg: SimConfig, fleet: Fleet, closed: queue.Queue, records: li
         paused = fleet.paused_since(t0)
         if not always_on:
             fleet.end_round(rnd, cohort)
-        rec = RoundRecord.of(summary, len(cohort), paused, fleet.meter.of_round(rnd), time.monotonic() - t0)
+        core_bytes, core_seen = int(core_in() - core_seen), core_in()
+        rec = RoundRecord.of(summary, len(cohort), paused, fleet.meter.of_round(rnd), time.monotonic() - t0, core_bytes)
         records.append(rec)
         say(rec.line())
 
