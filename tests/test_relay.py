@@ -185,3 +185,30 @@ def test_a_relay_counts_each_device_once_and_an_interrupted_flush_is_redone_with
     assert state.acked("r1b1s1-3", "accepted") and not state.acked("r1b1s1-3", "accepted")
     assert state.acked("r1b1s4-4", "rejected") and (state.parts_dir / "rejected" / "r1b1s4-4.safetensors").exists()
     assert not state.outstanding() and not list(state.spool.folder.glob("*.log"))
+
+
+def test_a_site_late_for_its_round_is_folded_as_its_devices_late_updates_would_be(bundle_dir, tmp_path):
+    # Prepare: round 1 closes on sites A and B; site C's devices reported on release 1 but its uplink was down
+    flat = Rounds(make_cfg(bundle_dir, tmp_path / "flat", min_updates=6), weights_only_rebuild)
+    tree = Rounds(make_cfg(bundle_dir, tmp_path / "tree", min_updates=6), weights_only_rebuild)
+    sites = [RelayState(tmp_path / f"r{s}", f"site{s}") for s in range(3)]
+    r1 = [[device_update(flat, f"s{s}d{k}", 10 + k, 10 * s + k) for k in range(3)] for s in range(3)]
+    late = sites[2].accept([(decode_update(p).device_id, p) for p in r1[2]], relay_rules(tree))
+    assert [v.status for v in late] == ["accepted"] * 3
+    fold_flat(flat, r1[0] + r1[1])
+    for s in (0, 1):
+        fold_relayed(tree, through_relay(sites[s], tree, r1[s]))
+    flat.close(), tree.close()
+    # Execute: round 2 takes A and B's fresh updates and C's late ones (flat: each device's; tree: C's one part)
+    r2 = [[device_update(flat, f"s{s}d{k}", 20 + k, 100 + 10 * s + k) for k in range(3)] for s in range(2)]
+    fold_flat(flat, r2[0] + r2[1] + r1[2])
+    for s in (0, 1):
+        fold_relayed(tree, through_relay(sites[s], tree, r2[s]))
+    terms = tree.relay_terms()
+    assert terms is not None
+    [part] = sites[2].flush(terms, tree.manifest.model_id, tree.shapes)
+    fold_relayed(tree, [part])
+    assert decode_update(part.payload).base_version == 1 and tree.count == flat.count == 9
+    flat.close(), tree.close()
+    # Assert: the same release, staleness weight 1/√2 on the late site as on each of its devices
+    assert_same_release(flat, tree)

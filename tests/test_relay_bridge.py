@@ -233,3 +233,66 @@ def test_broker_config_writes_a_bridge_mosquitto_accepts(tmp_path, capsys):
         proc.terminate()
         err = proc.communicate(timeout=10)[1].decode()
         assert alive, err
+
+
+def test_a_signed_fleet_behind_a_relay_real_devices_trust_its_acks_only_with_its_key(bundle_dir, fleet, tmp_path):
+    # Prepare: the coordinator signs releases, rounds and acks; the relay checks them with the fleet's public key
+    # and signs its own acks; dev0 and dev1 were given the relay's key, dev2 was not
+    from edgelearn.protocol import decode_update
+    from edgelearn.signing import generate_keys, load_public, verify
+    from models.shards import write_shards
+    from tests.conftest import SERVER_FRACTION
+
+    t = Topics(fleet)
+    generate_keys(tmp_path / "release.key", tmp_path / "release.pub")
+    generate_keys(tmp_path / "relay.key", tmp_path / "relay.pub")
+    core = Mosquitto(tmp_path / "core").start()
+    site = Mosquitto(tmp_path / "site", extra=bridge_config(core.url, fleet, "siteA")).start()
+    log = tmp_path / "procs.log"
+    shards = write_shards(tmp_path / "data", 3, SERVER_FRACTION)
+    procs = [
+        cli("coordinator", "--broker", core.url, "--fleet", fleet, "--bundle", str(bundle_dir), "--state",
+            str(tmp_path / "coord"), "--min-updates", "3", "--steps", "5", "--signing-key",
+            str(tmp_path / "release.key"), log=log),
+        cli("relay", "--broker", site.url, "--fleet", fleet, "--site", "siteA", "--state", str(tmp_path / "relay"),
+            "--public-key", str(tmp_path / "release.pub"), "--signing-key", str(tmp_path / "relay.key"), log=log),
+    ]  # fmt: skip
+    for k, shard in enumerate(shards):
+        trust = ["--relay-key", str(tmp_path / "relay.pub")] if k < 2 else []
+        procs.append(cli("device", "--broker", site.url, "--fleet", fleet, "--id", f"dev{k}", "--state",
+                         str(tmp_path / f"dev{k}"), "--data", str(shard), "--public-key", str(tmp_path / "release.pub"),
+                         *trust, log=tmp_path / f"dev{k}.log"))  # fmt: skip
+    updates: dict[str, bytes] = {}
+    releases: dict[int, dict] = {}
+
+    def on_message(topic: str, payload: bytes) -> None:
+        if topic == t.model_lean:
+            manifest, files = read_lean_release(payload, lambda m: verify(m, load_public(tmp_path / "release.pub")))
+            releases[manifest.version] = st_load(files["weights.safetensors"])
+        else:
+            updates.setdefault(decode_update(payload).device_id, payload)
+
+    site_rec = MqttLink(site.url, "rec", [t.model_lean, t.all_devices("update")], on_message, session_expiry_s=0)
+    assert site_rec.start(wait_s=10)
+    try:
+        # Execute: until release 2 reaches the site, and dev2 has seen (and refused) the relay's acks
+        wait_until(lambda: 2 in releases, 240, "release v2 at the site", procs, [log])
+        wait_until(lambda: "ack ignored" in (tmp_path / "dev2.log").read_text(), 60, "dev2 refusing", procs, [log])
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=30)
+        site_rec.stop()
+        site.stop()
+        core.stop()
+    # Assert: release 2 is the FedAvg of the three devices' updates (dev2's counted although it never took an ack);
+    # the devices holding the relay's key took its acks
+    us = [decode_update(updates[f"dev{k}"]) for k in range(3)]
+    n = sum(u.num_samples for u in us)
+    for name, theta in releases[1].items():
+        expected = theta + sum(u.num_samples / n * u.deltas[name] for u in us)
+        np.testing.assert_allclose(releases[2][name], expected, atol=1e-6)
+    for k in (0, 1):
+        text = (tmp_path / f"dev{k}.log").read_text()
+        assert "ack ignored" not in text and re.search(rf"dev{k}: update \S+ accepted", text), text[-2000:]
