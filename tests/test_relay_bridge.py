@@ -296,3 +296,64 @@ def test_a_signed_fleet_behind_a_relay_real_devices_trust_its_acks_only_with_its
     for k in (0, 1):
         text = (tmp_path / f"dev{k}.log").read_text()
         assert "ack ignored" not in text and re.search(rf"dev{k}: update \S+ accepted", text), text[-2000:]
+
+
+def test_a_bridge_logs_in_as_its_relay_and_may_write_only_that_relays_topics(fleet):
+    # Prepare: a core broker with generated accounts (dev1, relays siteA and siteB) and ACL; site A's broker is
+    # bridged to it with siteA's password
+    import queue
+    import tempfile
+
+    from cli import main
+
+    if shutil.which("mosquitto_passwd") is None:
+        pytest.skip("mosquitto_passwd is not installed (it comes with the mosquitto package)")
+    home = Path(tempfile.mkdtemp(prefix="edgelearn-relay-acl-"))
+    home.chmod(0o755)  # mosquitto reads the password file after dropping to its own user
+    core = Mosquitto(home / "core")
+    (home / "ids.txt").write_text("dev1\n")
+    args = ["broker", "config", "--devices", "2", "--model-bytes", "1000", "--port", str(core.port), "--data-dir",
+            str(core.data_dir), "--accounts-out", str(core.data_dir), "--device-ids", str(home / "ids.txt"),
+            "--acl-out", str(core.data_dir / "acl"), "--fleet", fleet, "--relay", "siteA", "--relay", "siteB",
+            "--out", str(core.conf)]  # fmt: skip
+    assert main(args) == 0
+    (core.data_dir / "acl").chmod(0o644)
+    words = (core.data_dir / "accounts.txt").read_text().split()
+    accounts = dict(zip(words[::2], words[1::2], strict=True))
+    core.start()
+    t = Topics(fleet)
+    site = Mosquitto(home / "site", extra=bridge_config(f"mqtt://siteA:{accounts['siteA']}@127.0.0.1:{core.port}",
+                                                        fleet, "siteA")).start()  # fmt: skip
+    got: queue.Queue = queue.Queue()
+    coord = MqttLink(f"mqtt://coordinator:{accounts['coordinator']}@127.0.0.1:{core.port}", t.client_id(),
+                     [t.all_relays("update")], lambda topic, p: got.put((topic, p)), session_expiry_s=0)  # fmt: skip
+    clients = [coord]
+    try:
+        assert coord.start(wait_s=10)
+        time.sleep(2.0)  # the bridge connects
+        # Execute: the relay publishes at its site; then (its account's login takes over the bridge's session,
+        # client ids being usernames) siteA's account tries siteB's topic, and dev1 tries a relay topic
+        local = MqttLink(site.url, "relay-local", [], lambda *a: None, session_expiry_s=0)
+        clients.append(local)
+        assert local.start(wait_s=10)
+        local.publish(t.relay("siteA", "update"), b"from site A")
+        seen = [got.get(timeout=10)]
+        posing = MqttLink(f"mqtt://siteA:{accounts['siteA']}@127.0.0.1:{core.port}", "posing", [], lambda *a: None,
+                          session_expiry_s=0)  # fmt: skip
+        dev1 = MqttLink(f"mqtt://dev1:{accounts['dev1']}@127.0.0.1:{core.port}", t.client_id("dev1"), [],
+                        lambda *a: None, session_expiry_s=0)  # fmt: skip
+        clients += [posing, dev1]
+        assert posing.start(wait_s=10) and dev1.start(wait_s=10)
+        posing.publish(t.relay("siteB", "update"), b"siteA posing as siteB")
+        dev1.publish(t.relay("siteA", "update"), b"dev1 posing as a relay")
+        time.sleep(2.0)
+        while not got.empty():
+            seen.append(got.get())
+    finally:
+        for c in clients:
+            c.stop()
+        site.stop()
+        core.stop()
+        shutil.rmtree(home, ignore_errors=True)
+    # Assert: only the bridged update from site A reached the coordinator
+    assert seen == [(t.relay("siteA", "update"), b"from site A")], seen
