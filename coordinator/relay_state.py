@@ -165,7 +165,8 @@ class RelayState:
 
     def _drop_spools(self) -> None:
         """Delete the spool logs whose every update is in a part the coordinator acked."""
-        waiting = {r.round for r in self.unsent()} | {_round_of(p.update_id) for p in self.outstanding()}
+        parts = [p.name[: -len(PART_SUFFIX)] for p in self.parts_dir.glob(f"*{PART_SUFFIX}")]
+        waiting = {r.round for r in self.unsent()} | {_round_of(uid) for uid in parts}
         for path in self.spool.folder.glob("r*.log"):
             stem = path.stem[1:]
             if stem.isdigit() and int(stem) not in waiting:
