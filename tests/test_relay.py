@@ -212,3 +212,23 @@ def test_a_site_late_for_its_round_is_folded_as_its_devices_late_updates_would_b
     flat.close(), tree.close()
     # Assert: the same release, staleness weight 1/√2 on the late site as on each of its devices
     assert_same_release(flat, tree)
+
+
+def test_a_relay_rejects_bad_device_input_with_a_reason_and_keeps_nothing_of_it(bundle_dir, tmp_path):
+    e = Rounds(make_cfg(bundle_dir, tmp_path / "c"), weights_only_rebuild)
+    state = RelayState(tmp_path / "r", "siteA")
+    good = decode_update(device_update(e, "d1", 10, 1))
+    nan = {k: np.full_like(v, np.nan) for k, v in good.deltas.items()}
+    items = [
+        ("d1", b"\x00" * 40),  # not safetensors
+        ("d2", device_update(e, "d1", 10, 1)),  # metadata names another device than the topic
+        ("d1", encode_update(replace(good, update_id="nan", deltas=nan))),
+        ("d1", encode_update(replace(good, update_id="old", base_version=1, round=None))),  # no round in a round
+        ("d1", device_update(e, "d1", 10, 1)),
+    ]
+    verdicts = state.accept(items, relay_rules(e))
+    assert [(v.status, v.reason) for v in verdicts] == [
+        ("rejected", "not_safetensors"), ("rejected", "device_id_mismatch"), ("rejected", "not_finite"),
+        ("rejected", "wrong_round"), ("accepted", None),
+    ]  # fmt: skip
+    assert [r.device_id for r in state.unsent()] == ["d1"]
