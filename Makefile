@@ -39,12 +39,13 @@ test-tools:
 		echo "warning: could not install$$missing; their tests will be skipped"; \
 	else echo "note: missing$$missing and no root to install them; their tests will be skipped"; fi
 
+# -X faulthandler: a crash after pytest's own handler is gone (interpreter shutdown) still prints its stacks.
 test: $(STAMP) mosquitto test-tools
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -X faulthandler -m pytest -q
 
 # The inner loop: everything but the tests marked slow (exports, fleets, crash and broker restarts).
 test-fast: $(STAMP) mosquitto
-	$(BIN)/python -m pytest -q -m "not slow and not qemu"
+	$(BIN)/python -X faulthandler -m pytest -q -m "not slow and not qemu"
 
 # arm64 rehearsal under qemu-user (root; caches ~8 GB under /var/cache/edgelearn-qemu). Not part of `make test`.
 qemu-deps:
