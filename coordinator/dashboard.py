@@ -20,6 +20,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from coordinator.sites import read_relays
 from coordinator.state import StateLayout
 from coordinator.store import Store
 
@@ -38,6 +39,7 @@ def read_snapshot(state_dir: Path) -> dict:
     try:
         version, rnd = store.get("version"), store.get("round")
         rounds, devices, releases = store.rounds(ROUNDS_SHOWN), store.devices(), store.releases()[-20:][::-1]
+        relays = read_relays(store)
     finally:
         store.close()
     for r in rounds:
@@ -46,6 +48,7 @@ def read_snapshot(state_dir: Path) -> dict:
         "state_dir": str(state_dir), "version": int(version or 0), "round": int(rnd or 0), "rounds": rounds,
         "devices": [_device(d) for d in devices], "now": time.time(),
         "releases": [{"version": v, "created": c, "note": n} for v, c, n in releases],
+        "relays": [{"relay": k, **v} for k, v in sorted(relays.items())],
     }  # fmt: skip
 
 
@@ -108,6 +111,12 @@ def render(s: dict) -> str:
         [d["device_id"], d["state"], d["version"] if d["version"] is not None else "-",
          f"{now - d['last_seen']:.0f} s ago", " ".join([d["budget"], *d["reasons"]]), d["last_round"] or "-",
          d["job"], d["outbox"]] for d in s["devices"]], [f"device-{d['device_id']}" for d in s["devices"]])  # fmt: skip
+    sites = _table(["site relay", "state", "round", "takes updates", "devices online", "unsent", "parts unacked",
+                    "last seen"], [
+        [r["relay"], r.get("state", "?"), r.get("round") or "-", "yes" if r.get("accepting") else "no",
+         r.get("devices_online", "-"), r.get("unsent", "-"), r.get("unacked_parts", "-"),
+         f"{now - r.get('seen', now):.0f} s ago"] for r in s.get("relays", [])],
+        [f"relay-{r['relay']}" for r in s.get("relays", [])])  # fmt: skip
     rel = s["releases"]
     releases = _table(["release", "made", "from"], [
         [f"v{r['version']}", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created"])), r["note"]]
@@ -118,6 +127,7 @@ def render(s: dict) -> str:
     return PAGE.format(version=s["version"], round=s["round"], online=online, devices=len(s["devices"]),
                        paused=paused, rounds=rounds, charts=charts or svg_chart([]), device_table=devices,
                        releases=releases, hint=hint, refresh_ms=REFRESH_S * 1000,
+                       sites=f"<h2>Sites (relays, protocol v1.4)</h2>{sites}" if s.get("relays") else "",
                        updated=time.strftime("%H:%M:%S", time.localtime(now)))  # fmt: skip
 
 
@@ -137,6 +147,7 @@ th {{ background: #f3f4f6; text-align: left; }} .muted {{ color: #666; }} .kpi s
 <h2>Release metrics (evaluated by the coordinator)</h2>{charts}
 <h2>Rounds</h2>{rounds}
 <h2>Devices</h2>{device_table}
+{sites}
 <h2>Releases</h2>{releases}<p>{hint}</p>
 <script>
 setInterval(async () => {{

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from coordinator.rollout import COMMAND_KEY, HISTORY_KEY, ROLLOUT_KEY, Trial
 from coordinator.rounds import Rebuild, Rounds
+from coordinator.sites import read_relays
 from coordinator.state import StateLayout
 from coordinator.store import Store
 from edgelearn.bundle import BundleError, Manifest
@@ -54,10 +55,14 @@ def fleet_status_lines(state_dir: Path) -> list[str]:
     store = open_store(state_dir)
     try:
         head = f"fleet state {state_dir}: release v{store.get('version')}, round {store.get('round')}"
-        rows = store.devices()
+        rows, relays = store.devices(), read_relays(store)
     finally:
         store.close()
     lines = [head, f"{'device':<20} {'state':<10} {'version':>7} {'last seen':>10}  readings"]
+    for relay_id, r in sorted(relays.items()):  # site relays (v1.4): their devices are seen only by them
+        extra = {k: v for k, v in r.items() if k not in ("state", "seen", "relay")}
+        lines.append(f"{'relay/' + relay_id:<20} {r.get('state', '?'):<10} {'-':>7} {_age(r['seen']):>10}  "
+                     f"{json.dumps(extra, sort_keys=True)}")  # fmt: skip
     for d in rows:
         extra = {k: v for k, v in d["status"].items() if k not in ("state", "version", "round", "ts")}
         lines.append(

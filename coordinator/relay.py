@@ -42,6 +42,7 @@ from edgelearn.signing import load_private, load_public, sign_message, verify, v
 
 log = logging.getLogger(__name__)
 MAX_RESEND_S = 120.0
+STATUS_EVERY_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,8 @@ class Relay:
         now = time.monotonic()
         self.sending = {p.update_id: _Sending(p, now, cfg.ack_timeout_s) for p in self.state.outstanding()}
         self.status_shown: bytes = b""
+        self.status_key: tuple = ()
+        self.status_at_s = 0.0
         self.events: queue.Queue[tuple[str, bytes]] = queue.Queue()
         subscriptions = [t.rounds_current, t.model_lean, t.relay(cfg.relay_id, "ack")]
         self.link = MqttLink(
@@ -226,19 +229,23 @@ class Relay:
             if now >= s.next_s:
                 self.link.publish(self.topics.relay(self.cfg.relay_id, "update"), s.part.payload)
                 s.next_s, s.wait_s = now + s.wait_s, min(2 * s.wait_s, MAX_RESEND_S)
-        self.publish_status()
+        self.publish_status(now)
 
-    def publish_status(self) -> None:
-        """The relay's retained status (up the bridge: operators and the coordinator see each site), on change."""
+    def publish_status(self, now_s: float) -> None:
+        """The relay's retained status (up the bridge: operators and the coordinator see each site): at once when
+        its round or whether it takes updates changes, otherwise at most every STATUS_EVERY_S (not once per device
+        update: the uplink and the coordinator's store would carry one message per device)."""
         r = self.round
+        key = (r.round if r else None, self.rules() is not None)
         status = encode_status(
-            "online", relay=self.cfg.relay_id, round=r.round if r else None, accepting=self.rules() is not None,
+            "online", relay=self.cfg.relay_id, round=key[0], accepting=key[1],
             devices_online=sum(s.get("state") != "offline" for s in self.statuses.values()),
             unsent=len(self.state.unsent()), unacked_parts=len(self.sending),
         )  # fmt: skip
-        if status != self.status_shown:
+        due = key != self.status_key or now_s - self.status_at_s >= STATUS_EVERY_S
+        if status != self.status_shown and due:
             self.link.publish(self.topics.relay(self.cfg.relay_id, "status"), status, retain=True)
-            self.status_shown = status
+            self.status_shown, self.status_key, self.status_at_s = status, key, now_s
 
     # ------------------------------------------------------------ loop
 
@@ -246,7 +253,7 @@ class Relay:
         """One turn; an unforeseen error is logged and the relay keeps serving (unacked work is re-sent)."""
         try:
             if ("", b"connected") in batch:
-                self.status_shown = b""
+                self.status_shown, self.status_key = b"", ()
                 for s in self.sending.values():
                     s.next_s = 0.0
             self.on_messages([m for m in batch if m[0]])

@@ -28,6 +28,7 @@ from coordinator.rollout import (
 )
 from coordinator.rounds import Rebuild, Rounds, RoundSummary
 from coordinator.selection import eligible, may_open, over_selected, select, top_up
+from coordinator.sites import read_relays, record_relay_statuses
 from coordinator.state import StateLayout, StateLockedError
 from edgelearn.bundle import release_archives
 from edgelearn.mqtt import MqttLink
@@ -70,6 +71,7 @@ class Coordinator:
         self.metrics.round_accepted.set(self.rounds.count)
         self.metrics.dp_noise_multiplier.set(cfg.dp.noise_multiplier if cfg.dp else 0.0)
         self.statuses: dict[str, dict] = {}
+        self.relays = read_relays(self.rounds.store)  # site relays' last statuses (v1.4)
         self.participants = self.rounds.store.invited(self.rounds.round)  # the open round's, kept across restarts
         self.selected = cfg.target_participants is None or self.participants is not None  # None: any online device
         self.attempt_round, self.attempt = 0, 0  # selections drawn for round `attempt_round`
@@ -82,10 +84,11 @@ class Coordinator:
         self.trial = self.trial if self.trial and self.trial.state == "canary" else None
         self.promoted: Trial | None = None  # promoted, until every online device runs it
         self.events: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        t = self.topics
         self.link = MqttLink(
             cfg.broker_url,
-            self.topics.client_id(),
-            [self.topics.all_devices("update"), self.topics.all_devices("status"), self.topics.all_relays("update")],
+            t.client_id(),
+            [t.all_devices("update"), t.all_devices("status"), t.all_relays("update"), t.all_relays("status")],
             on_message=lambda t, p: self.events.put((t, p)),
             will=(self.topics.coordinator_status, OFFLINE),
             mqtt_v311=cfg.mqtt_v311,
@@ -202,21 +205,23 @@ class Coordinator:
         statuses: list[tuple[str, bytes]] = []
         updates: list[tuple[str, bytes]] = []
         relayed: list[tuple[str, bytes]] = []
+        sites: list[tuple[str, bytes]] = []
         for topic, payload in messages:
             parsed = self.topics.parse_device_topic(topic)
             if parsed is not None and parsed[1] in ("status", "update"):
                 group = statuses if parsed[1] == "status" else updates
             else:
                 parsed = self.topics.parse_device_topic(topic, "relays")
-                if parsed is None or parsed[1] != "update":
+                if parsed is None or parsed[1] not in ("status", "update"):
                     continue
-                group = relayed
+                group = relayed if parsed[1] == "update" else sites
             if not NAME_RE.match(parsed[0]):  # no valid ack topic exists for it: drop, count, log
                 log.warning("%s on %r dropped: the sender id is not [A-Za-z0-9_-]{1,64}", parsed[1], topic[:200])
                 self.metrics.dropped.labels("bad_device_id").inc()
                 continue
             group.append((parsed[0], payload))
         self.on_statuses(statuses)
+        record_relay_statuses(self.rounds.store, self.relays, sites)
         for batch, via in ((updates, "device"), (relayed, "relay")):
             if batch:
                 self.metrics.update_bytes.labels(via).inc(sum(len(p) for _, p in batch))

@@ -22,6 +22,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load as st_load
 
+from coordinator.dashboard import read_snapshot, render
+from coordinator.ops import fleet_status_lines
 from coordinator.rounds import Rounds
 from edgelearn.broker import Mosquitto, bridge_config, free_port
 from edgelearn.bundle import read_lean_release
@@ -170,6 +172,10 @@ def test_three_bridged_sites_give_the_flat_release_through_a_relay_crash_and_an_
         assert 4 not in releases  # the core cannot close without site 2's ten devices
         gates[2].restore()
         diff3 = check_release(3)
+        wait_until(lambda: all(r.get("round") == 4 for r in read_snapshot(tmp_path / "coord")["relays"]), 30,
+                   "the relays' statuses of round 4 at the coordinator", procs, logs)  # fmt: skip
+        snap = read_snapshot(tmp_path / "coord")
+        page, fleet_lines = render(snap), sum(x.startswith("relay/") for x in fleet_status_lines(tmp_path / "coord"))
     finally:
         for p in procs:
             p.terminate()
@@ -188,6 +194,10 @@ def test_three_bridged_sites_give_the_flat_release_through_a_relay_crash_and_an_
     assert bytes1 <= SITES * (len(everyone[0].update(1)) + 4096) < device_bytes / 5, (bytes1, device_bytes)
     rows = sqlite_rows(tmp_path / "coord" / "state.sqlite")
     assert rows == [(1, 30), (2, 30), (3, 30)], rows
+    # the sites as operators saw them: each relay's last status, up its bridge, in the coordinator's state
+    assert [r["relay"] for r in snap["relays"]] == ["site0", "site1", "site2"], snap["relays"]
+    assert all(r["accepting"] and r["devices_online"] == PER_SITE for r in snap["relays"]), snap["relays"]
+    assert all(f'id="relay-site{s}"' in page for s in range(SITES)) and fleet_lines == SITES
 
 
 def load_weights_of(e: Rounds) -> dict:
