@@ -85,6 +85,9 @@ class Relay:
         self.sign: Callable[[bytes, str], bytes] = (
             (lambda payload, topic: sign_message(payload, topic, private)) if private else (lambda p, topic: p)
         )
+        if self.public is not None and private is None:
+            log.warning("a signed fleet without --signing-key: its devices will refuse this relay's unsigned acks "
+                        "(and keep re-sending); give the relay a key and its devices --relay-key")  # fmt: skip
         self.state = RelayState(cfg.state_dir, cfg.relay_id)
         self.round: RoundMsg | None = None
         self.releases: dict[int, tuple[str, dict[str, tuple[int, ...]]]] = {}  # version -> (model id, shapes)
