@@ -101,7 +101,7 @@ def test_canaries_catch_a_worse_and_a_broken_release_and_a_good_one_reaches_the_
     for dev in loss_canaries:  # back on v2's weights (as v4) right after v3
         assert history[dev][history[dev].index(3) + 1] == 4
     smoke = [a for a in agents if (a.health.failed or {}).get("release") == 5]
-    assert len(smoke) == CANARIES and "Failed to load" in smoke[0].health.failed["error"]
+    assert len(smoke) == CANARIES and "infer.ptd is truncated" in smoke[0].health.failed["error"]
     by_hand = fleet_rollout_lines(tmp_path / "coordinator", "abort")  # v7 is still on trial: an operator aborts it
     assert by_hand[-1].startswith("  v2 promoted") and any(line.startswith("abort: the running") for line in by_hand)
     assert {a.version for a in agents} <= {6, 7} and sum(a.version == 7 for a in agents) <= CANARIES  # v7: on trial
