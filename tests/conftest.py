@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import queue
 import shutil
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -15,6 +16,25 @@ from edgelearn.broker import Mosquitto
 from edgelearn.mqtt import MqttLink
 
 SERVER_FRACTION = 0.05
+EXIT_STATUS = pytest.StashKey[int]()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    session.config.stash[EXIT_STATUS] = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """End the test process with pytest's own exit status once everything is reported, skipping the C++ static
+    destructors that run after Python's shutdown: one of them (in libstdc++, most likely ExecuTorch's or torch's
+    teardown) segfaulted after all tests had passed in 2 of 7 full runs on this machine (kernel log; faulthandler is
+    already gone then, so no trace), and once before these tests existed. The verdict is unchanged: every test has
+    run and been reported. `EDGELEARN_TEST_CLEAN_EXIT=1` keeps the normal shutdown, to chase the crash."""
+    if os.environ.get("EDGELEARN_TEST_CLEAN_EXIT") == "1" or EXIT_STATUS not in config.stash:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(config.stash[EXIT_STATUS])
 
 
 @pytest.fixture(scope="session")
