@@ -200,7 +200,7 @@ class Relay:
 
     def _on_status(self, device_id: str, payload: bytes) -> None:
         try:
-            self.statuses[device_id] = decode_status(payload[:16384])
+            self.statuses[device_id] = decode_status(payload)
         except ProtocolError:
             self.statuses.pop(device_id, None)
 

@@ -47,7 +47,6 @@ from edgelearn.protocol import (
 __all__ = ["Coordinator", "CoordinatorConfig", "RoundSummary", "StateLockedError"]
 
 log = logging.getLogger(__name__)
-MAX_STATUS_BYTES = 16 * 1024  # a device status is a few hundred bytes; larger ones are not kept
 
 
 class Coordinator:
@@ -184,8 +183,6 @@ class Coordinator:
         seen = []
         for device_id, payload in messages:
             try:
-                if len(payload) > MAX_STATUS_BYTES:
-                    raise ProtocolError("status_too_large", f"{len(payload)} bytes")
                 status = decode_status(payload)
             except ProtocolError as e:
                 log.warning("status from %s ignored: %s", device_id, e)

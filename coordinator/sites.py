@@ -16,7 +16,6 @@ from edgelearn.protocol import ProtocolError, decode_status
 
 log = logging.getLogger(__name__)
 RELAYS_KEY = "relays"  # state meta: JSON {relay id: its last status + "seen" (Unix s)}
-MAX_STATUS_BYTES = 16 * 1024  # a status is a few hundred bytes; larger ones are not kept
 
 
 def read_relays(store: Store) -> dict[str, dict]:
@@ -27,8 +26,6 @@ def record_relay_statuses(store: Store, relays: dict[str, dict], messages: list[
     """Decode each (relay id, status payload), keep it in `relays` with the time it was seen, and save them all."""
     for relay_id, payload in messages:
         try:
-            if len(payload) > MAX_STATUS_BYTES:
-                raise ProtocolError("status_too_large", f"{len(payload)} bytes")
             relays[relay_id] = {**decode_status(payload), "seen": round(time.time(), 3)}
         except ProtocolError as e:
             log.warning("status of relay %s ignored: %s", relay_id, e)

@@ -458,7 +458,13 @@ def encode_status(state: str, **fields: object) -> bytes:
     return _json({"state": state, **fields})
 
 
+MAX_STATUS_BYTES = 16 * 1024  # a status is a few hundred bytes; a larger one is refused, not kept
+
+
 def decode_status(payload: bytes) -> dict:
+    """A status JSON object; ProtocolError("status_too_large") beyond MAX_STATUS_BYTES, "bad_json" if malformed."""
+    if len(payload) > MAX_STATUS_BYTES:
+        raise ProtocolError("status_too_large", f"{len(payload)} bytes")
     return _parse_json(payload, "status")
 
 

@@ -108,3 +108,12 @@ def test_client_ids_never_collide_between_coordinator_devices_and_fleets():
     assert len(ids) == 5
     with pytest.raises(ValueError, match="device_id"):
         a.client_id("bad/id")
+
+
+def test_a_status_larger_than_any_real_one_is_refused_by_the_decoder():
+    from edgelearn.protocol import MAX_STATUS_BYTES, ProtocolError, decode_status, encode_status
+
+    assert decode_status(encode_status("online", version=3)) == {"state": "online", "version": 3}
+    huge = encode_status("online", pad="x" * MAX_STATUS_BYTES)
+    with pytest.raises(ProtocolError, match="status_too_large"):
+        decode_status(huge)
