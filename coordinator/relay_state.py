@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Container
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from coordinator import aggregate as agg
 from coordinator.spool import Spool
 from coordinator.state import StateLayout
-from coordinator.store import AcceptedRow, Store
+from coordinator.store import AcceptedRow, PendingIds, Store
 from coordinator.validate import Rules, Verdict, check_update, full_update
 from edgelearn.atomic import write_bytes
 from edgelearn.protocol import RelayTerms, Update, decode_update, encode_update
@@ -39,16 +38,6 @@ class Part:
 
     update_id: str
     payload: bytes
-
-
-class _BatchIds:
-    """Committed (device, update id) pairs plus those accepted earlier in the same batch."""
-
-    def __init__(self, committed: Container[tuple[str, str]]) -> None:
-        self.committed, self.batch = committed, set[tuple[str, str]]()
-
-    def __contains__(self, key: object) -> bool:
-        return key in self.batch or key in self.committed
 
 
 class RelayState:
@@ -77,7 +66,7 @@ class RelayState:
         base; the accepted ones are spooled with one fsync and committed in one transaction before this returns
         (the caller acks after it)."""
         verdicts, pending = [], []
-        ids = _BatchIds(self.store.accepted_ids)
+        ids = PendingIds(self.store.accepted_ids)
         claimed: set[tuple[str, int | None, int]] = set()
         for device_id, payload in items:
             v = check_update(device_id, payload, rules, ids)
@@ -88,7 +77,7 @@ class RelayState:
                     v = Verdict("rejected", v.update_id, "second_update_for_base")
                 else:
                     claimed.add(key)
-                    ids.batch.add((u.device_id, u.update_id))
+                    ids.add((u.device_id, u.update_id))
                     pending.append((u, payload))
             verdicts.append(v)
         if pending:

@@ -16,7 +16,7 @@ import logging
 import shutil
 import time
 from collections import Counter
-from collections.abc import Callable, Container
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -28,7 +28,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.optim import make_server_opt
 from coordinator.spool import Spool
 from coordinator.state import StateLayout
-from coordinator.store import AcceptedRow, Store
+from coordinator.store import AcceptedRow, PendingIds, Store
 from coordinator.strategies import make_strategy
 from coordinator.validate import Rules, Verdict, check_update, full_update
 from coordinator.views import fp32_data_view
@@ -38,6 +38,7 @@ from edgelearn.bundle import Manifest, dump_weights, load_weights, utc_now, veri
 from edgelearn.protocol import ProtocolError, RelayTerms, Update, decode_update, read_metadata, reason_kind
 
 log = logging.getLogger(__name__)
+Relayed = relaying.RelayInfo | None  # what a relay's combined update stands for (None: a device's own update)
 
 # rebuild(previous bundle dir, new weights, new version, output dir, created="") -> manifest of the new bundle;
 # `created` is the manifest's timestamp (empty: now)
@@ -54,23 +55,6 @@ class RoundSummary:
     duplicates: int
     metrics: dict
     seconds: float
-
-
-class _Pending:
-    """Committed (sender, update id) pairs plus those accepted earlier in the same batch; `prefix` keys a relay's
-    ids apart from a device's (`relaying.sender_key`)."""
-
-    def __init__(self, committed: Container[tuple[str, str]], batch: set[tuple[str, str]], prefix: str = "") -> None:
-        self.committed, self.batch, self.prefix = committed, batch, prefix
-
-    def add(self, key: tuple[str, str]) -> None:
-        self.batch.add((self.prefix + key[0], key[1]))
-
-    def __contains__(self, key: object) -> bool:
-        if not (isinstance(key, tuple) and len(key) == 2):
-            return False
-        key = (self.prefix + key[0], key[1])
-        return key in self.batch or key in self.committed
 
 
 class Rounds:
@@ -168,12 +152,13 @@ class Rounds:
             return None
         return RelayTerms(self.clip_limit(), self.cfg.samples_bound(), "uniform" if self.cfg.dp else "samples")
 
-    def _relay_info(self, row: AcceptedRow, payload: bytes) -> relaying.RelayInfo | None:
+    def _relay_info(self, row: AcceptedRow, payload: bytes) -> Relayed:
+        """What an accepted row stands for, from its spooled payload (the re-fold after a restart)."""
         if relaying.relay_of(row.device_id) is None:
             return None
         return relaying.read_relay_info(read_metadata(payload, relaying.RELAY_HEADER_BYTES))
 
-    def _fold(self, u: Update, row: AcceptedRow, payload: bytes, relayed: relaying.RelayInfo | None = None) -> None:
+    def _fold(self, u: Update, row: AcceptedRow, payload: bytes, relayed: Relayed = None) -> None:
         """Fold w·clip(Δ) (= w·f·Δ with f = min(1, C/‖Δ‖), C = clip_limit()); one pass over the payload bytes when
         they are flat. The weight w was set by the strategy when the update was accepted (row.weight). A relay's
         combined update (`relayed`) was clipped per device by its relay: folded as it is, for its K devices."""
@@ -196,43 +181,43 @@ class Rounds:
     def handle(self, device_id: str, payload: bytes) -> Verdict:
         return self.handle_batch([(device_id, payload)])[0]
 
-    def _check_relayed(self, v: Verdict, payload: bytes, claimed: set[tuple[str, int]]) -> Verdict:
+    def _check_relayed(self, v: Verdict, payload: bytes, claimed: set[tuple[str, int]]) -> tuple[Verdict, Relayed]:
         """A relay's combined update (v1.4), after the rules every update meets: its devices must be new to the
-        round, its weighting the one the round asked for, and the rule must decompose at all."""
+        round, its weighting the one the round asked for, and the rule must decompose at all. Returns the verdict
+        and, when it is accepted, the devices and norms the update stands for."""
         terms, u = self.relay_terms(), v.update
         if v.status != "accepted" or u is None:
-            return v
+            return v, None
         try:
             info = relaying.read_relay_info(read_metadata(payload, relaying.RELAY_HEADER_BYTES))
         except ProtocolError as e:
-            return Verdict("rejected", v.update_id, e.reason)
+            return Verdict("rejected", v.update_id, e.reason), None
         if terms is None:
-            return Verdict("rejected", v.update_id, f"relay_not_supported:{self.cfg.aggregator}")
+            return Verdict("rejected", v.update_id, f"relay_not_supported:{self.cfg.aggregator}"), None
         if info.weighting != terms.weighting:
-            return Verdict("rejected", v.update_id, "relay_weighting_mismatch")
+            return Verdict("rejected", v.update_id, "relay_weighting_mismatch"), None
         if any((d, u.base_version) in claimed for d in info.devices):
-            return Verdict("rejected", v.update_id, "device_counted_twice")
-        return v
+            return Verdict("rejected", v.update_id, "device_counted_twice"), None
+        return v, info
 
     def handle_batch(self, items: list[tuple[str, bytes]], relayed: bool = False) -> list[Verdict]:
         """Validate each; the accepted ones are spooled with one fsync, committed in one SQLite transaction,
         then folded in arrival order (group commit). The caller acks after this returns. `relayed`: the items
         are site relays' combined updates (protocol v1.4), keyed by relay id."""
         verdicts: list[Verdict] = []
-        pending: list[tuple[Update, bytes]] = []
-        ids = _Pending(self.store.accepted_ids, set(), relaying.SENDER_PREFIX if relayed else "")
+        pending: list[tuple[Update, bytes, Relayed]] = []
+        ids = PendingIds(self.store.accepted_ids, relaying.SENDER_PREFIX if relayed else "")
         claimed = set(self.counted)  # (device, base) already counted this round, growing with the batch
         rules = replace(self.rules(), header_bytes=relaying.RELAY_HEADER_BYTES) if relayed else self.rules()
         for device_id, payload in items:
             v = check_update(device_id, payload, rules, ids)
-            v = self._check_relayed(v, payload, claimed) if relayed else self._check_device(v, claimed)
+            v, info = self._check_relayed(v, payload, claimed) if relayed else (self._check_device(v, claimed), None)
             verdicts.append(v)
             if v.status == "accepted":
                 assert v.update is not None and v.update_id is not None  # an accepted verdict carries both
                 ids.add((device_id, v.update_id))
-                pending.append((v.update, payload))
-                devices = self._relay_devices(payload) if relayed else (device_id,)
-                claimed.update((d, v.update.base_version) for d in devices)
+                pending.append((v.update, payload, info))
+                claimed.update((d, v.update.base_version) for d in (info.devices if info else (device_id,)))
             elif v.status == "duplicate":
                 self.duplicates += 1
             else:
@@ -240,22 +225,18 @@ class Rounds:
         if len(pending) < len(items):
             self.store.save_counts(self.round, dict(self.rejected), self.duplicates)
         if pending:
-            spans = self.spool.append(self.round, [p for _, p in pending])
+            spans = self.spool.append(self.round, [p for _, p, _ in pending])
             seq = self.store.next_seq()
             rows = []
-            for i, ((u, payload), (off, n)) in enumerate(zip(pending, spans, strict=True)):
-                k = len(self._relay_devices(payload)) if relayed else 1
-                sender = relaying.sender_key(u.device_id) if relayed else u.device_id
+            for i, ((u, _, info), (off, n)) in enumerate(zip(pending, spans, strict=True)):
+                k = len(info.devices) if info else 1
+                sender = relaying.sender_key(u.device_id) if info else u.device_id
                 rows.append(AcceptedRow(u.update_id, self.round, seq + i, sender, u.num_samples, u.base_version,
                                         self.strategy.weight(u, self.version, k), off, n))  # fmt: skip
             self.store.accept(rows)
-            for (u, payload), row in zip(pending, rows, strict=True):
-                self._fold(u, row, payload, self._relay_info(row, payload))
+            for (u, payload, info), row in zip(pending, rows, strict=True):
+                self._fold(u, row, payload, info)
         return verdicts
-
-    @staticmethod
-    def _relay_devices(payload: bytes) -> tuple[str, ...]:
-        return relaying.read_relay_info(read_metadata(payload, relaying.RELAY_HEADER_BYTES)).devices
 
     def _check_device(self, v: Verdict, claimed: set[tuple[str, int]]) -> Verdict:
         """Rounds: a device counts once per round per base version (its fresh update, and at most one late one

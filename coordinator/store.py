@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections.abc import Container
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +62,24 @@ class _AcceptedIds:
             return False
         row = self.db.execute("SELECT 1 FROM updates WHERE device_id=? AND update_id=?", key).fetchone()
         return row is not None
+
+
+class PendingIds:
+    """The committed (sender, update id) pairs (`Store.accepted_ids`) plus those accepted earlier in the same batch,
+    before it is committed; `prefix` keys a site relay's ids apart from a device's (`relaying.sender_key`)."""
+
+    def __init__(self, committed: Container[tuple[str, str]], prefix: str = "") -> None:
+        self.committed, self.prefix = committed, prefix
+        self.batch: set[tuple[str, str]] = set()
+
+    def add(self, key: tuple[str, str]) -> None:
+        self.batch.add((self.prefix + key[0], key[1]))
+
+    def __contains__(self, key: object) -> bool:
+        if not (isinstance(key, tuple) and len(key) == 2):
+            return False
+        key = (self.prefix + key[0], key[1])
+        return key in self.batch or key in self.committed
 
 
 def _migrate(db: sqlite3.Connection) -> None:

@@ -44,10 +44,6 @@ class RelayInfo:
         }
 
 
-def is_relayed(meta: dict[str, str]) -> bool:
-    return RELAY_DEVICES in meta
-
-
 def _json_list(meta: dict[str, str], key: str) -> list:
     try:
         value = json.loads(meta.get(key, ""))
