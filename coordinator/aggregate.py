@@ -123,8 +123,7 @@ def partial_mean(deltas: list[Tensors], weights: list[float], clip_norm: float |
     norms = [l2_norm(d) for d in deltas]
     for delta, w, norm in zip(deltas, weights, norms, strict=True):
         acc.add(delta, w * (clip_factor(norm, clip_norm) if clip_norm else 1.0))
-    acc.total_weight = float(sum(weights))
-    return acc.result(), norms
+    return acc.result(float(sum(weights))), norms
 
 
 class _Buffered:

@@ -240,13 +240,14 @@ class Relay:
         update: the uplink and the coordinator's store would carry one message per device)."""
         r = self.round
         key = (r.round if r else None, self.rules() is not None)
+        if key == self.status_key and now_s - self.status_at_s < STATUS_EVERY_S:
+            return  # not due: nothing is read or built
         status = encode_status(
             "online", relay=self.cfg.relay_id, round=key[0], accepting=key[1],
             devices_online=sum(s.get("state") != "offline" for s in self.statuses.values()),
             unsent=len(self.state.unsent()), unacked_parts=len(self.sending),
         )  # fmt: skip
-        due = key != self.status_key or now_s - self.status_at_s >= STATUS_EVERY_S
-        if status != self.status_shown and due:
+        if status != self.status_shown:
             self.link.publish(self.topics.relay(self.cfg.relay_id, "status"), status, retain=True)
             self.status_shown, self.status_key, self.status_at_s = status, key, now_s
 
